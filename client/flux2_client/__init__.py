@@ -1,0 +1,38 @@
+"""flux2-split client: FLUX.2 generation on small GPUs from a remote encoder's embeddings.
+
+Heavy modules (torch, diffusers) load on first use of the names that need them, so
+`import flux2_client` stays cheap and a missing extra gives a clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "RemoteTextEncoder": "remote",
+    "RemoteEncoderError": "remote",
+    "FingerprintMismatchError": "remote",
+    "EncodedPrompts": "remote",
+    "GenerationParams": "generation",
+    "generate": "generation",
+    "load_pipeline": "generation",
+    "save_png": "generation",
+    "make_tiny_flux2": "tiny",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flux2_client' has no attribute {name!r}")
+    import importlib
+
+    try:
+        mod = importlib.import_module(f".{module}", __name__)
+    except ImportError as exc:
+        raise ImportError(f"{name} needs {exc.name!r}: pip install 'flux2-split[client]'") from exc
+    return getattr(mod, name)

@@ -1,0 +1,220 @@
+"""Dynamic batching: concurrent requests merged into model batches on one worker thread.
+
+Requests queue up as jobs; the worker takes prompts from the head of the queue in FIFO order until the
+batch holds `max_batch_prompts` prompts (every prompt is padded to max_length tokens, so this is the
+token budget) or `max_wait` has passed since the first one arrived. A job whose caller cancelled or whose
+deadline passed is dropped before it costs model time. A job larger than one batch is spread over
+several. An exception inside a batch fails only the jobs in that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DeadlineExceeded, EncodeFailed, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+EncodeFn = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass
+class _Job:
+    prompts: list[str]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() value
+    enqueued_at: float = field(default_factory=time.monotonic)
+    next_row: int = 0  # first prompt not yet handed to a batch
+    rows: list[torch.Tensor | None] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    failed: bool = False
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one model batch held, for metrics."""
+
+    prompts: int
+    jobs: int
+    queue_seconds: float
+    encode_seconds: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        encode: EncodeFn,
+        max_batch_prompts: int = 16,
+        max_wait_s: float = 0.005,
+        max_queued_requests: int = 256,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ):
+        self._encode = encode
+        self.max_batch_prompts = max_batch_prompts
+        self.max_wait_s = max_wait_s
+        self.max_queued_requests = max_queued_requests
+        self._on_batch = on_batch
+        self._on_drop = on_drop
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="encoder-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    async def submit(self, prompts: list[str], timeout: float | None = None) -> torch.Tensor:
+        """Encode `prompts`; returns (len(prompts), L, D). Raises ResourceExhausted at once when full."""
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            prompts=list(prompts),
+            loop=loop,
+            future=loop.create_future(),
+            deadline=None if timeout is None else time.monotonic() + timeout,
+        )
+        job.rows = [None] * len(job.prompts)
+        with self._cond:
+            if self._closed:
+                raise Unavailable("server is shutting down")
+            if len(self._queue) >= self.max_queued_requests:
+                raise ResourceExhausted(
+                    f"queue full: {len(self._queue)} requests waiting (max_queued_requests={self.max_queued_requests})"
+                )
+            self._queue.append(job)
+            self._cond.notify()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled.set()  # the worker skips it; its queue slot frees now
+            self._forget(job)
+            raise
+
+    def close(self) -> None:
+        """Stop taking jobs; fail the queued ones; let the running batch finish."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            self._fail(job, Unavailable("server is shutting down"))
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # -- worker thread ------------------------------------------------------------------------------
+    def _forget(self, job: _Job) -> None:
+        with self._cond, contextlib.suppress(ValueError):  # already taken by the worker
+            self._queue.remove(job)
+
+    def _take_batch(self) -> list[tuple[_Job, int, int]] | None:
+        """Block until work is available; return (job, first_row, end_row) slices for one batch."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed and not self._queue:
+                return None
+            first_arrival = self._queue[0].enqueued_at
+            while True:
+                waiting = sum(len(j.prompts) - j.next_row for j in self._queue)
+                remaining = first_arrival + self.max_wait_s - time.monotonic()
+                if waiting >= self.max_batch_prompts or remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            batch: list[tuple[_Job, int, int]] = []
+            room = self.max_batch_prompts
+            now = time.monotonic()
+            while self._queue and room > 0:
+                job = self._queue[0]
+                if job.cancelled.is_set() or job.expired(now):
+                    self._queue.popleft()
+                    self._drop(job, now)
+                    continue
+                take = min(room, len(job.prompts) - job.next_row)
+                batch.append((job, job.next_row, job.next_row + take))
+                job.next_row += take
+                room -= take
+                if job.next_row == len(job.prompts):
+                    self._queue.popleft()
+            return batch
+
+    def _drop(self, job: _Job, now: float) -> None:
+        if job.cancelled.is_set():
+            reason = "cancelled"
+        else:
+            reason = "deadline"
+            self._fail(job, DeadlineExceeded("deadline passed while the request was queued"))
+        if self._on_drop:
+            self._on_drop(reason)
+        log.debug("dropped a queued request (%s)", reason)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            prompts = [p for job, start, end in batch for p in job.prompts[start:end]]
+            started = time.monotonic()
+            try:
+                embeds = self._encode(prompts)
+            except Exception as exc:
+                log.exception("encode failed for a batch of %d prompts", len(prompts))
+                for job, _, _ in batch:
+                    job.failed = True
+                    self._forget(job)
+                    self._fail(job, EncodeFailed(f"encoding failed: {type(exc).__name__}: {exc}"))
+                continue
+            finished = time.monotonic()
+            if self._on_batch:
+                self._on_batch(
+                    BatchStats(
+                        prompts=len(prompts),
+                        jobs=len({id(job) for job, _, _ in batch}),
+                        queue_seconds=max(started - job.enqueued_at for job, _, _ in batch),
+                        encode_seconds=finished - started,
+                    )
+                )
+            row = 0
+            for job, start, end in batch:
+                for i in range(start, end):
+                    job.rows[i] = embeds[row]
+                    row += 1
+                if end == len(job.prompts) and not job.failed:
+                    rows = job.rows
+                    self._resolve(job, torch.stack(rows))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _resolve(job: _Job, value: torch.Tensor) -> None:
+        def set_result() -> None:
+            if not job.future.done():
+                job.future.set_result(value)
+
+        job.loop.call_soon_threadsafe(set_result)
+
+    @staticmethod
+    def _fail(job: _Job, exc: BaseException) -> None:
+        def set_exception() -> None:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone; nobody is waiting
+            job.loop.call_soon_threadsafe(set_exception)
