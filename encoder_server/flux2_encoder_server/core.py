@@ -14,6 +14,16 @@ from .errors import FailedPrecondition, InvalidArgument, Unavailable
 from .settings import Settings
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who sent a request: the label of the bearer token that authenticated it."""
+
+    name: str
+
+
+ANONYMOUS = Principal("anonymous")
+
+
 @dataclass
 class EncodeResult:
     embeds: torch.Tensor
@@ -60,8 +70,18 @@ class EncoderCore:
             out.append(prompt)
         return out
 
+    def authenticate(self, bearer_token: str | None) -> Principal:
+        """Front-ends pass the raw bearer token (None when the request carried none)."""
+        return ANONYMOUS
+
     async def encode(
-        self, prompts: Sequence[object], expected_fingerprint: str = "", timeout: float | None = None
+        self,
+        prompts: Sequence[object],
+        *,
+        principal: Principal = ANONYMOUS,
+        expected_fingerprint: str = "",
+        timeout: float | None = None,
+        bypass_cache: bool = False,
     ) -> EncodeResult:
         if self.batcher is None or self.fingerprint is None:
             raise Unavailable("the model is still loading; retry shortly")
