@@ -17,6 +17,7 @@ from flux2_client.demo import start_server, wait_serving
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
 from flux2_encoder_server.cache import EmbeddingCache, MemoryLRU
 from flux2_encoder_server.settings import ENV_PREFIX, Settings
+from flux2split_proto import codec
 
 # -- SIGTERM ---------------------------------------------------------------------------------------------
 
@@ -34,10 +35,10 @@ def test_sigterm_mid_load_drains_and_exits(tiny, engine, tmp_path):
 
     def client(worker: int) -> None:
         with RemoteTextEncoder(target, timeout=60) as enc:
-            for i in range(8):
+            for i in range(6):
                 if stop.is_set():
                     return
-                prompts = [f"worker {worker} request {i} a", f"worker {worker} request {i} b"]
+                prompts = [f"worker {worker} request {i}"]
                 started = time.monotonic()
                 try:
                     result: object = enc.encode(prompts).prompt_embeds
@@ -50,10 +51,10 @@ def test_sigterm_mid_load_drains_and_exits(tiny, engine, tmp_path):
 
     try:
         wait_serving(target, proc, timeout=120)
-        workers = [threading.Thread(target=client, args=(w,)) for w in range(6)]
+        workers = [threading.Thread(target=client, args=(w,)) for w in range(4)]
         for w in workers:
             w.start()
-        while sum(not isinstance(o[3], Exception) for o in outcomes) < 4:
+        while sum(not isinstance(o[3], Exception) for o in outcomes) < 2:
             assert proc.poll() is None
             time.sleep(0.01)
         signalled = time.monotonic()
@@ -68,12 +69,20 @@ def test_sigterm_mid_load_drains_and_exits(tiny, engine, tmp_path):
             proc.wait()
     successes = [o for o in outcomes if not isinstance(o[3], Exception)]
     errors = [o[3] for o in outcomes if isinstance(o[3], Exception)]
+    assert not any(isinstance(e, codec.WireError) for e in errors)  # no stream was cut short
     # Every accepted tensor is complete and exact; every refusal is a clean UNAVAILABLE.
     for _, _, prompts, tensor in successes:
         assert torch.equal(tensor, engine.encode(prompts))  # type: ignore[arg-type]
     assert errors, "requests sent after SIGTERM must be refused"
-    for error in errors:
-        assert isinstance(error, RemoteEncoderError) and error.code == grpc.StatusCode.UNAVAILABLE, error
+    for start, _, _, error in outcomes:
+        if not isinstance(error, Exception):
+            continue
+        # Refused at admission while draining: UNAVAILABLE. A call racing the final close of the
+        # transport may be CANCELLED by gRPC itself; either way no tensor was accepted.
+        allowed = {grpc.StatusCode.UNAVAILABLE}
+        if start > signalled:
+            allowed.add(grpc.StatusCode.CANCELLED)
+        assert isinstance(error, RemoteEncoderError) and error.code in allowed, error
     # Drain: requests that were in flight when the signal came still finished successfully.
     assert any(start < signalled < end for start, end, _, _ in successes)
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
@@ -178,3 +187,23 @@ def test_settings_from_flags_and_environment(tmp_path: Path):
     for bad in (["--tls-cert", "x.pem"], ["--rate-limit-prompts-per-s", "1", "--rate-limit-burst-prompts", "2"]):
         with pytest.raises(SystemExit):
             Settings.from_cli(bad, {})
+
+
+def test_operations_doc_covers_every_setting_and_metric():
+    from flux2_encoder_server.errors import ServiceError
+    from flux2_encoder_server.metrics import Metrics
+
+    doc = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f"`--{f.name.replace('_', '-')}`" in doc, f.name
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in doc, name
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    for error in subclasses(ServiceError):
+        assert f"`{error.grpc_code.name}` | {error.http_status} |" in doc, error.__name__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -127,12 +128,25 @@ class EncoderServer:
         log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        """Report NOT_SERVING, refuse new work, let admitted requests finish within the grace period.
+
+        The drain happens in the core, with the gRPC server still accepting calls: newcomers get a
+        clean UNAVAILABLE ("draining") instead of whatever a closing transport would give them, and
+        load balancers have the grace period to notice NOT_SERVING. Only then is the server stopped,
+        which cancels anything still running.
+        """
         grace = self.settings.grace_period_s if grace is None else grace
+        deadline = time.monotonic() + grace
         self.core.start_draining()  # every front-end over this core refuses new work from now on
         await self._health.enter_graceful_shutdown()
+        if not await self.core.wait_idle(grace):
+            log.warning(
+                "grace period of %.1fs is over with %d requests in flight; cancelling them",
+                grace,
+                self.core.inflight_requests,
+            )
         if self._server is not None:
-            await self._server.stop(grace)  # waits for in-flight rpcs, then cancels what is left
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self.batcher is not None:
             self.batcher.close()
             await asyncio.to_thread(self.batcher.join, 5.0)
