@@ -200,3 +200,40 @@ def test_a_failing_batch_fails_only_its_requests(make_server, engine):
     assert thread.server.metrics.value("flux2_encoder_batch_failures_total") == 1
     with RemoteTextEncoder(thread.target) as enc:
         assert torch.equal(enc.encode("after the failure").prompt_embeds, engine.encode(["after the failure"]))
+
+
+def test_each_request_is_answered_when_its_own_batches_are_done(engine):
+    """A request does not wait for later batches; one spread over several batches is reassembled exactly."""
+    import asyncio
+    import threading
+
+    from flux2_encoder_server.batcher import Batcher
+
+    batches: list[list[str]] = []
+    release = threading.Event()
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        batches.append(list(prompts))
+        if len(batches) == 2:
+            assert release.wait(30)
+        return engine.encode(prompts)
+
+    batcher = Batcher(encode, max_batch_prompts=2, max_wait_s=0.05)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(["a", "b"]))
+        spread = asyncio.ensure_future(batcher.submit(["c", "d", "e"]))
+        done = await first  # answered while the next batch is still held in the model
+        assert not spread.done() and len(batches) == 2
+        release.set()
+        return done, await spread
+
+    try:
+        first, spread = asyncio.run(scenario())
+    finally:
+        release.set()
+        batcher.close()
+        batcher.join(5)
+    assert batches == [["a", "b"], ["c", "d"], ["e"]]
+    assert torch.equal(first.embeds, engine.encode(["a", "b"]))
+    assert torch.equal(spread.embeds, engine.encode(["c", "d", "e"]))

@@ -295,9 +295,9 @@ class EncoderCore:
             raise Unavailable("the server is draining for shutdown; retry on another replica")
         if self.batcher is None or self.fingerprint is None:
             raise Unavailable("the model is still loading; retry shortly")
-        valid = self.validate_prompts(prompts)
         if scope is not None:
-            scope.prompts = len(valid)
+            scope.prompts = len(prompts)
+        valid = self.validate_prompts(prompts)
         if expected_fingerprint and expected_fingerprint != self.fingerprint.digest:
             raise FailedPrecondition(
                 f"expected_fingerprint {expected_fingerprint[:16]}… does not match this server's model "
@@ -338,7 +338,11 @@ class EncoderCore:
         queue_s = encode_s = 0.0
         embeds: torch.Tensor | None = None
         if missing:
-            encoded = await self.batcher.submit(missing, timeout=timeout)
+            try:
+                encoded = await self.batcher.submit(missing, timeout=timeout)
+            except ResourceExhausted:  # the queue is full (requests answered from the cache never queue)
+                self.metrics.rejected.labels("max_queued_requests").inc()
+                raise
             queue_s, encode_s = encoded.queue_seconds, encoded.encode_seconds
             self.metrics.stage_seconds.labels("queue").observe(queue_s)
             self.metrics.stage_seconds.labels("encode").observe(encode_s)
@@ -379,12 +383,6 @@ class EncoderCore:
                 raise ResourceExhausted(
                     f"server busy: {self._inflight_bytes} response bytes in flight, this request needs {nbytes} "
                     f"more (max_inflight_bytes={limit})"
-                )
-            if self.batcher is not None and self.batcher.queued >= self.settings.max_queued_requests:
-                self.metrics.rejected.labels("max_queued_requests").inc()
-                raise ResourceExhausted(
-                    f"queue full: {self.batcher.queued} requests waiting "
-                    f"(max_queued_requests={self.settings.max_queued_requests})"
                 )
             try:
                 self.limiter.acquire(principal, prompts)
