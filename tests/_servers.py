@@ -30,6 +30,10 @@ class ServerThread:
             self.run(self.server.load())
         return self
 
+    @property
+    def core(self) -> Any:
+        return self.server.core
+
     def stop(self, grace: float = 0.0) -> None:
         self.run(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -42,3 +46,55 @@ def test_settings(model: str, **overrides: Any) -> Settings:
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+class InstrumentedEngine:
+    """Wraps a real engine for fault tests: records every batch the model is given, can hold the
+    worker at a gate, and raises inside any batch holding a prompt that contains `poison`."""
+
+    def __init__(self, engine: EncoderEngine, poison: str = "\N{COLLISION SYMBOL}poison"):
+        self.engine = engine
+        self.poison = poison
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # set each time a batch reaches the model
+        self._lock = threading.Lock()
+
+    @property
+    def fingerprint(self) -> Any:
+        return self.engine.fingerprint
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.engine.embedding_dim
+
+    @property
+    def prompts_seen(self) -> list[str]:
+        with self._lock:
+            return [p for batch in self.batches for p in batch]
+
+    def encode(self, prompts: list[str]) -> Any:
+        with self._lock:
+            self.batches.append(list(prompts))
+        self.entered.set()
+        if not self.gate.wait(60):
+            raise RuntimeError("test gate never opened")
+        if any(self.poison in p for p in prompts):
+            raise RuntimeError("injected failure")
+        return self.engine.encode(prompts)
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self.gate.clear()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Polls `predicate` (state, not time, is what tests assert; the timeout only stops a hang)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)

@@ -53,6 +53,11 @@ class RemoteTextEncoder:
         expected_fingerprint: digest of the model the caller expects; the server refuses other models
             with FAILED_PRECONDITION and the client re-checks every response header.
         max_payload_bytes: largest payload the client accepts.
+        token: bearer token sent as `authorization: Bearer <token>` metadata on every call but health.
+        tls: use TLS (implied by any of the three PEM arguments below; system roots when none given).
+        root_certificates: PEM CA bundle that signs the server's certificate.
+        client_certificate, client_private_key: PEM chain and key for mutual TLS.
+        server_name_override: name to check the server certificate against instead of the target host.
     """
 
     def __init__(
@@ -62,12 +67,26 @@ class RemoteTextEncoder:
         timeout: float = 120.0,
         expected_fingerprint: str | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_private_key: bytes | None = None,
+        server_name_override: str | None = None,
     ):
         self.target = target
         self.timeout = timeout
         self.expected_fingerprint = expected_fingerprint
         self.max_payload_bytes = max_payload_bytes
-        self._channel = grpc.insecure_channel(target)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if (client_certificate is None) != (client_private_key is None):
+            raise ValueError("client_certificate and client_private_key go together (mutual TLS)")
+        if tls or root_certificates or client_certificate:
+            credentials = grpc.ssl_channel_credentials(root_certificates, client_private_key, client_certificate)
+            options = [("grpc.ssl_target_name_override", server_name_override)] if server_name_override else []
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.TextEncoderStub(self._channel)
 
     def close(self) -> None:
@@ -81,19 +100,31 @@ class RemoteTextEncoder:
 
     def info(self) -> pb.InfoResponse:
         try:
-            return self._stub.Info(pb.InfoRequest(), timeout=self.timeout)
+            return self._stub.Info(pb.InfoRequest(), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
 
-    def encode(self, prompts: str | Sequence[str], fmt: pb.TensorFormat = pb.TENSOR_FORMAT_RAW) -> EncodedPrompts:
+    def encode(
+        self,
+        prompts: str | Sequence[str],
+        fmt: pb.TensorFormat = pb.TENSOR_FORMAT_RAW,
+        *,
+        bypass_cache: bool = False,
+        request_id: str = "",
+    ) -> EncodedPrompts:
         """Embeddings (B, L, D) for `prompts`, checked against the header's length and sha256."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         request = pb.EncodeRequest(
-            prompts=prompt_list, format=fmt, expected_fingerprint=self.expected_fingerprint or ""
+            prompts=prompt_list,
+            format=fmt,
+            expected_fingerprint=self.expected_fingerprint or "",
+            bypass_cache=bypass_cache,
+            request_id=request_id,
         )
         try:
             header, tensor = codec.assemble(
-                self._stub.Encode(request, timeout=self.timeout), max_bytes=self.max_payload_bytes
+                self._stub.Encode(request, timeout=self.timeout, metadata=self._metadata),
+                max_bytes=self.max_payload_bytes,
             )
         except grpc.RpcError as exc:
             raise _as_error(exc) from None

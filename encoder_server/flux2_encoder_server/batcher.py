@@ -4,7 +4,12 @@ Requests queue up as jobs; the worker takes prompts from the head of the queue i
 batch holds `max_batch_prompts` prompts (every prompt is padded to max_length tokens, so this is the
 token budget) or `max_wait` has passed since the first one arrived. A job whose caller cancelled or whose
 deadline passed is dropped before it costs model time. A job larger than one batch is spread over
-several. An exception inside a batch fails only the jobs in that batch.
+several. An exception inside a batch fails only the jobs in that batch. Each job is resolved the moment
+the batch holding its last prompt is done, whatever else is still queued.
+
+The worker thread must outlive any single failure: everything it does per batch is guarded, and
+results are handed to the callers' event loops with `call_soon_threadsafe` (a loop that has gone away
+is ignored).
 """
 
 from __future__ import annotations
@@ -38,9 +43,20 @@ class _Job:
     rows: list[torch.Tensor | None] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    started_at: float | None = None  # when its first batch went to the model
+    encode_seconds: float = 0.0  # model time of the batches it was in
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What `Batcher.submit` returns: the rows, and where the request spent its time."""
+
+    embeds: torch.Tensor
+    queue_seconds: float  # queued until its first batch started
+    encode_seconds: float  # in the model (summed over the batches it was spread over)
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class BatchStats:
     jobs: int
     queue_seconds: float
     encode_seconds: float
+    failed: bool = False
 
 
 class Batcher:
@@ -80,9 +97,16 @@ class Batcher:
         with self._cond:
             return len(self._queue)
 
-    async def submit(self, prompts: list[str], timeout: float | None = None) -> torch.Tensor:
-        """Encode `prompts`; returns (len(prompts), L, D). Raises ResourceExhausted at once when full."""
+    async def submit(self, prompts: list[str], timeout: float | None = None) -> Encoded:
+        """Encode `prompts` into (len(prompts), L, D).
+
+        Raises ResourceExhausted at once when the queue is full, DeadlineExceeded when `timeout` seconds
+        pass first (the request is then dropped before the model sees the rest of it), Unavailable when
+        the batcher is closing, EncodeFailed when the model raised on one of its batches.
+        """
         loop = asyncio.get_running_loop()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("deadline passed before the request was queued")
         job = _Job(
             prompts=list(prompts),
             loop=loop,
@@ -100,11 +124,21 @@ class Batcher:
             self._queue.append(job)
             self._cond.notify()
         try:
-            return await job.future
+            done, _ = await asyncio.wait({job.future}, timeout=timeout)
         except asyncio.CancelledError:
-            job.cancelled.set()  # the worker skips it; its queue slot frees now
-            self._forget(job)
+            self._abandon(job)  # the caller went away: the worker skips it; its queue slot frees now
             raise
+        if not done:
+            self._abandon(job)
+            raise DeadlineExceeded(f"deadline of {timeout:.3f}s passed before the request was encoded")
+        embeds = job.future.result()
+        started = job.started_at if job.started_at is not None else job.enqueued_at
+        return Encoded(embeds, started - job.enqueued_at, job.encode_seconds)
+
+    def _abandon(self, job: _Job) -> None:
+        job.cancelled.set()
+        self._forget(job)
+        job.future.cancel()
 
     def close(self) -> None:
         """Stop taking jobs; fail the queued ones; let the running batch finish."""
@@ -162,45 +196,76 @@ class Batcher:
             reason = "deadline"
             self._fail(job, DeadlineExceeded("deadline passed while the request was queued"))
         if self._on_drop:
-            self._on_drop(reason)
+            try:
+                self._on_drop(reason)
+            except Exception:
+                log.exception("drop callback failed")
         log.debug("dropped a queued request (%s)", reason)
 
     def _run(self) -> None:
         while True:
-            batch = self._take_batch()
+            try:
+                batch = self._take_batch()
+            except Exception:  # never let the worker die: every later request would hang
+                log.exception("batcher: could not form a batch")
+                time.sleep(0.01)
+                continue
             if batch is None:
                 return
-            if not batch:
-                continue
-            prompts = [p for job, start, end in batch for p in job.prompts[start:end]]
-            started = time.monotonic()
-            try:
-                embeds = self._encode(prompts)
-            except Exception as exc:
-                log.exception("encode failed for a batch of %d prompts", len(prompts))
-                for job, _, _ in batch:
-                    job.failed = True
-                    self._forget(job)
-                    self._fail(job, EncodeFailed(f"encoding failed: {type(exc).__name__}: {exc}"))
-                continue
-            finished = time.monotonic()
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[_Job, int, int]]) -> None:
+        prompts = [p for job, start, end in batch for p in job.prompts[start:end]]
+        started = time.monotonic()
+        for job, _, _ in batch:
+            if job.started_at is None:
+                job.started_at = started
+        try:
+            embeds = self._encode(prompts)
+            if embeds.shape[0] != len(prompts):
+                raise RuntimeError(f"the model returned {embeds.shape[0]} rows for {len(prompts)} prompts")
+        except Exception as exc:
+            log.exception("encode failed for a batch of %d prompts", len(prompts))
+            for job, _, _ in batch:
+                job.failed = True
+                self._forget(job)
+                self._fail(job, EncodeFailed(f"encoding failed: {type(exc).__name__}: {exc}"))
             if self._on_batch:
-                self._on_batch(
-                    BatchStats(
-                        prompts=len(prompts),
-                        jobs=len({id(job) for job, _, _ in batch}),
-                        queue_seconds=max(started - job.enqueued_at for job, _, _ in batch),
-                        encode_seconds=finished - started,
-                    )
-                )
-            row = 0
-            for job, start, end in batch:
-                for i in range(start, end):
-                    job.rows[i] = embeds[row]
-                    row += 1
-                if end == len(job.prompts) and not job.failed:
-                    rows = job.rows
-                    self._resolve(job, torch.stack(rows))  # type: ignore[arg-type]
+                self._guarded(self._on_batch, BatchStats(len(prompts), len(batch), 0.0, 0.0, failed=True))
+            return
+        finished = time.monotonic()
+        if self._on_batch:
+            stats = BatchStats(
+                prompts=len(prompts),
+                jobs=len({id(job) for job, _, _ in batch}),
+                queue_seconds=max(started - job.enqueued_at for job, _, _ in batch),
+                encode_seconds=finished - started,
+            )
+            self._guarded(self._on_batch, stats)
+        row = 0
+        for job, start, end in batch:
+            job.encode_seconds += finished - started
+            for i in range(start, end):
+                job.rows[i] = embeds[row]
+                row += 1
+            if end == len(job.prompts) and not job.failed and not job.cancelled.is_set():
+                try:
+                    # A job wholly inside this batch is one contiguous slice of it; no copy needed.
+                    result = embeds[row - end : row] if start == 0 else torch.stack(job.rows)  # type: ignore[arg-type]
+                except Exception as exc:  # e.g. out of memory while stacking: fail this job only
+                    self._fail(job, EncodeFailed(f"assembling the result failed: {type(exc).__name__}: {exc}"))
+                    continue
+                self._resolve(job, result)
+            if end == len(job.prompts):
+                job.rows = []  # drop references to batch rows early
+
+    @staticmethod
+    def _guarded(callback: Callable[[BatchStats], None], stats: BatchStats) -> None:
+        try:
+            callback(stats)
+        except Exception:
+            log.exception("batch callback failed")
 
     @staticmethod
     def _resolve(job: _Job, value: torch.Tensor) -> None:
@@ -208,7 +273,8 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(value)
 
-        job.loop.call_soon_threadsafe(set_result)
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone; nobody is waiting
+            job.loop.call_soon_threadsafe(set_result)
 
     @staticmethod
     def _fail(job: _Job, exc: BaseException) -> None:

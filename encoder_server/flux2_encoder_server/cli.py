@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from .logs import configure_logging
 from .settings import Settings
 
 
@@ -20,9 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown command {argv[0]!r}; did you mean `serve`?", file=sys.stderr)
         return 2
     settings = Settings.from_cli(argv[1:], os.environ)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         from .server import serve
     except ImportError as exc:  # the heavy deps live in the `server` extra

@@ -38,9 +38,13 @@ class ResourceExhausted(ServiceError):
 
 
 class RateLimited(ResourceExhausted):
-    """A per-token rate or concurrency limit was hit."""
+    """A per-token rate or concurrency limit was hit; `limit` names the setting."""
 
     http_status = 429
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
 
 
 class DeadlineExceeded(ServiceError):

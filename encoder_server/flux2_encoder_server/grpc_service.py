@@ -1,25 +1,33 @@
-"""The gRPC front-end: the TextEncoder service over the core, plus health and reflection."""
+"""The gRPC front-end: the TextEncoder service over the core, plus health, reflection and the auth guard.
+
+Auth: TextEncoder reads the `authorization` metadata itself (through EncoderCore, like every front-end)
+so failures are counted and logged per request. Every other service except grpc.health.v1.Health
+(reflection, anything added later) is guarded by `BearerAuthInterceptor`, which turns only an auth
+failure into UNAUTHENTICATED and leaves every other outcome to the handler.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from flux2split_proto import API_VERSION, SERVICE_NAME, codec
 from flux2split_proto.v1 import encoder_pb2 as pb
-from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 
 from . import __version__
 from .core import EncoderCore
 from .engine import Fingerprint
-from .errors import InvalidArgument, ServiceError
+from .errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
+from .security import bearer_token
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16, "float32": pb.DTYPE_FLOAT32}
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
 def fingerprint_message(fp: Fingerprint) -> pb.ModelFingerprint:
@@ -35,43 +43,85 @@ def fingerprint_message(fp: Fingerprint) -> pb.ModelFingerprint:
     )
 
 
-class TextEncoderService(pb_grpc.TextEncoderServicer):
+class _Malformed:
+    """Stands in for a request the protobuf runtime refused to parse (e.g. invalid UTF-8 in a string)."""
+
+    def __init__(self, message_type: str, reason: str):
+        self.message_type = message_type
+        self.reason = reason
+
+
+def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
+    # grpc answers a deserializer exception with INTERNAL; a malformed request is the client's error,
+    # so parse failures become a marker the handler turns into INVALID_ARGUMENT.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(message_cls.DESCRIPTOR.name, str(exc))
+
+    return deserialize
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(f"request is not a valid {request.message_type}: {request.reason}")
+    return request
+
+
+def _metadata_token(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return bearer_token(value if isinstance(value, str) else value.decode("latin-1"))
+    return None
+
+
+class TextEncoderService:
     def __init__(self, core: EncoderCore):
         self.core = core
 
-    async def Encode(
-        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EncodeResponse]:
-        request_id = request.request_id or uuid.uuid4().hex[:16]
+    async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeResponse]:
+        request_id = "" if isinstance(request, _Malformed) else request.request_id[:128]
         try:
-            if request.format not in pb.TensorFormat.values():
-                raise InvalidArgument(f"format: unknown TensorFormat value {request.format}")
-            result = await self.core.encode(
-                list(request.prompts),
-                expected_fingerprint=request.expected_fingerprint,
-                timeout=context.time_remaining(),
-            )
-            # Hashing and copying 15.7 MB per prompt must not stall the event loop.
-            payload = await asyncio.to_thread(codec.serialize, result.embeds, request.format)
+            async with self.core.request("grpc", request_id=request_id, bearer_token=_metadata_token(context)) as req:
+                request = _parsed(request)
+                if request.format not in pb.TensorFormat.values():
+                    raise InvalidArgument(
+                        f"format: unknown TensorFormat value {request.format} "
+                        f"(known: {', '.join(pb.TensorFormat.keys())})"
+                    )
+                result = await req.encode(
+                    list(request.prompts),
+                    expected_fingerprint=request.expected_fingerprint,
+                    timeout=context.time_remaining(),
+                    bypass_cache=request.bypass_cache,
+                )
+                with req.stage("serialize"):
+                    # Hashing and copying 15.7 MB per prompt must not stall the event loop.
+                    payload = await asyncio.to_thread(codec.serialize, result.embeds, request.format)
+                assert self.core.fingerprint is not None
+                header = payload.header(
+                    fingerprint=fingerprint_message(self.core.fingerprint),
+                    cache_hit=result.cache_hit,
+                    request_id=req.request_id,
+                    batching_mode=pb.BATCHING_MODE_DYNAMIC,
+                )
+                with req.stage("send"):
+                    yield pb.EncodeResponse(header=header)
+                    for chunk in codec.iter_chunks(payload.data, self.core.settings.chunk_bytes):
+                        yield chunk
+                        req.add_bytes_sent(len(chunk.chunk.data))
         except ServiceError as exc:
-            log.info("request %s failed: %s %s", request_id, exc.grpc_code.name, exc)
             await context.abort(exc.grpc_code, str(exc))
-            return
-        assert self.core.fingerprint is not None
-        yield pb.EncodeResponse(
-            header=payload.header(
-                fingerprint=fingerprint_message(self.core.fingerprint),
-                cache_hit=result.cache_hit,
-                request_id=request_id,
-                batching_mode=pb.BATCHING_MODE_DYNAMIC,
-            )
-        )
-        for chunk in codec.iter_chunks(payload.data, self.core.settings.chunk_bytes):
-            yield chunk
 
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        if self.core.fingerprint is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        try:
+            _parsed(request)
+            self.core.authenticate(_metadata_token(context))
+            if self.core.fingerprint is None:
+                raise Unavailable("the model is still loading; retry shortly")
+        except ServiceError as exc:
+            await context.abort(exc.grpc_code, str(exc))
         s = self.core.settings
         assert self.core.fingerprint is not None
         return pb.InfoResponse(
@@ -82,6 +132,8 @@ class TextEncoderService(pb_grpc.TextEncoderServicer):
                 max_prompt_chars=s.max_prompt_chars,
                 chunk_bytes=s.chunk_bytes,
                 max_queued_requests=s.max_queued_requests,
+                max_inflight_bytes=s.max_inflight_bytes,
+                max_batch_prompts=s.max_batch_prompts,
             ),
             server_version=__version__,
             api_version=API_VERSION,
@@ -89,4 +141,66 @@ class TextEncoderService(pb_grpc.TextEncoderServicer):
         )
 
 
-__all__ = ["SERVICE_NAME", "TextEncoderService", "fingerprint_message"]
+def add_text_encoder_service(service: Any, server: grpc.aio.Server) -> None:
+    """Registers the service with request parsing that answers INVALID_ARGUMENT to malformed bytes."""
+    handlers = {
+        "Encode": grpc.unary_stream_rpc_method_handler(
+            service.Encode,
+            request_deserializer=_lenient(pb.EncodeRequest),
+            response_serializer=pb.EncodeResponse.SerializeToString,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            service.Info,
+            request_deserializer=_lenient(pb.InfoRequest),
+            response_serializer=pb.InfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires a valid bearer token for every service but health and those that check it themselves."""
+
+    def __init__(self, core: EncoderCore, exempt_services: tuple[str, ...] = (HEALTH_SERVICE, SERVICE_NAME)):
+        self.core = core
+        self.exempt = exempt_services
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        service = method.lstrip("/").split("/", 1)[0]
+        handler = await continuation(handler_call_details)
+        if service in self.exempt or handler is None:
+            return handler
+        token = None
+        for key, value in handler_call_details.invocation_metadata or ():  # type: ignore[attr-defined]
+            if key == "authorization":
+                token = bearer_token(value if isinstance(value, str) else value.decode("latin-1"))
+        try:
+            self.core.authenticate(token)
+        except Unauthenticated as exc:
+            return _denied(handler, str(exc))
+        return handler
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+
+
+__all__ = ["BearerAuthInterceptor", "TextEncoderService", "add_text_encoder_service", "fingerprint_message"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from flux2split_proto import SERVICE_NAME
-from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .batcher import Batcher
 from .core import EncoderCore
 from .engine import EncoderEngine
-from .grpc_service import TextEncoderService
+from .grpc_service import BearerAuthInterceptor, TextEncoderService, add_text_encoder_service
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,37 +39,82 @@ def load_engine(settings: Settings) -> EncoderEngine:
     )
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from --tls-cert/--tls-key; with --tls-client-ca clients must present a certificate (mTLS)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = _read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key), _read(settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class EncoderServer:
     """One gRPC server over one engine. `await start()`, `await load()`, later `await stop()`."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory = load_engine):
         self.settings = settings
         self.core = EncoderCore(settings)
+        self.metrics = self.core.metrics
         self.engine: EncoderEngine | None = None
         self.batcher: Batcher | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
         self._engine_factory = engine_factory
         self._health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
-        server = grpc.aio.server()
-        pb_grpc.add_TextEncoderServicer_to_server(TextEncoderService(self.core), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        s = self.settings
+        # Requests are small; allow the largest one the limits admit (UTF-8: up to 4 bytes a character).
+        max_request = max(4 << 20, s.max_prompts_per_request * (s.max_prompt_chars * 4 + 16) + (64 << 10))
+        server = grpc.aio.server(
+            interceptors=[BearerAuthInterceptor(self.core)],
+            options=[("grpc.max_receive_message_length", max_request)],
         )
+        add_text_encoder_service(TextEncoderService(self.core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if s.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        credentials = server_credentials(s)
+        address = f"{s.host}:{s.port}"
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", self.settings.host, self.port)
+        if s.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        if not self.core.authenticator.enabled:
+            log.warning("no bearer tokens configured: authentication is OFF, anyone who reaches the port may encode")
+        log.info(
+            "listening on %s:%d (%s, auth %s, NOT_SERVING until the model is loaded)",
+            s.host,
+            self.port,
+            "plaintext" if credentials is None else ("mutual TLS" if s.tls_client_ca else "TLS"),
+            "on for " + ", ".join(self.core.authenticator.labels) if self.core.authenticator.enabled else "off",
+        )
         return self.port
 
     async def load(self) -> None:
@@ -76,25 +122,38 @@ class EncoderServer:
         if self.settings.warmup:
             await asyncio.to_thread(engine.encode, ["warm-up"])
         self.engine = engine
-        self.batcher = Batcher(
-            engine.encode,
-            max_batch_prompts=self.settings.max_batch_prompts,
-            max_wait_s=self.settings.max_wait_ms / 1000,
-            max_queued_requests=self.settings.max_queued_requests,
-        )
+        self.batcher = self.core.make_batcher(engine.encode)
         self.core.attach(self.batcher, engine.fingerprint, engine.embedding_dim)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        """Report NOT_SERVING, refuse new work, let admitted requests finish within the grace period.
+
+        The drain happens in the core, with the gRPC server still accepting calls: newcomers get a
+        clean UNAVAILABLE ("draining") instead of whatever a closing transport would give them, and
+        load balancers have the grace period to notice NOT_SERVING. Only then is the server stopped,
+        which cancels anything still running.
+        """
         grace = self.settings.grace_period_s if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.core.start_draining()  # every front-end over this core refuses new work from now on
         await self._health.enter_graceful_shutdown()
+        if not await self.core.wait_idle(grace):
+            log.warning(
+                "grace period of %.1fs is over with %d requests in flight; cancelling them",
+                grace,
+                self.core.inflight_requests,
+            )
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self.batcher is not None:
             self.batcher.close()
             await asyncio.to_thread(self.batcher.join, 5.0)
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
+            self._metrics_server = None
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -110,6 +169,10 @@ async def serve(settings: Settings, engine_factory: EngineFactory = load_engine)
     server = EncoderServer(settings, engine_factory)
     port = await server.start()
     print(f"flux2-encoder-server listening on {settings.host}:{port}", flush=True)
+    if server.metrics_port is not None:
+        print(
+            f"flux2-encoder-server metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics", flush=True
+        )
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
 

@@ -33,15 +33,75 @@ class Settings:
     dtype: str = _setting("bfloat16", "encoder dtype, also the dtype sent on the wire", choices=("bfloat16",))
     host: str = _setting("0.0.0.0", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one, printed at start)")
-    max_batch_prompts: int = _setting(16, "most prompts run in one model batch (the token budget / 512)")
+    # -- batching ---------------------------------------------------------------------------------------
+    max_batch_prompts: int = _setting(
+        16,
+        "most prompts run in one model batch; every prompt is padded to max_length (512) tokens, so the "
+        "token budget of a batch is max_batch_prompts * 512",
+    )
     max_wait_ms: float = _setting(5.0, "how long the batcher waits to fill a batch once a request is queued")
+    # -- limits and backpressure (a full limit answers RESOURCE_EXHAUSTED at once) ---------------------
     max_prompts_per_request: int = _setting(64, "most prompts one Encode request may carry")
     max_prompt_chars: int = _setting(20000, "most characters in one prompt (longer prompts are refused)")
     max_queued_requests: int = _setting(256, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
+    max_inflight_bytes: int = _setting(
+        4 << 30,
+        "response bytes (prompts * 512 * embedding_dim * 2) reserved by admitted requests, from admission "
+        "until the last chunk is sent; a request that would go past it gets RESOURCE_EXHAUSTED",
+    )
+    default_timeout_s: float = _setting(
+        300.0, "deadline for requests that carry none (a client's own gRPC deadline always applies)"
+    )
     chunk_bytes: int = _setting(1 << 20, "payload bytes per streamed chunk (must stay under the client's 4 MiB limit)")
+    # -- security -----------------------------------------------------------------------------------------
+    auth_tokens_file: str | None = _setting(
+        None,
+        "file of bearer tokens, one `label:token` per line (# comments allowed); with no token from here "
+        "or --auth-tokens, authentication is OFF (a warning is logged)",
+    )
+    auth_tokens: str | None = _setting(
+        None,
+        "comma-separated `label:token` pairs; prefer the environment variable FLUX2_ENCODER_AUTH_TOKENS "
+        "(or the file) over this flag, which other users can see in the process list",
+    )
+    rate_limit_prompts_per_s: float = _setting(
+        0.0, "per token: sustained prompts per second (token bucket); 0 turns the rate limit off"
+    )
+    rate_limit_burst_prompts: int = _setting(
+        128, "per token: prompts a token may send at once before the rate limit applies (bucket size)"
+    )
+    max_concurrent_requests_per_token: int = _setting(
+        0, "per token: requests in flight at once (queued, encoding or sending); 0 means no limit"
+    )
+    tls_cert: str | None = _setting(None, "PEM certificate chain of the server; with --tls-key turns TLS on")
+    tls_key: str | None = _setting(None, "PEM private key of the server")
+    tls_client_ca: str | None = _setting(
+        None, "PEM CA bundle; when set, clients must present a certificate signed by it (mutual TLS)"
+    )
+    reflection: bool = _setting(
+        True, "serve gRPC reflection (schema only; needs a bearer token like every rpc except health)"
+    )
+    # -- embedding cache -----------------------------------------------------------------------------------
+    cache_bytes: int = _setting(
+        1 << 30, "in-memory LRU cache of embeddings, in bytes (one FLUX.2-dev prompt is 15.7 MB); 0 turns it off"
+    )
+    cache_dir: str | None = _setting(
+        None, "folder for an on-disk embedding cache (safetensors files, no pickle); off when unset"
+    )
+    cache_dir_bytes: int = _setting(16 << 30, "size bound of the on-disk cache; the least recently used go first")
+    # -- operations --------------------------------------------------------------------------------------------
+    metrics_port: int | None = _setting(
+        None, "HTTP port for Prometheus metrics at /metrics (0 picks a free one, printed at start); off when unset"
+    )
+    metrics_host: str = _setting("0.0.0.0", "address the metrics HTTP server binds")
     grace_period_s: float = _setting(30.0, "on SIGTERM, how long in-flight requests may take to finish")
     warmup: bool = _setting(True, "run one encode before reporting SERVING")
     log_level: str = _setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting(
+        "json",
+        "json: one JSON object per line (one per request, with stage timings); text: for humans",
+        choices=("json", "text"),
+    )
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -89,13 +149,32 @@ class Settings:
             "max_prompts_per_request",
             "max_prompt_chars",
             "max_queued_requests",
+            "max_inflight_bytes",
         ):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("cache_bytes", "cache_dir_bytes", "max_concurrent_requests_per_token"):
+            if getattr(self, name) < 0:
+                out.append(f"--{name.replace('_', '-')} must not be negative")
         if not 1024 <= self.chunk_bytes <= 3 << 20:
             out.append("--chunk-bytes must be between 1 KiB and 3 MiB (gRPC's default receive limit is 4 MiB)")
-        if self.max_wait_ms < 0 or self.grace_period_s < 0:
-            out.append("--max-wait-ms and --grace-period-s must not be negative")
+        if self.max_wait_ms < 0 or self.grace_period_s < 0 or self.rate_limit_prompts_per_s < 0:
+            out.append("--max-wait-ms, --grace-period-s and --rate-limit-prompts-per-s must not be negative")
+        if self.default_timeout_s <= 0:
+            out.append("--default-timeout-s must be positive")
+        if self.rate_limit_prompts_per_s > 0 and self.rate_limit_burst_prompts < self.max_prompts_per_request:
+            out.append(
+                "--rate-limit-burst-prompts must be at least --max-prompts-per-request, or the largest "
+                "allowed request could never pass the rate limit"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            out.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            out.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("metrics_port", "port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                out.append(f"--{name.replace('_', '-')} must be a port number (0 picks a free one)")
         return out
 
 
@@ -107,6 +186,8 @@ def _converter(f: dataclasses.Field) -> Any:
         return int
     if kind.startswith("float"):
         return float
+    if kind.startswith("int | None"):
+        return lambda raw: int(raw) if raw not in ("", "none", "None") else None
     if kind.startswith("str | None"):
         return lambda raw: raw or None
     return str

@@ -113,16 +113,20 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_prompts_per_request", "max_prompt_chars", "chunk_bytes", "max_queued_requests")
+    __slots__ = ("max_prompts_per_request", "max_prompt_chars", "chunk_bytes", "max_queued_requests", "max_inflight_bytes", "max_batch_prompts")
     MAX_PROMPTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     max_prompts_per_request: int
     max_prompt_chars: int
     chunk_bytes: int
     max_queued_requests: int
-    def __init__(self, max_prompts_per_request: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_queued_requests: _Optional[int] = ...) -> None: ...
+    max_inflight_bytes: int
+    max_batch_prompts: int
+    def __init__(self, max_prompts_per_request: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ..., max_batch_prompts: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("fingerprint", "embedding_dim", "limits", "server_version", "api_version", "batching_mode")

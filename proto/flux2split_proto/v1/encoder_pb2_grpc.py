@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class TextEncoderStub:
     """The prompt-embedding service. Health is the standard grpc.health.v1.Health service on the same port
-    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials.
+    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials. When the server has
+    tokens configured, every other rpc needs the metadata `authorization: Bearer <token>`
+    (UNAUTHENTICATED otherwise).
     """
 
     def __init__(self, channel):
@@ -50,7 +52,9 @@ class TextEncoderStub:
 
 class TextEncoderServicer:
     """The prompt-embedding service. Health is the standard grpc.health.v1.Health service on the same port
-    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials.
+    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials. When the server has
+    tokens configured, every other rpc needs the metadata `authorization: Bearer <token>`
+    (UNAUTHENTICATED otherwise).
     """
 
     def Encode(self, request, context):
@@ -92,7 +96,9 @@ def add_TextEncoderServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TextEncoder:
     """The prompt-embedding service. Health is the standard grpc.health.v1.Health service on the same port
-    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials.
+    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials. When the server has
+    tokens configured, every other rpc needs the metadata `authorization: Bearer <token>`
+    (UNAUTHENTICATED otherwise).
     """
 
     @staticmethod

@@ -1,0 +1,239 @@
+"""Faults and backpressure on a real in-process gRPC server: overload, in-flight bytes, deadlines,
+cancellation, a failing batch. The model is the real tiny encoder behind `InstrumentedEngine`, which
+can hold the worker at a gate so that requests pile up in a known state."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from _servers import InstrumentedEngine, ServerThread, test_settings, wait_until
+from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
+from flux2split_proto.v1 import encoder_pb2 as pb
+from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
+
+PER_PROMPT = 512 * 192 * 2  # bytes of one tiny embedding
+
+
+@pytest.fixture
+def make_server(tiny, engine):
+    started: list[tuple[ServerThread, InstrumentedEngine]] = []
+
+    def make(**overrides):
+        wrapped = InstrumentedEngine(engine)
+        thread = ServerThread(test_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
+        started.append((thread, wrapped))
+        return thread, wrapped
+
+    yield make
+    for thread, wrapped in started:
+        wrapped.gate.set()
+        thread.stop()
+
+
+def _code(fn) -> grpc.StatusCode:
+    with pytest.raises(RemoteEncoderError) as err:
+        fn()
+    return err.value.code
+
+
+def _hold_worker(thread: ServerThread, wrapped: InstrumentedEngine, pool: ThreadPoolExecutor):
+    """Send a request and wait until its batch is inside the model, held at the gate."""
+    wrapped.hold()
+    future = pool.submit(lambda: RemoteTextEncoder(thread.target).encode("blocker", bypass_cache=True))
+    assert wrapped.entered.wait(30)
+    return future
+
+
+def test_full_queue_is_resource_exhausted_at_once(make_server):
+    thread, wrapped = make_server(max_queued_requests=2, cache_bytes=0)
+    with ThreadPoolExecutor(4) as pool:
+        blocker = _hold_worker(thread, wrapped, pool)
+        queued = [pool.submit(RemoteTextEncoder(thread.target).encode, f"queued {i}") for i in range(2)]
+        wait_until(lambda: thread.core.batcher.queued == 2, what="two queued requests")
+        with RemoteTextEncoder(thread.target) as enc, pytest.raises(RemoteEncoderError) as err:
+            enc.encode("one too many")
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued_requests=2" in err.value.message
+        wrapped.gate.set()
+        assert blocker.result(30).prompt_embeds.shape == (1, 512, 192)
+        for f in queued:
+            f.result(30)
+    assert thread.server.metrics.value("flux2_encoder_rejected_total", {"limit": "max_queued_requests"}) == 1
+    with RemoteTextEncoder(thread.target) as enc:  # the queue drained; the server serves again
+        enc.encode("after overload")
+
+
+def test_inflight_bytes_limit(make_server):
+    thread, wrapped = make_server(max_inflight_bytes=3 * PER_PROMPT, cache_bytes=0)
+    with ThreadPoolExecutor(2) as pool:
+        blocker = _hold_worker(thread, wrapped, pool)  # reserves 1 prompt
+        second = pool.submit(RemoteTextEncoder(thread.target).encode, ["two", "prompts"])  # reserves 2 more
+        wait_until(lambda: thread.core.inflight_bytes == 3 * PER_PROMPT, what="3 prompts reserved")
+        with RemoteTextEncoder(thread.target) as enc:
+            with pytest.raises(RemoteEncoderError) as err:
+                enc.encode("no room")
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"max_inflight_bytes={3 * PER_PROMPT}" in err.value.message
+            # A request that could never fit is the caller's error, not a busy server.
+            with pytest.raises(RemoteEncoderError) as err:
+                enc.encode(["a", "b", "c", "d"])
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_inflight_bytes" in err.value.message
+        wrapped.gate.set()
+        blocker.result(30)
+        second.result(30)
+    wait_until(lambda: thread.core.inflight_bytes == 0, what="reservations released")
+    with RemoteTextEncoder(thread.target) as enc:
+        enc.encode("room again")
+
+
+def test_expired_deadlines_never_reach_the_model(make_server):
+    thread, wrapped = make_server(cache_bytes=0)
+    with ThreadPoolExecutor(2) as pool:
+        blocker = _hold_worker(thread, wrapped, pool)
+        with RemoteTextEncoder(thread.target, timeout=0.3) as enc, pytest.raises(RemoteEncoderError) as err:
+            enc.encode(["late one", "late two"])
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: thread.core.inflight_requests == 1, what="the late request to be dropped")
+        assert thread.core.batcher.queued == 0
+        wrapped.gate.set()
+        blocker.result(30)
+    with RemoteTextEncoder(thread.target) as enc:
+        enc.encode("next one")
+    seen = wrapped.prompts_seen
+    assert "next one" in seen and "blocker" in seen
+    assert "late one" not in seen and "late two" not in seen
+
+
+def test_batcher_drops_a_job_whose_deadline_passed_in_the_queue(engine):
+    """Below the front-end: the worker itself skips an expired job it finds at the head of the queue."""
+    import asyncio
+
+    from flux2_encoder_server.batcher import Batcher
+    from flux2_encoder_server.errors import DeadlineExceeded
+
+    wrapped = InstrumentedEngine(engine)
+    drops: list[str] = []
+    batcher = Batcher(wrapped.encode, max_batch_prompts=4, max_wait_s=0.0, on_drop=drops.append)
+
+    async def scenario():
+        wrapped.hold()
+        first = asyncio.ensure_future(batcher.submit(["first"]))
+        await asyncio.to_thread(wrapped.entered.wait, 30)
+        # The caller keeps waiting (no timeout of its own) but the job carries a deadline.
+        late = asyncio.ensure_future(batcher.submit(["expired"]))
+        await asyncio.sleep(0)
+        with batcher._cond:
+            batcher._queue[-1].deadline = 0.0  # already past
+        wrapped.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded):
+            await late
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.close()
+        batcher.join(5)
+    assert drops == ["deadline"]
+    assert wrapped.prompts_seen == ["first"]
+
+
+def test_cancel_mid_stream_frees_the_slot(make_server):
+    thread, _wrapped = make_server(
+        chunk_bytes=1024, auth_tokens="alice:alice-secret-token-0001", max_concurrent_requests_per_token=1
+    )
+    metadata = (("authorization", "Bearer alice-secret-token-0001"),)
+    with grpc.insecure_channel(thread.target) as channel:
+        stub = pb_grpc.TextEncoderStub(channel)
+        # 32 copies of one prompt: the model runs once, the answer is 6 MiB in 6144 chunks.
+        call = stub.Encode(pb.EncodeRequest(prompts=["cancel me"] * 32), metadata=metadata, timeout=30)
+        first = next(call)
+        assert first.WhichOneof("part") == "header"
+        assert next(call).WhichOneof("part") == "chunk"
+        assert thread.core.limiter.active(thread.core.authenticate("alice-secret-token-0001")) == 1
+        call.cancel()
+    wait_until(lambda: thread.core.inflight_requests == 0, what="the cancelled request to finish")
+    assert thread.core.inflight_bytes == 0
+    assert thread.server.metrics.value("flux2_encoder_requests_total", {"frontend": "grpc", "code": "CANCELLED"}) == 1
+    with RemoteTextEncoder(thread.target, token="alice-secret-token-0001") as enc:  # the one slot is free again
+        assert enc.encode("after cancel").prompt_embeds.shape[0] == 1
+
+
+def test_cancel_while_queued_frees_the_slot(make_server):
+    thread, wrapped = make_server(cache_bytes=0, max_queued_requests=1)
+    with ThreadPoolExecutor(2) as pool, grpc.insecure_channel(thread.target) as channel:
+        blocker = _hold_worker(thread, wrapped, pool)
+        call = pb_grpc.TextEncoderStub(channel).Encode(pb.EncodeRequest(prompts=["queued then cancelled"]), timeout=30)
+        wait_until(lambda: thread.core.batcher.queued == 1, what="the request to queue")
+        call.cancel()
+        wait_until(lambda: thread.core.batcher.queued == 0, what="the cancelled request to leave the queue")
+        queued_again = pool.submit(RemoteTextEncoder(thread.target).encode, "takes the freed slot")
+        wait_until(lambda: thread.core.batcher.queued == 1, what="the next request to queue")
+        wrapped.gate.set()
+        blocker.result(30)
+        queued_again.result(30)
+    assert "queued then cancelled" not in wrapped.prompts_seen
+
+
+def test_a_failing_batch_fails_only_its_requests(make_server, engine):
+    thread, wrapped = make_server(cache_bytes=0, max_batch_prompts=2)
+    poison = [wrapped.poison + " a", wrapped.poison + " b"]  # fills one batch of 2
+    with ThreadPoolExecutor(3) as pool:
+        blocker = _hold_worker(thread, wrapped, pool)
+        bad = pool.submit(RemoteTextEncoder(thread.target).encode, poison)
+        wait_until(lambda: thread.core.batcher.queued == 1, what="the poisoned request to queue")
+        good = pool.submit(RemoteTextEncoder(thread.target).encode, "innocent bystander")
+        wait_until(lambda: thread.core.batcher.queued == 2, what="the good request to queue")
+        wrapped.gate.set()
+        blocker.result(30)
+        with pytest.raises(RemoteEncoderError) as err:
+            bad.result(30)
+        assert err.value.code == grpc.StatusCode.INTERNAL
+        assert "injected failure" in err.value.message
+        got = good.result(30).prompt_embeds
+    assert torch.equal(got, engine.encode(["innocent bystander"]))
+    assert poison in wrapped.batches and ["innocent bystander"] in wrapped.batches
+    assert thread.server.metrics.value("flux2_encoder_batch_failures_total") == 1
+    with RemoteTextEncoder(thread.target) as enc:
+        assert torch.equal(enc.encode("after the failure").prompt_embeds, engine.encode(["after the failure"]))
+
+
+def test_each_request_is_answered_when_its_own_batches_are_done(engine):
+    """A request does not wait for later batches; one spread over several batches is reassembled exactly."""
+    import asyncio
+    import threading
+
+    from flux2_encoder_server.batcher import Batcher
+
+    batches: list[list[str]] = []
+    release = threading.Event()
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        batches.append(list(prompts))
+        if len(batches) == 2:
+            assert release.wait(30)
+        return engine.encode(prompts)
+
+    batcher = Batcher(encode, max_batch_prompts=2, max_wait_s=0.05)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(["a", "b"]))
+        spread = asyncio.ensure_future(batcher.submit(["c", "d", "e"]))
+        done = await first  # answered while the next batch is still held in the model
+        assert not spread.done() and len(batches) == 2
+        release.set()
+        return done, await spread
+
+    try:
+        first, spread = asyncio.run(scenario())
+    finally:
+        release.set()
+        batcher.close()
+        batcher.join(5)
+    assert batches == [["a", "b"], ["c", "d"], ["e"]]
+    assert torch.equal(first.embeds, engine.encode(["a", "b"]))
+    assert torch.equal(spread.embeds, engine.encode(["c", "d", "e"]))

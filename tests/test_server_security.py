@@ -1,0 +1,274 @@
+"""Bearer-token auth, per-token limits, reflection behind auth, TLS and mutual TLS with certificates made
+here, and the access log naming the caller."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from _servers import InstrumentedEngine, ServerThread, test_settings, wait_until
+from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
+from flux2_encoder_server.security import TokenAuthenticator, bearer_token, parse_token_lines
+from flux2split_proto import SERVICE_NAME
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+ALICE = "alice-token-0123456789abcdef"
+BOB = "bob-token-fedcba9876543210"
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text(f"# label:token\nalice:{ALICE}\n\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def authed(tiny, engine, token_file):
+    # One token from the file, one from the inline/env setting.
+    thread = ServerThread(
+        test_settings(str(tiny.pipeline), auth_tokens_file=str(token_file), auth_tokens=f"bob:{BOB}"),
+        lambda _s: engine,
+    ).start()
+    yield thread
+    thread.stop()
+
+
+def _health(target: str, credentials: grpc.ChannelCredentials | None = None) -> int:
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong-token-0000000000000", ALICE[:-1], ALICE + "x"])
+def test_missing_or_wrong_token_is_unauthenticated(authed, token):
+    with RemoteTextEncoder(authed.target, token=token) as enc:
+        for call in (lambda: enc.encode("hello"), enc.info):
+            with pytest.raises(RemoteEncoderError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_needs_no_token(authed):
+    assert _health(authed.target) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_each_token_works_and_is_named_in_the_access_log(authed, engine, caplog):
+    caplog.set_level(logging.INFO, logger="flux2_encoder_server.access")
+    for token, label in ((ALICE, "alice"), (BOB, "bob")):
+        with RemoteTextEncoder(authed.target, token=token) as enc:
+            got = enc.encode("authorized prompt", request_id=f"req-{label}").prompt_embeds
+            assert enc.info().api_version == "v1"
+        assert torch.equal(got, engine.encode(["authorized prompt"]))
+    with RemoteTextEncoder(authed.target, token="not-a-valid-token-000000") as enc, pytest.raises(RemoteEncoderError):
+        enc.encode("refused")
+    lines = [r.fields for r in caplog.records if r.name == "flux2_encoder_server.access"]
+    by_id = {line["request_id"]: line for line in lines}
+    assert by_id["req-alice"]["principal"] == "alice" and by_id["req-alice"]["status"] == "OK"
+    assert by_id["req-bob"]["principal"] == "bob"
+    assert by_id["req-bob"]["bytes_sent"] == 512 * 192 * 2
+    assert {"queue_s", "encode_s", "serialize_s", "send_s", "total_s"} <= set(by_id["req-alice"])
+    assert any(line["status"] == "UNAUTHENTICATED" for line in lines)
+    assert all(ALICE not in str(line) and BOB not in str(line) for line in lines)  # tokens never logged
+
+
+def test_reflection_needs_a_token(authed):
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(authed.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answers = list(
+            stub.ServerReflectionInfo(iter([request]), timeout=10, metadata=(("authorization", f"Bearer {ALICE}"),))
+        )
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+
+
+def test_token_parsing():
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    with pytest.raises(ValueError, match="label:token"):
+        parse_token_lines(["no-separator-here-at-all"], "f")
+    with pytest.raises(ValueError, match="at least 16"):
+        parse_token_lines(["a:short"], "f")
+    with pytest.raises(ValueError, match="used twice"):
+        parse_token_lines([f"a:{ALICE}", f"a:{BOB}"], "f")
+    auth = TokenAuthenticator({"alice": ALICE})
+    assert auth.authenticate(ALICE).name == "alice"
+    assert TokenAuthenticator({}).authenticate(None).name == "anonymous"  # auth off
+
+
+def test_per_token_rate_limit(tiny, engine):
+    settings = test_settings(
+        str(tiny.pipeline),
+        auth_tokens=f"alice:{ALICE},bob:{BOB}",
+        rate_limit_prompts_per_s=0.001,
+        rate_limit_burst_prompts=4,
+        max_prompts_per_request=4,
+    )
+    thread = ServerThread(settings, lambda _s: engine).start()
+    try:
+        with RemoteTextEncoder(thread.target, token=ALICE) as alice, RemoteTextEncoder(thread.target, token=BOB) as bob:
+            alice.encode(["one", "two", "three"])
+            alice.encode("four")
+            with pytest.raises(RemoteEncoderError) as err:
+                alice.encode("five")
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "rate_limit_prompts_per_s=0.001" in err.value.message and "'alice'" in err.value.message
+            bob.encode(["bob has his own bucket"])
+        metrics = thread.server.metrics
+        assert metrics.value("flux2_encoder_rejected_total", {"limit": "rate_limit_prompts_per_s"}) == 1
+    finally:
+        thread.stop()
+
+
+def test_per_token_concurrency_limit(tiny, engine):
+    wrapped = InstrumentedEngine(engine)
+    settings = test_settings(
+        str(tiny.pipeline), auth_tokens=f"alice:{ALICE},bob:{BOB}", max_concurrent_requests_per_token=1, cache_bytes=0
+    )
+    thread = ServerThread(settings, lambda _s: wrapped).start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            wrapped.hold()
+            first = pool.submit(RemoteTextEncoder(thread.target, token=ALICE).encode, "alice first")
+            assert wrapped.entered.wait(30)
+            with RemoteTextEncoder(thread.target, token=ALICE) as alice, pytest.raises(RemoteEncoderError) as err:
+                alice.encode("alice second")
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_concurrent_requests_per_token=1" in err.value.message
+            other = pool.submit(RemoteTextEncoder(thread.target, token=BOB).encode, "bob meanwhile")
+            wait_until(lambda: thread.core.batcher.queued == 1, what="bob's request to be admitted")
+            wrapped.gate.set()
+            first.result(30)
+            other.result(30)
+        with RemoteTextEncoder(thread.target, token=ALICE) as alice:
+            alice.encode("alice again")
+    finally:
+        wrapped.gate.set()
+        thread.stop()
+
+
+# -- TLS ------------------------------------------------------------------------------------------------
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(subject, issuer, public_key, signing_key, *, ca=False, san=None, usage=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build(name("flux2-split test CA"), name("flux2-split test CA"), ca_key.public_key(), ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = build(
+        name("localhost"),
+        ca.subject,
+        server_key.public_key(),
+        ca_key,
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+    )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = build(
+        name("trainer-7"), ca.subject, client_key.public_key(), ca_key, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    files = {
+        "ca": ca.public_bytes(serialization.Encoding.PEM),
+        "server_cert": server.public_bytes(serialization.Encoding.PEM),
+        "server_key": pem_key(server_key),
+        "client_cert": client.public_bytes(serialization.Encoding.PEM),
+        "client_key": pem_key(client_key),
+    }
+    paths = {}
+    for key, data in files.items():
+        paths[key] = folder / f"{key}.pem"
+        paths[key].write_bytes(data)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> dict[str, Path]:
+    return _certificates(tmp_path_factory.mktemp("certs"))
+
+
+def test_tls(tiny, engine, certs):
+    settings = test_settings(
+        str(tiny.pipeline),
+        tls_cert=str(certs["server_cert"]),
+        tls_key=str(certs["server_key"]),
+        auth_tokens=f"alice:{ALICE}",
+    )
+    thread = ServerThread(settings, lambda _s: engine).start()
+    ca = certs["ca"].read_bytes()
+    try:
+        with RemoteTextEncoder(thread.target, token=ALICE, root_certificates=ca) as enc:
+            assert torch.equal(enc.encode("over TLS").prompt_embeds, engine.encode(["over TLS"]))
+        assert _health(thread.target, grpc.ssl_channel_credentials(ca)) == health_pb2.HealthCheckResponse.SERVING
+        with RemoteTextEncoder(thread.target, token=ALICE, timeout=5) as plaintext, pytest.raises(RemoteEncoderError):
+            plaintext.encode("plaintext to a TLS port")
+    finally:
+        thread.stop()
+
+
+def test_mutual_tls(tiny, engine, certs):
+    settings = test_settings(
+        str(tiny.pipeline),
+        tls_cert=str(certs["server_cert"]),
+        tls_key=str(certs["server_key"]),
+        tls_client_ca=str(certs["ca"]),
+    )
+    thread = ServerThread(settings, lambda _s: engine).start()
+    ca = certs["ca"].read_bytes()
+    try:
+        with RemoteTextEncoder(
+            thread.target,
+            root_certificates=ca,
+            client_certificate=certs["client_cert"].read_bytes(),
+            client_private_key=certs["client_key"].read_bytes(),
+        ) as enc:
+            assert torch.equal(enc.encode("over mTLS").prompt_embeds, engine.encode(["over mTLS"]))
+        with RemoteTextEncoder(thread.target, root_certificates=ca, timeout=5) as no_cert:
+            with pytest.raises(RemoteEncoderError) as err:
+                no_cert.encode("no client certificate")
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE  # the handshake is refused
+    finally:
+        thread.stop()
