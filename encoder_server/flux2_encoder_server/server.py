@@ -18,6 +18,7 @@ from .batcher import Batcher
 from .core import EncoderCore
 from .engine import EncoderEngine
 from .grpc_service import TextEncoderService
+from .http_app import HttpFrontEnd, create_app
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def load_engine(settings: Settings) -> EncoderEngine:
 
 
 class EncoderServer:
-    """One gRPC server over one engine. `await start()`, `await load()`, later `await stop()`."""
+    """One gRPC server (and, with `http_port` set, the HTTP /predict front-end) over one engine.
+    `await start()`, `await load()`, later `await stop()`."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory = load_engine):
         self.settings = settings
@@ -47,9 +49,12 @@ class EncoderServer:
         self.engine: EncoderEngine | None = None
         self.batcher: Batcher | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
         self._engine_factory = engine_factory
         self._health = HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._http: HttpFrontEnd | None = None
+        self._draining = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -69,7 +74,15 @@ class EncoderServer:
         await server.start()
         self._server = server
         log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", self.settings.host, self.port)
+        if self.settings.http_port is not None:
+            self._http = HttpFrontEnd(create_app(self.core, self.serving), self.settings.host, self.settings.http_port)
+            self.http_port = await self._http.start()
+            log.info("HTTP /predict listening on %s:%d", self.settings.host, self.http_port)
         return self.port
+
+    def serving(self) -> bool:
+        """Readiness, as both health endpoints report it: loaded, warmed up and not draining."""
+        return self.core.ready and not self._draining
 
     async def load(self) -> None:
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
@@ -89,9 +102,14 @@ class EncoderServer:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
         grace = self.settings.grace_period_s if grace is None else grace
+        self._draining = True
         await self._health.enter_graceful_shutdown()
+        fronts = []
         if self._server is not None:
-            await self._server.stop(grace)
+            fronts.append(self._server.stop(grace))
+        if self._http is not None:
+            fronts.append(self._http.stop(grace))
+        await asyncio.gather(*fronts)
         if self.batcher is not None:
             self.batcher.close()
             await asyncio.to_thread(self.batcher.join, 5.0)
@@ -110,6 +128,8 @@ async def serve(settings: Settings, engine_factory: EngineFactory = load_engine)
     server = EncoderServer(settings, engine_factory)
     port = await server.start()
     print(f"flux2-encoder-server listening on {settings.host}:{port}", flush=True)
+    if server.http_port is not None:
+        print(f"flux2-encoder-server HTTP /predict on {settings.host}:{server.http_port}", flush=True)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
 

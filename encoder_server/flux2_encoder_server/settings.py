@@ -33,6 +33,14 @@ class Settings:
     dtype: str = _setting("bfloat16", "encoder dtype, also the dtype sent on the wire", choices=("bfloat16",))
     host: str = _setting("0.0.0.0", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one, printed at start)")
+    http_port: int | None = _setting(
+        None,
+        "port of the HTTP compatibility front-end (POST /predict, GET /health, GET /info) on --host; "
+        "unset or 'off' disables it, 0 picks a free one (printed at start)",
+    )
+    http_max_body_bytes: int = _setting(
+        4 << 20, "largest HTTP request body accepted; larger ones get 413 before they are read"
+    )
     max_batch_prompts: int = _setting(16, "most prompts run in one model batch (the token budget / 512)")
     max_wait_ms: float = _setting(5.0, "how long the batcher waits to fill a batch once a request is queued")
     max_prompts_per_request: int = _setting(64, "most prompts one Encode request may carry")
@@ -47,7 +55,8 @@ class Settings:
     def parser(cls) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="flux2-encoder-server",
-            description="Serve FLUX.2 prompt embeddings over gRPC. Every flag can also be set through the "
+            description="Serve FLUX.2 prompt embeddings over gRPC (and, with --http-port, the HTTP /predict "
+            "contract of the hosted FLUX.2 text encoder). Every flag can also be set through the "
             f"environment as {ENV_PREFIX}<FLAG_NAME> (e.g. {ENV_PREFIX}MAX_BATCH_PROMPTS=32).",
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
@@ -94,6 +103,10 @@ class Settings:
                 out.append(f"--{name.replace('_', '-')} must be at least 1")
         if not 1024 <= self.chunk_bytes <= 3 << 20:
             out.append("--chunk-bytes must be between 1 KiB and 3 MiB (gRPC's default receive limit is 4 MiB)")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            out.append("--http-port must be between 0 and 65535 (or unset to disable HTTP)")
+        if self.http_max_body_bytes < 1024:
+            out.append("--http-max-body-bytes must be at least 1 KiB")
         if self.max_wait_ms < 0 or self.grace_period_s < 0:
             out.append("--max-wait-ms and --grace-period-s must not be negative")
         return out
@@ -103,6 +116,8 @@ def _converter(f: dataclasses.Field) -> Any:
     kind = str(f.type)
     if kind in ("bool", "<class 'bool'>"):
         return _parse_bool
+    if kind.startswith("int | None"):
+        return _parse_optional_int
     if kind.startswith("int"):
         return int
     if kind.startswith("float"):
@@ -110,6 +125,13 @@ def _converter(f: dataclasses.Field) -> Any:
     if kind.startswith("str | None"):
         return lambda raw: raw or None
     return str
+
+
+def _parse_optional_int(raw: str) -> int | None:
+    """'' / 'none' / 'off' mean unset; anything else must be an integer."""
+    if raw.strip().lower() in ("", "none", "off"):
+        return None
+    return int(raw)
 
 
 def _parse_bool(raw: str) -> bool:
