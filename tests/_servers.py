@@ -18,6 +18,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.target = ""
+        self.http_url = ""  # "http://127.0.0.1:PORT" when the settings enable HTTP
 
     def run(self, coro: Any, timeout: float = 120.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -26,6 +27,8 @@ class ServerThread:
         self._thread.start()
         port = self.run(self.server.start())
         self.target = f"127.0.0.1:{port}"
+        if self.server.http_port is not None:
+            self.http_url = f"http://127.0.0.1:{self.server.http_port}"
         if load:
             self.run(self.server.load())
         return self

@@ -20,6 +20,11 @@ _EXPORTS = {
     "load_pipeline": "generation",
     "save_png": "generation",
     "make_tiny_flux2": "tiny",
+    "HttpTextEncoder": "training",
+    "compute_remote_text_embeddings": "training",
+    "open_encoder": "training",
+    "EmbeddingShards": "bulk",
+    "encode_captions": "bulk",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

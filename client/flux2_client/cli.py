@@ -3,6 +3,7 @@
 flux2-client generate --server HOST:PORT --prompt "a red fox in snow" --out fox.png
 flux2-client make-tiny ./tiny-models
 flux2-client demo
+flux2-client encode captions.txt --server HOST:PORT --out embeds/
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="real weights instead of tiny ones, e.g. black-forest-labs/FLUX.2-dev (needs HF_TOKEN and a GPU)",
     )
     demo.add_argument("--prompt", default="a watercolor fox reading a newspaper in a cafe")
+    from .bulk import add_encode_parser
+
+    add_encode_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "generate":
@@ -113,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(args.workdir, model=args.model, prompt=args.prompt)
+    elif args.command == "encode":
+        from .bulk import run_encode
+
+        return run_encode(args)
     return 0
 
 

@@ -18,6 +18,12 @@ class InvalidArgument(ServiceError):
     http_status = 400
 
 
+class RequestTooLarge(InvalidArgument):
+    """An HTTP request body over the configured limit (gRPC enforces its own message limit)."""
+
+    http_status = 413
+
+
 class Unauthenticated(ServiceError):
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
     http_status = 401

@@ -19,6 +19,7 @@ from .batcher import Batcher
 from .core import EncoderCore
 from .engine import EncoderEngine
 from .grpc_service import BearerAuthInterceptor, TextEncoderService, add_text_encoder_service
+from .http_app import HttpFrontEnd, create_app
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 class EncoderServer:
-    """One gRPC server over one engine. `await start()`, `await load()`, later `await stop()`."""
+    """One gRPC server (and, with `http_port` set, the HTTP /predict front-end) over one engine.
+    `await start()`, `await load()`, later `await stop()`."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory = load_engine):
         self.settings = settings
@@ -68,9 +70,11 @@ class EncoderServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
+        self.http_port: int | None = None
         self._engine_factory = engine_factory
         self._health = HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._http: HttpFrontEnd | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -115,7 +119,15 @@ class EncoderServer:
             "plaintext" if credentials is None else ("mutual TLS" if s.tls_client_ca else "TLS"),
             "on for " + ", ".join(self.core.authenticator.labels) if self.core.authenticator.enabled else "off",
         )
+        if self.settings.http_port is not None:
+            self._http = HttpFrontEnd(create_app(self.core, self.serving), self.settings.host, self.settings.http_port)
+            self.http_port = await self._http.start()
+            log.info("HTTP /predict listening on %s:%d", self.settings.host, self.http_port)
         return self.port
+
+    def serving(self) -> bool:
+        """Readiness, as both health endpoints report it: loaded, warmed up and not draining."""
+        return self.core.ready
 
     async def load(self) -> None:
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
@@ -145,8 +157,13 @@ class EncoderServer:
                 grace,
                 self.core.inflight_requests,
             )
+        remaining = max(0.0, deadline - time.monotonic())
+        fronts = []
         if self._server is not None:
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+            fronts.append(self._server.stop(remaining))
+        if self._http is not None:
+            fronts.append(self._http.stop(remaining))
+        await asyncio.gather(*fronts)
         if self.batcher is not None:
             self.batcher.close()
             await asyncio.to_thread(self.batcher.join, 5.0)
@@ -173,6 +190,8 @@ async def serve(settings: Settings, engine_factory: EngineFactory = load_engine)
         print(
             f"flux2-encoder-server metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics", flush=True
         )
+    if server.http_port is not None:
+        print(f"flux2-encoder-server HTTP /predict on {settings.host}:{server.http_port}", flush=True)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
 

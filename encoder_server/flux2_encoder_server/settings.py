@@ -33,6 +33,14 @@ class Settings:
     dtype: str = _setting("bfloat16", "encoder dtype, also the dtype sent on the wire", choices=("bfloat16",))
     host: str = _setting("0.0.0.0", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one, printed at start)")
+    http_port: int | None = _setting(
+        None,
+        "port of the HTTP compatibility front-end (POST /predict, GET /health, GET /info) on --host; "
+        "unset or 'off' disables it, 0 picks a free one (printed at start)",
+    )
+    http_max_body_bytes: int = _setting(
+        4 << 20, "largest HTTP request body accepted; larger ones get 413 before they are read"
+    )
     # -- batching ---------------------------------------------------------------------------------------
     max_batch_prompts: int = _setting(
         16,
@@ -107,7 +115,8 @@ class Settings:
     def parser(cls) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="flux2-encoder-server",
-            description="Serve FLUX.2 prompt embeddings over gRPC. Every flag can also be set through the "
+            description="Serve FLUX.2 prompt embeddings over gRPC (and, with --http-port, the HTTP /predict "
+            "contract of the hosted FLUX.2 text encoder). Every flag can also be set through the "
             f"environment as {ENV_PREFIX}<FLAG_NAME> (e.g. {ENV_PREFIX}MAX_BATCH_PROMPTS=32).",
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
@@ -171,10 +180,12 @@ class Settings:
             out.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             out.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for name in ("metrics_port", "port"):
+        for name in ("metrics_port", "port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 out.append(f"--{name.replace('_', '-')} must be a port number (0 picks a free one)")
+        if self.http_max_body_bytes < 1024:
+            out.append("--http-max-body-bytes must be at least 1 KiB")
         return out
 
 
@@ -182,6 +193,8 @@ def _converter(f: dataclasses.Field) -> Any:
     kind = str(f.type)
     if kind in ("bool", "<class 'bool'>"):
         return _parse_bool
+    if kind.startswith("int | None"):
+        return _parse_optional_int
     if kind.startswith("int"):
         return int
     if kind.startswith("float"):
@@ -191,6 +204,13 @@ def _converter(f: dataclasses.Field) -> Any:
     if kind.startswith("str | None"):
         return lambda raw: raw or None
     return str
+
+
+def _parse_optional_int(raw: str) -> int | None:
+    """'' / 'none' / 'off' mean unset; anything else must be an integer."""
+    if raw.strip().lower() in ("", "none", "off"):
+        return None
+    return int(raw)
 
 
 def _parse_bool(raw: str) -> bool:

@@ -1,0 +1,235 @@
+"""The HTTP compatibility front-end: the contract of the paused hosted FLUX.2 text encoder.
+
+    POST /predict   {"prompt": "..."} or {"prompt": ["...", ...]}, header Authorization: Bearer <token>
+                    -> 200 application/octet-stream: torch.save() of the bf16 tensor (B, 512, D)
+    GET  /health    readiness (also /healthz): 200 while SERVING, 503 while loading or draining
+    GET  /info      the model fingerprint and the limits, as JSON
+
+Scripts written for the hosted endpoint (the FLUX.2 docs snippet, diffusers'
+`train_dreambooth_lora_flux2.py --remote_text_encoder`, ComfyUI nodes) work by changing only the URL.
+
+This is a thin layer over `EncoderCore`, the same core and batcher the gRPC service uses: one model,
+one queue, the same limits and the same authentication. Errors are JSON
+`{"error": {"code": "INVALID_ARGUMENT", "message": "..."}}` with the status that errors.py assigns.
+
+The response body is a pickle because that is what the existing clients `torch.load`; the server only
+ever pickles a tensor it built itself and never unpickles anything from the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import http
+import io
+import json
+import logging
+import math
+import socket
+from collections.abc import Callable, Iterator
+
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import __version__
+from .core import EncoderCore
+from .errors import InvalidArgument, RequestTooLarge, ServiceError, Unavailable
+from .security import bearer_token
+
+log = logging.getLogger(__name__)
+
+#: Response headers that tell a client which model answered (the body itself carries no metadata).
+FINGERPRINT_HEADER = "X-Flux2-Fingerprint"
+MODEL_HEADER = "X-Flux2-Model"
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def parse_prompts(body: bytes) -> list[object]:
+    """The prompt list of a /predict body; the core validates the items and the limits."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidArgument(f"body: not valid JSON ({type(exc).__name__}: {exc})"[:300]) from None
+    if not isinstance(document, dict) or "prompt" not in document:
+        raise InvalidArgument('body: expected a JSON object {"prompt": "..."} or {"prompt": ["...", ...]}')
+    prompt = document["prompt"]
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list):
+        return prompt
+    kind = "null" if prompt is None else _JSON_TYPES.get(type(prompt), type(prompt).__name__)
+    raise InvalidArgument(f"prompt: expected a string or a list of strings, got {kind}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes: from the
+    Content-Length header before anything is read, otherwise while streaming it in."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"body: {int(declared)} bytes exceed http_max_body_bytes={limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"body: more than http_max_body_bytes={limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def torch_save_bytes(embeds: torch.Tensor) -> bytes:
+    """What the hosted endpoint sent: `torch.save` of the (B, L, D) bf16 CPU tensor."""
+    tensor = embeds.detach().to("cpu")
+    exact_bytes = tensor.numel() * tensor.element_size()
+    if not tensor.is_contiguous() or tensor.storage_offset() or tensor.untyped_storage().nbytes() != exact_bytes:
+        tensor = tensor.clone(memory_format=torch.contiguous_format)  # torch.save writes the whole storage
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return buffer.getvalue()
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def service_error_response(exc: ServiceError) -> JSONResponse:
+    headers = {}
+    if exc.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if exc.http_status in (429, 503):
+        headers["Retry-After"] = "1"
+    return error_response(exc.http_status, exc.grpc_code.name, str(exc), headers)
+
+
+def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
+    """The ASGI app over `core`; `is_serving` is the server's readiness (loaded, warmed up, not draining)."""
+    max_body = core.settings.http_max_body_bytes
+
+    async def predict(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        request_id = request.headers.get("x-request-id") or None
+        try:
+            # The scope authenticates, holds the in-flight bytes and the per-token slot, and records
+            # metrics and the access-log line, exactly as for gRPC.
+            async with core.request("http", request_id=request_id, bearer_token=token) as req:
+                body = await read_body(request, max_body)
+                prompts = core.validate_prompts(parse_prompts(body), field="prompt")
+                result = await req.encode(prompts)
+                with req.stage("serialize"):
+                    # torch.save copies 15.7 MB per prompt: not on the event loop.
+                    payload = await asyncio.to_thread(torch_save_bytes, result.embeds)
+                req.add_bytes_sent(len(payload))
+        except ServiceError as exc:
+            log.info("POST /predict failed: %d %s %s", exc.http_status, exc.grpc_code.name, exc)
+            return service_error_response(exc)
+        headers = {"X-Request-Id": req.request_id}
+        if core.fingerprint is not None:
+            headers[FINGERPRINT_HEADER] = core.fingerprint.digest
+            headers[MODEL_HEADER] = core.fingerprint.weights_id
+        return Response(payload, media_type="application/octet-stream", headers=headers)
+
+    async def health(request: Request) -> Response:
+        if is_serving():
+            return JSONResponse({"status": "SERVING"})
+        return JSONResponse({"status": "NOT_SERVING"}, status_code=503, headers={"Retry-After": "1"})
+
+    async def info(request: Request) -> Response:
+        if core.fingerprint is None:
+            return service_error_response(Unavailable("the model is still loading; retry shortly"))
+        s = core.settings
+        return JSONResponse(
+            {
+                "fingerprint": dataclasses.asdict(core.fingerprint),
+                "embedding_dim": core.embedding_dim,
+                "limits": {
+                    "max_prompts_per_request": s.max_prompts_per_request,
+                    "max_prompt_chars": s.max_prompt_chars,
+                    "max_queued_requests": s.max_queued_requests,
+                    "http_max_body_bytes": s.http_max_body_bytes,
+                },
+                "server_version": __version__,
+            }
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = http.HTTPStatus(exc.status_code).name
+        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Only reached through a bug: every error a client can cause is a ServiceError above.
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "INTERNAL", "internal server error")
+
+    return Starlette(
+        routes=[
+            Route("/predict", predict, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/healthz", health, methods=["GET"]),
+            Route("/info", info, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+    )
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside the encoder server's event loop. The encoder server owns SIGTERM/SIGINT (it drains
+    gRPC and HTTP together), so uvicorn must not install its own handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class HttpFrontEnd:
+    """The ASGI app served by uvicorn on the caller's running loop: `await start()`, `await stop(grace)`."""
+
+    def __init__(self, app: Starlette, host: str, port: int):
+        self.app = app
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self._server: _EmbeddedUvicorn | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        sock = _bind(self.host, self.requested_port)  # bound here so port 0 can be reported at once
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, timeout_graceful_shutdown=None)
+        server = _EmbeddedUvicorn(config)
+        self._server = server
+        self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if self._task.done():
+                self._task.result()  # re-raises a start-up failure
+                raise RuntimeError(f"the HTTP server on {self.host}:{self.port} stopped during start-up")
+            await asyncio.sleep(0.01)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting connections; let running requests finish for up to `grace` seconds."""
+        if self._server is None or self._task is None:
+            return
+        self._server.config.timeout_graceful_shutdown = math.ceil(grace)  # uvicorn takes whole seconds
+        self._server.should_exit = True
+        await self._task
