@@ -53,6 +53,11 @@ def test_deployment_agrees_with_the_server(path):
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == settings.port
+    assert ports["http"] == settings.http_port
+    assert ports["metrics"] == settings.metrics_port
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert settings.auth_tokens_file is not None
+    assert str(Path(settings.auth_tokens_file).parent) in mounts, "the tokens file must be mounted"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == settings.port
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
@@ -65,3 +70,13 @@ def test_deployment_agrees_with_the_server(path):
                 f"{service['metadata']['name']} targets unknown port {port['targetPort']}"
             )
         assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_autoscaler_metric_is_exported_by_the_server():
+    from flux2_encoder_server.metrics import Metrics
+
+    exported = {metric.name for metric in Metrics().registry.collect()}
+    for path in KUSTOMIZATIONS:
+        for hpa in by_kind(render(path), "HorizontalPodAutoscaler"):
+            for metric in hpa["spec"]["metrics"]:
+                assert metric["pods"]["metric"]["name"] in exported
