@@ -20,6 +20,7 @@ from .errors import InvalidArgument, ServiceError
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16, "float32": pb.DTYPE_FLOAT32}
+_BATCHING_MODES = {"dynamic": pb.BATCHING_MODE_DYNAMIC, "reproducible": pb.BATCHING_MODE_REPRODUCIBLE}
 
 
 def fingerprint_message(fp: Fingerprint) -> pb.ModelFingerprint:
@@ -63,7 +64,7 @@ class TextEncoderService(pb_grpc.TextEncoderServicer):
                 fingerprint=fingerprint_message(self.core.fingerprint),
                 cache_hit=result.cache_hit,
                 request_id=request_id,
-                batching_mode=pb.BATCHING_MODE_DYNAMIC,
+                batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
             )
         )
         for chunk in codec.iter_chunks(payload.data, self.core.settings.chunk_bytes):
@@ -85,7 +86,7 @@ class TextEncoderService(pb_grpc.TextEncoderServicer):
             ),
             server_version=__version__,
             api_version=API_VERSION,
-            batching_mode=pb.BATCHING_MODE_DYNAMIC,
+            batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
         )
 
 
