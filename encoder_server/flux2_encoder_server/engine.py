@@ -8,23 +8,32 @@ hidden states this gives are bit-identical to those of the full model.
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .families import FAMILIES, EncoderFamily, family_for_architectures
+from .precision import PRECISIONS, enable_compiled_fp8_quantization, quantize_linears_
 
 log = logging.getLogger(__name__)
 
 # Local files up to this size are hashed whole for the fingerprint; larger ones by their safetensors
 # header (names, dtypes, shapes, offsets), so hashing a 48 GB encoder does not delay start-up.
 _FULL_HASH_LIMIT = 64 << 20
+
+
+#: "reproducible": a prompt's bytes do not depend on the load (no batch of one ever runs; see EncoderEngine).
+#: "dynamic": every batch runs at the size the batcher formed.
+BATCHING_MODES = ("reproducible", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,55 @@ class Fingerprint:
     dtype: str
     precision: str
     digest: str
+    # Not part of `digest`: the contract says equal digests give equal bytes "up to batching_mode".
+    batching_mode: str = "reproducible"
+
+
+def make_fingerprint(
+    family: EncoderFamily,
+    *,
+    weights_id: str,
+    revision: str,
+    dtype: torch.dtype,
+    precision: str,
+    batching_mode: str,
+) -> Fingerprint:
+    dtype_name = str(dtype).removeprefix("torch.")
+    digest_fields = {
+        "recipe": family.recipe_digest(),
+        "revision": revision,
+        "weights_id": weights_id,
+        "dtype": dtype_name,
+        "precision": precision,
+    }
+    return Fingerprint(
+        family=family.name,
+        weights_id=weights_id,
+        revision=revision,
+        hidden_layers=family.hidden_layers,
+        max_length=family.max_length,
+        dtype=dtype_name,
+        precision=precision,
+        digest=hashlib.sha256(json.dumps(digest_fields, sort_keys=True).encode()).hexdigest(),
+        batching_mode=batching_mode,
+    )
+
+
+def pruned_decoder_view(decoder: Any, depth: int) -> Any:
+    """A decoder that shares `decoder`'s modules but runs only its first `depth` layers and no final norm.
+
+    `decoder` itself is left unchanged (it keeps all its layers and its norm), so a full model and an
+    engine can share one copy of the weights, as the benchmark does.
+    """
+    view = copy.copy(decoder)
+    for key, value in list(vars(view).items()):
+        if isinstance(value, dict):  # _modules, _parameters, hook tables: not shared with `decoder`
+            vars(view)[key] = copy.copy(value)
+    view.config = copy.deepcopy(decoder.config)
+    view.config.num_hidden_layers = depth
+    view.layers = nn.ModuleList(list(decoder.layers)[:depth])  # type: ignore[index,arg-type]
+    view.norm = nn.Identity()
+    return view
 
 
 def _hash_local_files(folders: list[Path]) -> str:
@@ -64,7 +122,19 @@ def _revision_of(model: str, subfolders: list[str], config: Any) -> str:
 
 
 class EncoderEngine:
-    """Turns prompts into FLUX.2 prompt embeddings (B, max_length, len(layers) * hidden)."""
+    """Turns prompts into FLUX.2 prompt embeddings (B, max_length, len(layers) * hidden).
+
+    The forward pass writes the hidden states FLUX.2 reads straight into one preallocated
+    (B, max_length, len(layers) * hidden) tensor from forward hooks on the decoder layers that produce
+    them, so the other hidden states are dropped as soon as the next layer has consumed them (diffusers'
+    `output_hidden_states=True` keeps all 31 alive) and the stack/permute/reshape copies disappear. The
+    bytes are those of diffusers' recipe: `hidden_states[k]` is the output of decoder layer k - 1.
+
+    Batching mode "reproducible" (the default) never runs a batch of one: a lone prompt is padded with a
+    copy of itself to a batch of two. On an H100 a batch of one picks other GEMM kernels than every
+    batch of two or more, so without this a prompt's bytes would depend on whether it happened to run
+    alone (docs/benchmarks.md has the measurements). "dynamic" runs each batch as formed.
+    """
 
     def __init__(
         self,
@@ -74,7 +144,11 @@ class EncoderEngine:
         fingerprint: Fingerprint,
         device: torch.device,
         dtype: torch.dtype,
+        *,
+        compile: bool = False,
     ):
+        if fingerprint.batching_mode not in BATCHING_MODES:
+            raise ValueError(f"batching_mode {fingerprint.batching_mode!r} is not one of {BATCHING_MODES}")
         self.family = family
         self.tokenizer = tokenizer
         self.decoder = decoder
@@ -82,10 +156,48 @@ class EncoderEngine:
         self.device = device
         self.dtype = dtype
         self.hidden_size = int(decoder.config.hidden_size)
+        self.min_batch = 2 if fingerprint.batching_mode == "reproducible" else 1
+        #: How many model batches ran at each batch size (padding included), for benchmarks and tests.
+        self.batch_sizes: Counter[int] = Counter()
+        self._capture: torch.Tensor | None = None
+        if min(family.hidden_layers) < 1 or max(family.hidden_layers) > len(decoder.layers):
+            raise ValueError(f"hidden layers {family.hidden_layers} outside the decoder's {len(decoder.layers)}")
+        for slot, layer_index in enumerate(family.hidden_layers):
+            decoder.layers[layer_index - 1].register_forward_hook(self._capture_hook(slot))
+        if fingerprint.precision == "fp8" and device.type == "cuda":
+            enable_compiled_fp8_quantization()  # one fused pass over the activations instead of five
+        if compile:
+            self._compile_layers()
 
     @property
     def embedding_dim(self) -> int:
         return len(self.family.hidden_layers) * self.hidden_size
+
+    @property
+    def batching_mode(self) -> str:
+        return self.fingerprint.batching_mode
+
+    @property
+    def precision(self) -> str:
+        return self.fingerprint.precision
+
+    def _capture_hook(self, slot: int) -> Any:
+        width = self.hidden_size
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = self._capture
+            if out is None:  # a forward not started by this engine (e.g. a full model sharing the layers)
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            out[:, :, slot * width : (slot + 1) * width].copy_(hidden)
+
+        return hook
+
+    def _compile_layers(self) -> None:
+        # Regional compilation: every decoder layer has the same code, so one compiled graph serves all
+        # of them. Hooks run outside the compiled region (only `forward` is compiled).
+        for layer in self.decoder.layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
 
     @classmethod
     def from_pretrained(
@@ -98,11 +210,20 @@ class EncoderEngine:
         text_encoder_subfolder: str = "text_encoder",
         tokenizer_subfolder: str = "tokenizer",
         family: str | None = None,
+        precision: str = "bf16",
+        batching_mode: str = "reproducible",
+        compile: bool = False,
     ) -> EncoderEngine:
-        """Load from a hub repo id (black-forest-labs/FLUX.2-dev) or a local folder of the same layout."""
+        """Load from a hub repo id (black-forest-labs/FLUX.2-dev) or a local folder of the same layout.
+
+        For precision other than bf16 the layers are loaded on the CPU and quantized one at a time on
+        their way to `device`, so the device never holds more than one bf16 layer.
+        """
         import transformers
         from transformers import AutoConfig, AutoTokenizer
 
+        _check_choice("precision", precision, PRECISIONS)
+        _check_choice("batching_mode", batching_mode, BATCHING_MODES)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config = AutoConfig.from_pretrained(model, subfolder=text_encoder_subfolder, revision=revision)
         fam = FAMILIES[family] if family else family_for_architectures(getattr(config, "architectures", None))
@@ -120,36 +241,71 @@ class EncoderEngine:
             revision=revision,
             config=config,
             dtype=dtype,
-            device_map=str(device),
+            device_map=str(device) if precision == "bf16" else "cpu",
         )
         decoder = fam.decoder(full)
         decoder.norm = torch.nn.Identity()
         del full  # drops the vision tower and the output head
         gc.collect()
         decoder.eval().requires_grad_(False)
+        if precision != "bf16":
+            for layer in decoder.layers:
+                quantize_linears_(layer.to(device), precision)
+            decoder.to(device)  # embeddings, rotary tables; quantized layers stay as they are
         tokenizer = AutoTokenizer.from_pretrained(model, subfolder=tokenizer_subfolder, revision=revision)
 
-        dtype_name = str(dtype).removeprefix("torch.")
-        revision_id = _revision_of(model, [text_encoder_subfolder, tokenizer_subfolder], config)
-        digest_fields = {
-            "recipe": fam.recipe_digest(),
-            "revision": revision_id,
-            "weights_id": model,
-            "dtype": dtype_name,
-            "precision": "bf16" if dtype == torch.bfloat16 else dtype_name,
-        }
-        fingerprint = Fingerprint(
-            family=fam.name,
+        fingerprint = make_fingerprint(
+            fam,
             weights_id=model,
-            revision=revision_id,
-            hidden_layers=fam.hidden_layers,
-            max_length=fam.max_length,
-            dtype=dtype_name,
-            precision=digest_fields["precision"],
-            digest=hashlib.sha256(json.dumps(digest_fields, sort_keys=True).encode()).hexdigest(),
+            revision=_revision_of(model, [text_encoder_subfolder, tokenizer_subfolder], config),
+            dtype=dtype,
+            # Compiled kernels differ from eager in the last bits: a different digest says so.
+            precision=precision + ("+compiled" if compile else ""),
+            batching_mode=batching_mode,
         )
-        log.info("loaded %s (%s, layers %s) on %s", model, fam.name, list(fam.hidden_layers), device)
-        return cls(fam, tokenizer, decoder, fingerprint, device, dtype)
+        log.info("loaded %s (%s, layers %s, %s) on %s", model, fam.name, list(fam.hidden_layers), precision, device)
+        return cls(fam, tokenizer, decoder, fingerprint, device, dtype, compile=compile)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        family: str | None = None,
+        weights_id: str = "in-memory",
+        revision: str = "unknown",
+        precision: str = "bf16",
+        batching_mode: str = "reproducible",
+        compile: bool = False,
+    ) -> EncoderEngine:
+        """An engine over an already-built text encoder (e.g. random weights in a benchmark).
+
+        `model` is not modified: in bf16 the engine shares its embedding and first layers; other
+        precisions quantize copies of those layers.
+        """
+        _check_choice("precision", precision, PRECISIONS)
+        _check_choice("batching_mode", batching_mode, BATCHING_MODES)
+        fam = FAMILIES[family] if family else family_for_architectures([type(model).__name__])
+        full_decoder = fam.decoder(model)
+        deepest = max(fam.hidden_layers)
+        if len(full_decoder.layers) < deepest:
+            raise ValueError(f"the model has {len(full_decoder.layers)} decoder layers; FLUX.2 reads layer {deepest}")
+        decoder = pruned_decoder_view(full_decoder, deepest)
+        if precision != "bf16":
+            decoder.layers = nn.ModuleList(quantize_linears_(_plain_copy(layer), precision) for layer in decoder.layers)
+        decoder.eval()
+        param = next(full_decoder.parameters())
+        fingerprint = make_fingerprint(
+            fam,
+            weights_id=weights_id,
+            revision=revision,
+            dtype=param.dtype,
+            # Compiled kernels differ from eager in the last bits: a different digest says so.
+            precision=precision + ("+compiled" if compile else ""),
+            batching_mode=batching_mode,
+        )
+        return cls(fam, tokenizer, decoder, fingerprint, param.device, param.dtype, compile=compile)
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.family.tokenize(self.tokenizer, prompts)
@@ -162,13 +318,43 @@ class EncoderEngine:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.decoder(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        stacked = torch.stack([output.hidden_states[k] for k in self.family.hidden_layers], dim=1)
-        batch, channels, seq_len, hidden = stacked.shape
-        embeds = stacked.to(self.dtype).permute(0, 2, 1, 3).reshape(batch, seq_len, channels * hidden)
-        return embeds.to("cpu")
+        batch, seq_len = input_ids.shape
+        run = max(batch, self.min_batch)
+        if run > batch:  # reproducible mode: pad with copies of the first prompt
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(run - batch, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(run - batch, -1)])
+        out = torch.empty((run, seq_len, self.embedding_dim), dtype=self.dtype, device=self.device)
+        self._capture = out
+        try:
+            self.decoder(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                use_cache=False,
+            )
+        finally:
+            self._capture = None
+        self.batch_sizes[run] += 1
+        return self._to_host(out[:batch])
+
+    def _to_host(self, embeds: torch.Tensor) -> torch.Tensor:
+        if embeds.device.type == "cpu":
+            return embeds
+        # Pinned memory copies at ~55 GB/s instead of ~9 GB/s pageable (H100, PCIe gen5); torch's caching
+        # host allocator hands the block back out once the tensor is released, so this allocates once.
+        host = torch.empty(embeds.shape, dtype=embeds.dtype, pin_memory=True)
+        host.copy_(embeds, non_blocking=True)
+        torch.cuda.current_stream(embeds.device).synchronize()
+        return host
+
+
+def _plain_copy(layer: nn.Module) -> nn.Module:
+    """A deep copy of a decoder layer without other engines' hooks or compiled forwards."""
+    clone = copy.deepcopy(layer)
+    clone._forward_hooks.clear()
+    vars(clone).pop("forward", None)
+    return clone
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {choices}")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16, "float32": pb.DTYPE_FLOAT32}
 HEALTH_SERVICE = "grpc.health.v1.Health"
+_BATCHING_MODES = {"dynamic": pb.BATCHING_MODE_DYNAMIC, "reproducible": pb.BATCHING_MODE_REPRODUCIBLE}
 
 
 def fingerprint_message(fp: Fingerprint) -> pb.ModelFingerprint:
@@ -104,7 +105,7 @@ class TextEncoderService:
                     fingerprint=fingerprint_message(self.core.fingerprint),
                     cache_hit=result.cache_hit,
                     request_id=req.request_id,
-                    batching_mode=pb.BATCHING_MODE_DYNAMIC,
+                    batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
                 )
                 with req.stage("send"):
                     yield pb.EncodeResponse(header=header)
@@ -137,7 +138,7 @@ class TextEncoderService:
             ),
             server_version=__version__,
             api_version=API_VERSION,
-            batching_mode=pb.BATCHING_MODE_DYNAMIC,
+            batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
         )
 
 

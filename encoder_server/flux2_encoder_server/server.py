@@ -37,6 +37,9 @@ def load_engine(settings: Settings) -> EncoderEngine:
         dtype=getattr(torch, settings.dtype),
         text_encoder_subfolder=settings.text_encoder_subfolder,
         tokenizer_subfolder=settings.tokenizer_subfolder,
+        precision=settings.precision,
+        batching_mode=settings.batching_mode,
+        compile=settings.compile,
     )
 
 

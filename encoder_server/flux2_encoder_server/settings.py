@@ -31,6 +31,19 @@ class Settings:
     tokenizer_subfolder: str = _setting("tokenizer", "subfolder of --model with the tokenizer")
     device: str | None = _setting(None, "torch device for the encoder; default cuda if available, else cpu")
     dtype: str = _setting("bfloat16", "encoder dtype, also the dtype sent on the wire", choices=("bfloat16",))
+    precision: str = _setting(
+        "bf16",
+        "encoder weight precision: bf16 (bit-identical to diffusers), fp8 (H100-class GPUs), int8 or nf4 "
+        "(bitsandbytes); docs/benchmarks.md has memory, speed and fidelity of each",
+        choices=("bf16", "fp8", "int8", "nf4"),
+    )
+    batching_mode: str = _setting(
+        "reproducible",
+        "reproducible: a prompt's bytes do not depend on the load (a lone prompt runs padded to a batch of "
+        "two); dynamic: batches run as formed (a lone prompt's bytes can differ on GPUs)",
+        choices=("reproducible", "dynamic"),
+    )
+    compile: bool = _setting(False, "torch.compile the decoder layers (faster on GPUs; not bit-identical to eager)")
     host: str = _setting("0.0.0.0", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one, printed at start)")
     http_port: int | None = _setting(

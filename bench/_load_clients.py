@@ -1,0 +1,64 @@
+"""Load generator for the served-path benchmark: one process, `--threads` concurrent gRPC clients.
+
+Each thread loops until `--stop-at` (a time.time() value): it sends one Encode request with one prompt
+from the pool and records when it started and ended, which prompt it was and the sha256 the server sent
+for the payload. The record goes to stdout as one JSON document. Several such processes together make
+the N concurrent clients (one Python process cannot receive 32 x 15.7 MB streams fast enough alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--prompts", required=True, help="JSON file with the prompt pool")
+    parser.add_argument("--start-at", type=float, required=True)
+    parser.add_argument("--stop-at", type=float, required=True)
+    parser.add_argument("--first-thread", type=int, default=0, help="global index of this process's first thread")
+    args = parser.parse_args()
+
+    from flux2_client.remote import RemoteTextEncoder
+
+    with open(args.prompts) as fh:
+        pool: list[str] = json.load(fh)
+    records: list[tuple[float, float, int, str, int]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(thread_index: int) -> None:
+        k = thread_index * 7  # threads walk the pool from different places
+        with RemoteTextEncoder(args.target, timeout=300) as enc:
+            while time.time() < args.start_at:
+                time.sleep(0.005)
+            while time.time() < args.stop_at:
+                idx = k % len(pool)
+                k += 1
+                started = time.time()
+                try:
+                    result = enc.encode([pool[idx]])
+                except Exception as exc:  # recorded, the run goes on
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                ended = time.time()
+                with lock:
+                    records.append((started, ended, idx, result.header.sha256.hex(), int(result.header.batching_mode)))
+
+    threads = [threading.Thread(target=worker, args=(args.first_thread + i,)) for i in range(args.threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    json.dump({"records": records, "errors": errors[:20], "error_count": len(errors)}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

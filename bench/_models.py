@@ -1,0 +1,108 @@
+"""Random-weight models at the real shapes for the benchmarks (no checkpoint needed, nothing downloaded)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+# Mistral-Small-3.1-24B-Instruct-2503 (the FLUX.2-dev text encoder), from its config.json.
+MISTRAL_SMALL_31_TEXT = {
+    "model_type": "mistral",
+    "vocab_size": 131072,
+    "hidden_size": 5120,
+    "intermediate_size": 32768,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000000.0,
+    "sliding_window": None,
+    "hidden_act": "silu",
+    "pad_token_id": 11,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+MISTRAL_SMALL_31_VISION = {
+    "model_type": "pixtral",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "head_dim": 64,
+    "image_size": 1540,
+    "patch_size": 14,
+    "num_channels": 3,
+    "rope_theta": 10000.0,
+}
+
+
+def build_encoder(tiny: bool, device: str, seed: int = 0) -> Any:
+    """Mistral3ForConditionalGeneration (all 40 layers, vision tower, head) with random bf16 weights,
+    allocated and initialised directly on `device`."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    if tiny:
+        from flux2_client.tiny import build_tiny_text_encoder
+
+        return build_tiny_text_encoder(seed=seed).to(device=device, dtype=torch.bfloat16).eval()
+    config = Mistral3Config(
+        text_config=MISTRAL_SMALL_31_TEXT,
+        vision_config=MISTRAL_SMALL_31_VISION,
+        image_token_index=10,
+        spatial_merge_size=2,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        vision_feature_layer=-1,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Mistral3ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def build_dit(tiny: bool, device: str, seed: int = 0) -> Any:
+    """FLUX.2-dev's DiT at real width (48 heads x 128, joint_attention_dim 15360) but reduced depth:
+    2 double-stream + 4 single-stream blocks instead of 8 + 48, random weights."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    if tiny:
+        from flux2_client.tiny import build_tiny_transformer
+
+        return build_tiny_transformer(joint_attention_dim=192, seed=seed).to(device)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Flux2Transformer2DModel(num_layers=2, num_single_layers=4)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+_PHRASES = (
+    "a photograph of an old lighthouse on a rocky coast at dusk, waves crashing, warm light in the windows, "
+    "cinematic wide shot, 35mm film grain, a red fox curled up in fresh snow under pine trees, soft morning "
+    "light, portrait of an elderly fisherman with a weathered face, dramatic side lighting, isometric "
+    "illustration of a tiny city block with shops cafes and a tram, pastel colours, clean vector style, "
+    "macro shot of a dew covered spider web, bokeh background, a bowl of ramen with steam rising, neon "
+    "signs reflected on a rainy street in Tokyo at night, the text 'OPEN LATE' on a sign, watercolor "
+    "painting of a mountain lake, reflections, detailed, highly detailed product render of a mechanical "
+    "watch, studio lighting, black background, two cats playing chess in a library, oil painting"
+)
+_WORDS = _PHRASES.split(" ")
+
+
+def prompts(count: int, seed: int = 0, min_words: int = 12, max_words: int = 60) -> list[str]:
+    """Deterministic English-like prompts of realistic length (about 70-370 characters)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(count)]

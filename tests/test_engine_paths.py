@@ -1,0 +1,189 @@
+"""The engine's fast paths against the reference: hook capture, batching modes, precision tiers, compile.
+
+The reference is diffusers' Flux2Pipeline._get_mistral_3_small_prompt_embeds on the full (40-layer) tiny
+text encoder. bf16 paths must be bit-identical to it; quantized tiers can only be close (stated bounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from _servers import ServerThread, test_settings
+from flux2_client.remote import RemoteTextEncoder
+from flux2_encoder_server import EncoderEngine, Settings
+from flux2_encoder_server.engine import BATCHING_MODES
+from flux2_encoder_server.precision import PRECISIONS, Fp8Linear, module_bytes
+from flux2split_proto.v1 import encoder_pb2 as pb
+
+PROMPTS = ["a red fox sleeping in fresh snow", "[IMG]a cat", "", "un café à Paris " * 12, "two dogs"]
+
+
+def diffusers_embeds(pipe, prompts: list[str]) -> torch.Tensor:
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, prompt=prompts, device=torch.device("cpu")
+    )
+
+
+@pytest.mark.parametrize("mode", BATCHING_MODES)
+def test_from_model_is_bit_identical_and_leaves_the_model_alone(reference_pipe, mode):
+    full = reference_pipe.text_encoder
+    engine = EncoderEngine.from_model(full, reference_pipe.tokenizer, batching_mode=mode)
+    want = diffusers_embeds(reference_pipe, PROMPTS)
+    assert torch.equal(engine.encode(PROMPTS), want)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        assert torch.equal(engine.encode([prompt]), want[i : i + 1])
+    # The engine shares the first 30 layers; the full model keeps its 40 layers and its final norm.
+    assert len(full.model.language_model.layers) == 40
+    assert not isinstance(full.model.language_model.norm, torch.nn.Identity)
+    assert len(engine.decoder.layers) == 30
+    assert torch.equal(diffusers_embeds(reference_pipe, PROMPTS), want)
+
+
+def test_reproducible_mode_never_runs_a_batch_of_one(reference_pipe):
+    repro = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer)
+    dynamic = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer, batching_mode="dynamic")
+    assert repro.batching_mode == "reproducible"  # the default
+    repro.encode(["alone"])
+    dynamic.encode(["alone"])
+    repro.encode(["a", "b", "c"])
+    assert repro.batch_sizes == {2: 1, 3: 1}
+    assert dynamic.batch_sizes == {1: 1}
+    # The mode is reported, but it does not change the digest: equal digests mean equal models.
+    assert repro.fingerprint.batching_mode == "reproducible"
+    assert dynamic.fingerprint.batching_mode == "dynamic"
+    assert repro.fingerprint.digest == dynamic.fingerprint.digest
+
+
+def test_served_header_reports_the_batching_mode(tiny, reference_pipe, server):
+    with RemoteTextEncoder(server.target) as enc:
+        assert enc.encode("x").header.batching_mode == pb.BATCHING_MODE_REPRODUCIBLE
+        assert enc.info().batching_mode == pb.BATCHING_MODE_REPRODUCIBLE
+    dynamic = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer, batching_mode="dynamic")
+    thread = ServerThread(test_settings(str(tiny.pipeline)), lambda _s: dynamic).start()
+    try:
+        with RemoteTextEncoder(thread.target) as enc:
+            got = enc.encode(["x", "y"])
+            assert got.header.batching_mode == pb.BATCHING_MODE_DYNAMIC
+            assert enc.info().batching_mode == pb.BATCHING_MODE_DYNAMIC
+        assert torch.equal(got.prompt_embeds, diffusers_embeds(reference_pipe, ["x", "y"]))
+    finally:
+        thread.stop()
+
+
+def test_fp8_linear_matches_its_dequantized_math():
+    """The _scaled_mm plumbing (operand layout, scale shapes) against float64 on the same fp8 values."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
+    x = (torch.randn(2, 7, 64, generator=gen) * 3).to(torch.bfloat16)
+    layer = Fp8Linear(weight)
+    got = layer(x)
+    assert got.shape == (2, 7, 96) and got.dtype == torch.bfloat16
+    w_deq = layer.weight.double() * layer.weight_scale.double().t()
+    rows = x.reshape(-1, 64).double()
+    scale = rows.abs().amax(-1, keepdim=True) / 448
+    x_deq = (rows / scale).float().to(torch.float8_e4m3fn).double() * scale
+    want = (x_deq @ w_deq.t()).reshape(2, 7, 96)
+    assert ((got.double() - want).norm() / want.norm()) < 4e-3  # bf16 rounding of the output
+    exact = x.double() @ weight.double().t()
+    assert ((got.double() - exact).norm() / exact.norm()) < 0.08  # e4m3 keeps 3 mantissa bits
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8", "nf4"])
+def test_quantized_tiers_are_close_not_identical(reference_pipe, precision):
+    full = reference_pipe.text_encoder
+    bf16 = EncoderEngine.from_model(full, reference_pipe.tokenizer)
+    quant = EncoderEngine.from_model(full, reference_pipe.tokenizer, precision=precision)
+    want = bf16.encode(PROMPTS).float()
+    got = quant.encode(PROMPTS).float()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1))
+    # Toy width (64) makes quantization noise large (measured on this model: cosine 0.99 fp8, 0.9996 int8,
+    # 0.956 nf4); a wrong scale or transposed operand gives cosine near 0.
+    assert (cosine > 0.9).all(), cosine
+    assert not torch.equal(got, want)
+    assert quant.fingerprint.precision == precision
+    assert quant.fingerprint.digest != bf16.fingerprint.digest
+    linear_types = {type(m).__name__ for m in quant.decoder.layers.modules() if "Linear" in type(m).__name__}
+    assert "Linear" not in linear_types, linear_types
+    assert module_bytes(quant.decoder.layers) < module_bytes(bf16.decoder.layers)
+    # The bf16 layers the tier was made from are untouched.
+    assert torch.equal(bf16.encode(PROMPTS).float(), want)
+
+
+def test_from_pretrained_quantizes_like_from_model(tiny, reference_pipe):
+    loaded = EncoderEngine.from_pretrained(str(tiny.pipeline), device="cpu", precision="fp8")
+    built = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer, precision="fp8")
+    assert torch.equal(loaded.encode(PROMPTS[:2]), built.encode(PROMPTS[:2]))
+    assert loaded.fingerprint.precision == "fp8"
+    # bitsandbytes repacks NF4 weights for its CPU kernels depending on how the layer got there, which
+    # moves results by ~1.5% on CPU; so NF4 is checked against bf16 here, not byte for byte.
+    nf4 = EncoderEngine.from_pretrained(str(tiny.pipeline), device="cpu", precision="nf4")
+    assert {type(m).__name__ for m in nf4.decoder.layers[0].modules()} >= {"Linear4bit"}
+    want = diffusers_embeds(reference_pipe, PROMPTS[:2]).float()
+    cosine = torch.nn.functional.cosine_similarity(nf4.encode(PROMPTS[:2]).float().flatten(1), want.flatten(1))
+    assert (cosine > 0.9).all(), cosine
+
+
+def test_settings_choices_follow_the_engine():
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    assert fields["precision"].metadata["choices"] == PRECISIONS
+    assert fields["batching_mode"].metadata["choices"] == BATCHING_MODES
+    parsed = Settings.from_cli(["--precision", "nf4", "--batching-mode", "dynamic", "--compile"], {})
+    assert (parsed.precision, parsed.batching_mode, parsed.compile) == ("nf4", "dynamic", True)
+    assert Settings.from_cli([], {"FLUX2_ENCODER_PRECISION": "fp8"}).precision == "fp8"
+    assert Settings().batching_mode == "reproducible"
+    with pytest.raises(SystemExit):
+        Settings.from_cli(["--precision", "fp4"], {})
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_compiled_engine_is_close_and_batch_invariant(reference_pipe):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    full = reference_pipe.text_encoder
+    eager = EncoderEngine.from_model(full, reference_pipe.tokenizer)
+    want = eager.encode(PROMPTS)  # before compiling: the engines share the layers
+    compiled = EncoderEngine.from_model(full, reference_pipe.tokenizer, compile=True)
+    try:
+        batch = compiled.encode(PROMPTS)
+        # Fused kernels keep intermediates in float32 where eager rounds each op to bf16: close, not equal.
+        rel = (batch.float() - want.float()).norm() / want.float().norm()
+        assert rel < 0.05, rel
+        for i in range(3):
+            assert torch.equal(compiled.encode([PROMPTS[i]]), batch[i : i + 1])
+    finally:
+        for layer in full.model.language_model.layers:  # the shared layers get their eager forward back
+            vars(layer).pop("forward", None)
+    assert torch.equal(eager.encode(PROMPTS), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU batch-shape kernels: needs CUDA")
+def test_reproducible_mode_on_cuda_gives_the_same_bytes_at_every_batch_size(reference_pipe):
+    import copy
+
+    full = copy.deepcopy(reference_pipe.text_encoder).to("cuda")
+    engine = EncoderEngine.from_model(full, reference_pipe.tokenizer)
+    alone = engine.encode([PROMPTS[0]])
+    for size in (2, 3, 8, 32):
+        batch = [PROMPTS[0]] + [f"other prompt {i}" for i in range(size - 1)]
+        assert torch.equal(engine.encode(batch)[:1], alone)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm fp8 on a GPU: needs CUDA")
+def test_fp8_tier_on_cuda(reference_pipe):
+    import copy
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    full = copy.deepcopy(reference_pipe.text_encoder).to("cuda")
+    bf16 = EncoderEngine.from_model(full, reference_pipe.tokenizer)
+    fp8 = EncoderEngine.from_model(full, reference_pipe.tokenizer, precision="fp8")
+    cosine = torch.nn.functional.cosine_similarity(
+        fp8.encode(PROMPTS).float().flatten(1), bf16.encode(PROMPTS).float().flatten(1)
+    )
+    assert (cosine > 0.9).all()
