@@ -20,6 +20,15 @@ _EXPORTS = {
     "load_pipeline": "generation",
     "save_png": "generation",
     "make_tiny_flux2": "tiny",
+    "EncoderPool": "endpoints",
+    "RetryPolicy": "endpoints",
+    "EmbeddingCache": "cache",
+    "Budget": "planner",
+    "MemoryPlan": "planner",
+    "PlanError": "planner",
+    "Workload": "planner",
+    "plan_memory": "planner",
+    "BlockStreamer": "offload",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
