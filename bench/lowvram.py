@@ -92,7 +92,9 @@ def build_nf4_dit(torch, device, double_quant: bool = False, config: dict | None
         bnb_4bit_use_double_quant=double_quant,
     )
     model = replace_with_bnb_linear(model, modules_to_not_convert=[], quantization_config=qconfig)
+    # Seeded, so every build (every process) holds the same weights and outputs can be compared.
     gen = torch.Generator(device).manual_seed(0)
+    cpu_gen = torch.Generator().manual_seed(0)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             w = torch.randn(module.out_features, module.in_features, device=device, dtype=torch.bfloat16, generator=gen)
@@ -106,7 +108,7 @@ def build_nf4_dit(torch, device, double_quant: bool = False, config: dict | None
             if p is not None and p.is_meta:
                 # norm scales: near 1
                 module._parameters[name] = torch.nn.Parameter(
-                    1 + 0.01 * torch.randn(p.shape, dtype=torch.bfloat16), requires_grad=False
+                    1 + 0.01 * torch.randn(p.shape, generator=cpu_gen).to(torch.bfloat16), requires_grad=False
                 )
         for name, b in list(module._buffers.items()):
             if b is not None and b.is_meta:
@@ -198,7 +200,7 @@ def worker(args: argparse.Namespace) -> dict:
         rng = np.random.default_rng(0)
         images = [Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)) for _ in range(refs)]
 
-    def call(steps: int, marks: list | None = None):
+    def call(steps: int, marks: list | None = None, output_type: str = "pil"):
         def on_step(_pipe, i, _t, kw):
             if marks is not None:
                 ev = torch.cuda.Event(enable_timing=True)
@@ -215,6 +217,7 @@ def worker(args: argparse.Namespace) -> dict:
             guidance_scale=4.0,
             generator=torch.Generator("cpu").manual_seed(0),
             callback_on_step_end=on_step,
+            output_type=output_type,
         ).images
 
     pipe.set_progress_bar_config(disable=True)
@@ -239,6 +242,11 @@ def worker(args: argparse.Namespace) -> dict:
             peak_allocated=torch.cuda.max_memory_allocated(device),
             peak_reserved=torch.cuda.max_memory_reserved(device),
         )
+        # Same weights (seeded build), same inputs: every mode must give the same latents bit for bit.
+        import hashlib
+
+        latents = call(2, output_type="latent")
+        result["latents_sha256"] = hashlib.sha256(latents.float().cpu().numpy().tobytes()).hexdigest()[:16]
     except torch.OutOfMemoryError as exc:
         result.update(ok=False, error=f"OOM: {str(exc).splitlines()[0][:300]}")
     except Exception as exc:
