@@ -175,6 +175,10 @@ class EncoderPool:
         return self._digest
 
     def encode(self, prompts: str | Sequence[str]) -> EncodedPrompts:
+        """Embeddings (B, L, D) for `prompts`, rows in prompt order. Prompts found in the cache are not
+        sent; `header.cache_hit[i]` is true when row i came from a cache (this client's or the server's).
+        One pool serves one call at a time per thread: the per-attempt deadline is set on the shared
+        per-server clients."""
         import torch
 
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -211,7 +215,9 @@ class EncoderPool:
         out = pb.TensorHeader()
         out.CopyFrom(header)
         del out.cache_hit[:]
-        out.cache_hit.extend(i not in missing for i in range(len(prompt_list)))
+        server_hits = list(header.cache_hit) if missing else []
+        served = {i: (server_hits[j] if j < len(server_hits) else False) for j, i in enumerate(missing)}
+        out.cache_hit.extend(served.get(i, True) for i in range(len(prompt_list)))
         del out.shape[:]
         out.shape.extend(tensor.shape)
         return EncodedPrompts(tensor, out)
