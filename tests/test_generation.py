@@ -54,14 +54,15 @@ def test_image_equals_diffusers_pipeline(server, client_pipe, diffusers_nf4_pipe
         embeds = enc.encode(PROMPTS).prompt_embeds
     ours = generate(client_pipe, embeds, PARAMS)
 
-    # Same embeddings handed to diffusers' pipeline...
+    # Same embeddings handed to diffusers' pipeline (image k seeded with seed + k, as `generate` does)...
+    generators = [torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(len(PROMPTS))]
     theirs = diffusers_nf4_pipe(
         prompt_embeds=embeds,
         height=PARAMS.height,
         width=PARAMS.width,
         num_inference_steps=PARAMS.num_inference_steps,
         guidance_scale=PARAMS.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(PARAMS.seed),
+        generator=generators,
     ).images
     # ...and diffusers encoding the prompts itself with the full text encoder.
     end_to_end = diffusers_nf4_pipe(
@@ -70,7 +71,7 @@ def test_image_equals_diffusers_pipeline(server, client_pipe, diffusers_nf4_pipe
         width=PARAMS.width,
         num_inference_steps=PARAMS.num_inference_steps,
         guidance_scale=PARAMS.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(PARAMS.seed),
+        generator=[torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(len(PROMPTS))],
     ).images
     assert len(ours) == len(theirs) == len(end_to_end) == 2
     for a, b, c in zip(ours, theirs, end_to_end, strict=True):

@@ -25,6 +25,15 @@ _EXPORTS = {
     "open_encoder": "training",
     "EmbeddingShards": "bulk",
     "encode_captions": "bulk",
+    "EncoderPool": "endpoints",
+    "RetryPolicy": "endpoints",
+    "EmbeddingCache": "cache",
+    "Budget": "planner",
+    "MemoryPlan": "planner",
+    "PlanError": "planner",
+    "Workload": "planner",
+    "plan_memory": "planner",
+    "BlockStreamer": "offload",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

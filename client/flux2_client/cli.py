@@ -1,6 +1,9 @@
 """`flux2-client`: generate images from a remote encoder's embeddings, build tiny models, run the demo.
 
 flux2-client generate --server HOST:PORT --prompt "a red fox in snow" --out fox.png
+flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png --image hat.png \
+    --prompt "the cat wearing the hat" --num-images-per-prompt 2
+flux2-client generate --plan-only --vram 6GB --image a.png --image b.png
 flux2-client make-tiny ./tiny-models
 flux2-client demo
 flux2-client encode captions.txt --server HOST:PORT --out embeds/
@@ -9,30 +12,53 @@ flux2-client encode captions.txt --server HOST:PORT --out embeds/
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+# Pure-Python modules only: the CLI must start (and reject bad arguments) without torch.
+from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
+
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", required=True, help="encoder server address, host:port")
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        help="encoder server address, host:port (repeat for several: requests spread, failed servers are skipped)",
+    )
+    p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
+    p.add_argument("--image", action="append", default=[], type=Path, help="reference image (repeat, up to 10)")
     p.add_argument("--model", default="black-forest-labs/FLUX.2-dev", help="repo id or folder with vae/ and scheduler/")
     p.add_argument(
         "--dit",
         default="diffusers/FLUX.2-dev-bnb-4bit",
         help="repo id or folder whose transformer/ holds the DiT (NF4, or bf16 quantized on load)",
     )
-    p.add_argument("--out", default="flux2.png", help="output PNG; several images get _<n> suffixes")
+    p.add_argument("--out", default="flux2.png", help="output PNG; several images get _<prompt>_<n> suffixes")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.0, help="embedded guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image k of the call uses seed + k")
+    p.add_argument("--num-images-per-prompt", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; default cuda if available")
-    p.add_argument("--offload", choices=("leaf_level", "none"), default="leaf_level")
-    p.add_argument("--timeout", type=float, default=120.0, help="encoder request deadline, seconds")
+    p.add_argument(
+        "--offload",
+        choices=OFFLOAD_CHOICES,
+        default=None,
+        help="plan: memory planner (default on CUDA); leaf_level: diffusers' recipe; none: all on the device",
+    )
+    p.add_argument("--vram", default=None, help="VRAM budget for everything on the card, e.g. 8GB; default: free now")
+    p.add_argument("--plan-only", action="store_true", help="print the memory plan from the model config and exit")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline of one encoder request, seconds")
+    p.add_argument("--deadline", type=float, default=None, help="deadline over all retries and servers, seconds")
+    p.add_argument("--retries", type=int, default=6, help="encoder attempts over all servers")
+    p.add_argument("--cache-dir", type=Path, default=None, help="keep received embeddings here (safetensors)")
     p.add_argument("--expect-fingerprint", default=None, help="refuse embeddings from any other model digest")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def check_generate_args(args: argparse.Namespace) -> None:
@@ -43,36 +69,148 @@ def check_generate_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name} must be a positive multiple of 16, got {value}")
     if args.steps < 1:
         raise SystemExit(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images_per_prompt < 1:
+        raise SystemExit(f"--num-images-per-prompt must be at least 1, got {args.num_images_per_prompt}")
+    if len(args.image) > MAX_REFERENCE_IMAGES:
+        raise SystemExit(f"--image: at most {MAX_REFERENCE_IMAGES} reference images, got {len(args.image)}")
+    for path in args.image:
+        if not path.is_file():
+            raise SystemExit(f"--image: no such file {path}")
+    if args.vram is not None:
+        try:
+            parse_size(args.vram)
+        except ValueError as exc:
+            raise SystemExit(f"--vram: {exc}") from None
+    if args.plan_only:
+        return
+    if not args.prompt:
+        raise SystemExit("--prompt is required (repeat it for several prompts)")
     if any(not p.strip() for p in args.prompt):
         raise SystemExit("--prompt must not be empty")
+    if not args.server:
+        raise SystemExit("--server is required (repeat it for several servers)")
+
+
+def _reference_images(paths: list[Path]) -> list:
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def _workload(args: argparse.Namespace, images: list) -> Workload:
+    batch = max(1, len(args.prompt)) * args.num_images_per_prompt
+    return Workload(args.height, args.width, tuple(im.size for im in images), batch)
+
+
+def run_plan_only(args: argparse.Namespace, images: list) -> str:
+    """The plan from the DiT's config alone: nothing is loaded or downloaded beyond config.json."""
+    import json
+
+    from ._quantization import _is_prequantized
+    from .planner import Budget, plan_memory, spec_from_config
+
+    config_path = Path(args.dit) / "transformer" / "config.json"
+    if not config_path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        config_path = Path(hf_hub_download(args.dit, "transformer/config.json"))
+    config = json.loads(config_path.read_text())
+    double_quant = bool(config.get("quantization_config", {}).get("bnb_4bit_use_double_quant", False))
+    if not _is_prequantized(args.dit, "transformer"):
+        double_quant = False
+    if args.vram is not None:
+        vram = parse_size(args.vram)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--vram is needed without a CUDA device (no free memory to read)")
+        from .offload import auto_vram_bytes
+
+        vram = auto_vram_bytes(torch.device("cuda", torch.cuda.current_device()))
+    from .offload import host_available_bytes
+
+    spec = spec_from_config(config, double_quant=double_quant, vae_bytes=170 << 20)
+    plan = plan_memory(spec, _workload(args, images), Budget(vram=vram, host_available=host_available_bytes()))
+    text = plan.describe()
+    print(text)
+    return text
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
     check_generate_args(args)
+    # The allocator reads this once, when CUDA starts: set it before anything touches the GPU.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
+        images = _reference_images(args.image)
+        if args.plan_only:
+            from .planner import PlanError
+
+            try:
+                run_plan_only(args, images)
+            except PlanError as exc:
+                raise SystemExit(f"--vram: {exc}") from None
+            return []
+        from .cache import EmbeddingCache
+        from .endpoints import EncoderPool, RetryPolicy
         from .generation import GenerationParams, generate, load_pipeline, save_png
-        from .remote import RemoteTextEncoder
     except ImportError as exc:
         raise SystemExit(f"missing dependency {exc.name!r}: pip install 'flux2-split[client]'") from None
 
-    with RemoteTextEncoder(args.server, timeout=args.timeout, expected_fingerprint=args.expect_fingerprint) as enc:
-        encoded = enc.encode(args.prompt)
+    cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
+    retry = RetryPolicy(attempts=args.retries, deadline=args.deadline)
+    with EncoderPool(
+        args.server, timeout=args.timeout, expected_fingerprint=args.expect_fingerprint, retry=retry, cache=cache
+    ) as pool:
+        encoded = pool.encode(args.prompt)
     fp = encoded.fingerprint
     print(f"received embeddings {tuple(encoded.prompt_embeds.shape)} from {fp.weights_id} ({fp.digest[:12]})")
-    pipe = load_pipeline(args.model, dit=args.dit, device=args.device, offload=args.offload)
+    from .planner import PlanError
+
+    try:
+        pipe = load_pipeline(
+            args.model,
+            dit=args.dit,
+            device=args.device,
+            offload=args.offload,
+            vram=args.vram,
+            workload=_workload(args, images),
+            verbose=True,
+        )
+    except PlanError as exc:
+        raise SystemExit(f"--vram: {exc}") from None
     params = GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed)
-    images = generate(pipe, encoded.prompt_embeds, params)
+    results = generate(
+        pipe,
+        encoded.prompt_embeds,
+        params,
+        images=images,
+        num_images_per_prompt=args.num_images_per_prompt,
+        progress=not args.no_progress,
+    )
     out = Path(args.out)
     paths = []
-    for i, (prompt, image) in enumerate(zip(args.prompt, images, strict=True)):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+    n = args.num_images_per_prompt
+    for k, image in enumerate(results):
+        i, j = divmod(k, n)
+        if len(results) == 1:
+            path = out
+        elif n == 1:
+            path = out.with_name(f"{out.stem}_{i}{out.suffix}")
+        else:
+            path = out.with_name(f"{out.stem}_{i}_{j}{out.suffix}")
         meta = {
-            "prompt": prompt,
-            "seed": args.seed,
+            "prompt": args.prompt[i],
+            "seed": args.seed + k,
             "steps": args.steps,
             "guidance": args.guidance,
             "height": args.height,
             "width": args.width,
+            "reference_images": json.dumps([p.name for p in args.image]),
             "encoder_model": fp.weights_id,
             "encoder_fingerprint": fp.digest,
             "dit": args.dit,

@@ -74,7 +74,7 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 def run_demo(workdir: Path, model: str | None = None, prompt: str = "a watercolor fox") -> Path:
-    from .cli import run_generate
+    from .cli import _add_generate_args, run_generate
     from .tiny import make_tiny_flux2
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -92,22 +92,15 @@ def run_demo(workdir: Path, model: str | None = None, prompt: str = "a watercolo
     try:
         wait_serving(target, proc)
         print(f"== server SERVING at {target}; generating ==", flush=True)
-        args = argparse.Namespace(
-            server=target,
-            prompt=[prompt],
-            model=encoder_model,
-            dit=dit,
-            out=str(workdir / "demo.png"),
-            height=size,
-            width=size,
-            steps=steps,
-            guidance=4.0,
-            seed=0,
-            device="cpu" if model is None else None,
-            offload="leaf_level",
-            timeout=300.0,
-            expect_fingerprint=None,
-        )
+        # Through the real argument parser, so the demo runs exactly what `flux2-client generate` runs.
+        parser = argparse.ArgumentParser()
+        _add_generate_args(parser)
+        argv = ["--server", target, "--prompt", prompt, "--model", encoder_model, "--dit", dit]
+        argv += ["--out", str(workdir / "demo.png"), "--height", str(size), "--width", str(size)]
+        argv += ["--steps", str(steps), "--guidance", "4.0", "--seed", "0", "--timeout", "300"]
+        if model is None:
+            argv += ["--device", "cpu", "--offload", "leaf_level"]
+        args = parser.parse_args(argv)
         (path,) = run_generate(args)
     finally:
         code = stop_server(proc)

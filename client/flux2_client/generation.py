@@ -1,12 +1,14 @@
 """Local generation: the NF4 DiT and the VAE only, embeddings from a remote encoder.
 
-`load_pipeline` hands back a ready diffusers `Flux2Pipeline` (no text encoder, no tokenizer) with the
-DiT group-offloaded; call it with `prompt_embeds=` as you would any diffusers pipeline.
+`load_pipeline` hands back a ready diffusers `Flux2Pipeline` (no text encoder, no tokenizer) whose DiT
+fits the VRAM budget (see `planner` / `offload`); call it with `prompt_embeds=` (and `image=` for
+reference images) as you would any diffusers pipeline, or use `generate`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ._quantization import load_nf4_transformer
+from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
 
 
 @dataclass(frozen=True)
@@ -41,29 +44,65 @@ def load_pipeline(
     *,
     dit: str | None = None,
     device: str | torch.device | None = None,
-    offload: str = "leaf_level",
+    offload: str | None = None,
+    vram: str | int | None = None,
+    workload: Workload | None = None,
+    num_slots: int = 2,
     revision: str | None = None,
+    verbose: bool = False,
 ):
-    """A `Flux2Pipeline` with the NF4 DiT and the VAE, no text encoder.
+    """A ready `Flux2Pipeline` with the NF4 DiT and the VAE, no text encoder; call it with
+    `prompt_embeds=` (and `image=` for reference images) like any diffusers pipeline.
 
     Args:
         model: repo id or folder with `vae/` and `scheduler/` (and `transformer/` if `dit` is unset).
         dit: repo id or folder whose `transformer/` holds the DiT, pre-quantized NF4 (like
             diffusers/FLUX.2-dev-bnb-4bit) or bf16 (then quantized to NF4 while loading).
         device: execution device; default cuda if available, else cpu.
-        offload: "leaf_level" (diffusers group offloading, weights stream from host memory) or "none".
+        offload: "plan" (default on CUDA: the memory planner decides resident vs streamed blocks for
+            `vram`), "leaf_level" (diffusers' group offloading recipe) or "none" (all on the device;
+            default on CPU).
+        vram: budget for everything the process holds on the card, e.g. "8GB"; None = what is free now.
+        workload: the largest call planned for (size, reference images, batch); default 1024x1024,
+            no references, one image. A bigger call later is refused by `generate` with a clear error.
+        num_slots: device slots streamed blocks rotate through (2 = double buffering).
+
+    The plan (`pipe.memory_plan`, printable with `.describe()`) and the streamer (`pipe.block_streamer`)
+    are attached to the returned pipeline.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 
-    if offload not in ("leaf_level", "none"):
-        raise ValueError(f"offload: expected 'leaf_level' or 'none', got {offload!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    transformer = load_nf4_transformer(dit or model, device=device, revision=None if dit else revision)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if offload is None:
+        offload = "plan" if device.type == "cuda" else "none"
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload: expected one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
+    if offload == "plan" and vram is None and device.type != "cuda":
+        raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
+    # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
+    load_device = device if offload == "none" else torch.device("cpu")
+    transformer = load_nf4_transformer(dit or model, device=load_device, revision=None if dit else revision)
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
     pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    pipe.vae.to(device)
-    if offload == "leaf_level":
+    pipe.memory_plan = None
+    pipe.block_streamer = None
+    if offload == "plan":
+        from .offload import BlockStreamer, configure_allocator, configure_vae, plan_for
+
+        budget = parse_size(vram) if vram is not None else None
+        plan = plan_for(transformer, vae, workload or Workload(), device, vram=budget, num_slots=num_slots)
+        if verbose:
+            print(plan.describe())
+        configure_allocator(plan, device)
+        pipe.vae.to(device)
+        pipe.block_streamer = BlockStreamer(transformer, plan, device)
+        configure_vae(pipe.vae, plan)
+        pipe.memory_plan = plan
+    elif offload == "leaf_level":
+        pipe.vae.to(device)
         _move_quant_state(transformer, device)
         transformer.enable_group_offload(
             onload_device=device,
@@ -71,21 +110,58 @@ def load_pipeline(
             offload_type="leaf_level",
             use_stream=device.type == "cuda",
         )
+    else:
+        pipe.vae.to(device)
     return pipe
 
 
-def generate(pipe: Any, prompt_embeds: torch.Tensor, params: GenerationParams, **kwargs: Any) -> list[Any]:
-    """Run the pipeline on received embeddings; returns PIL images. The noise comes from a CPU generator
-    seeded with `params.seed`, so an image does not depend on which GPU drew it."""
-    generator = torch.Generator("cpu").manual_seed(params.seed)
+def generate(
+    pipe: Any,
+    prompt_embeds: torch.Tensor,
+    params: GenerationParams,
+    *,
+    images: Sequence[Any] | None = None,
+    num_images_per_prompt: int = 1,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run the pipeline on received embeddings; returns PIL images, prompt-major (all images of the first
+    prompt, then the second's). `images` are reference images for multi-reference editing (up to 10).
+
+    Image k of a call draws its noise from its own CPU generator seeded with `params.seed + k`, so an
+    image does not depend on which GPU drew it and can be reproduced alone from the seed in its PNG.
+    """
+    refs = list(images or [])
+    if len(refs) > MAX_REFERENCE_IMAGES:
+        raise ValueError(f"images: at most {MAX_REFERENCE_IMAGES} reference images, got {len(refs)}")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt: at least 1, got {num_images_per_prompt}")
+    batch = prompt_embeds.shape[0] * num_images_per_prompt
+    plan = getattr(pipe, "memory_plan", None)
+    if plan is not None:
+        wanted = Workload(params.height, params.width, tuple(im.size for im in refs), batch)
+        planned = plan.workload
+        if wanted.tokens * wanted.batch > planned.tokens * planned.batch or (
+            wanted.height * wanted.width * wanted.batch > planned.height * planned.width * planned.batch
+        ):
+            raise ValueError(
+                f"this call ({wanted.width}x{wanted.height}, {len(refs)} reference image(s), batch {batch}) is "
+                f"larger than the workload the memory plan was made for ({planned.width}x{planned.height}, "
+                f"{len(planned.reference_sizes)} reference image(s), batch {planned.batch}); "
+                "pass workload= to load_pipeline"
+            )
+    generators = [torch.Generator("cpu").manual_seed(params.seed + k) for k in range(batch)]
+    pipe.set_progress_bar_config(disable=not progress)
     device = pipe._execution_device
     result = pipe(
         prompt_embeds=prompt_embeds.to(device),
+        image=refs or None,
         height=params.height,
         width=params.width,
         num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale,
-        generator=generator,
+        num_images_per_prompt=num_images_per_prompt,
+        generator=generators if batch > 1 else generators[0],
         **kwargs,
     )
     return list(result.images)

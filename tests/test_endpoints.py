@@ -1,0 +1,105 @@
+"""Several encoder servers: requests spread over them, the client fails over when one is killed, gives
+up with a clear error when all are down, and an on-disk cache returns the received tensors unchanged."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+import torch
+from _servers import ServerThread, test_settings
+from flux2_client.cache import EmbeddingCache
+from flux2_client.endpoints import EncoderPool, RetryPolicy
+from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
+
+PROMPTS = ["a red fox in snow", "a lighthouse at dusk"]
+FAST = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05, cooldown=30.0, deadline=60.0)
+
+
+def closed_port() -> str:
+    """An address nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def two_servers(tiny, engine):
+    servers = [ServerThread(test_settings(str(tiny.pipeline)), lambda _s: engine).start() for _ in range(2)]
+    yield servers
+    for s in servers:
+        if not getattr(s, "killed", False):
+            s.stop()
+
+
+def kill(server: ServerThread) -> None:
+    server.stop()
+    server.killed = True  # type: ignore[attr-defined]
+
+
+def test_requests_spread_and_fail_over_when_a_server_is_killed(two_servers):
+    first, second = two_servers
+    with RemoteTextEncoder(first.target) as direct:
+        expected = direct.encode(PROMPTS[0]).prompt_embeds
+    with EncoderPool([first.target, second.target], timeout=10, retry=FAST) as pool:
+        a = pool.encode(PROMPTS[0]).prompt_embeds
+        b = pool.encode(PROMPTS[0]).prompt_embeds
+        assert torch.equal(a, expected) and torch.equal(b, expected)
+        assert pool.stats.served_by == {first.target: 1, second.target: 1}  # round-robin
+
+        kill(first)  # killed: its port refuses connections from now on
+        for _ in range(3):
+            assert torch.equal(pool.encode(PROMPTS[0]).prompt_embeds, expected)
+        assert pool.stats.served_by[second.target] == 4
+        assert pool.stats.served_by[first.target] == 1
+        assert pool.stats.failovers >= 1
+
+
+def test_dead_first_server_is_skipped(two_servers):
+    _, second = two_servers
+    with EncoderPool([closed_port(), second.target], timeout=10, retry=FAST) as pool:
+        out = pool.encode(PROMPTS)
+    assert out.prompt_embeds.shape[0] == 2
+    assert pool.stats.served_by == {second.target: 1}
+
+
+def test_all_servers_down_raises_unavailable():
+    with (
+        EncoderPool([closed_port(), closed_port()], timeout=5, retry=FAST) as pool,
+        pytest.raises(RemoteEncoderError) as info,
+    ):
+        pool.encode("x")
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "all 2 encoder servers failed" in str(info.value)
+
+
+def test_bad_input_is_not_retried_on_other_servers(two_servers):
+    first, second = two_servers
+    pool = EncoderPool([first.target, second.target], timeout=10, retry=FAST)
+    with pool, pytest.raises(RemoteEncoderError) as info:
+        pool.encode(["x" * 100_000])  # beyond the server's max_prompt_chars
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert pool.stats.failovers == 0
+
+
+def test_cache_returns_identical_tensors_without_a_server(two_servers, tmp_path):
+    first, second = two_servers
+    cache = EmbeddingCache(tmp_path / "cache")
+    with EncoderPool([first.target], timeout=10, retry=FAST, cache=cache) as pool:
+        received = pool.encode(PROMPTS)
+        digest = received.fingerprint.digest
+    assert list(received.header.cache_hit) == [False, False]
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+
+    kill(first)
+    kill(second)
+    # No server is up: the cache alone answers, bit for bit, with the fingerprint it was stored under.
+    with EncoderPool([first.target], timeout=5, retry=FAST, cache=cache, expected_fingerprint=digest) as pool:
+        cached = pool.encode(PROMPTS)
+    assert torch.equal(cached.prompt_embeds, received.prompt_embeds)
+    assert cached.prompt_embeds.dtype == received.prompt_embeds.dtype == torch.bfloat16
+    assert list(cached.header.cache_hit) == [True, True]
+    assert cached.fingerprint == received.fingerprint
+    # Another model's digest never sees these entries.
+    assert cache.get("0" * 64, PROMPTS[0]) is None
