@@ -103,3 +103,19 @@ def test_cache_returns_identical_tensors_without_a_server(two_servers, tmp_path)
     assert cached.fingerprint == received.fingerprint
     # Another model's digest never sees these entries.
     assert cache.get("0" * 64, PROMPTS[0]) is None
+
+
+def test_pool_sends_the_token_and_does_not_retry_a_refused_one(tiny, engine):
+    settings = test_settings(str(tiny.pipeline), auth_tokens="alice:s3cret-s3cret-s3cret")
+    server = ServerThread(settings, lambda _s: engine).start()
+    try:
+        with EncoderPool([server.target], token="s3cret-s3cret-s3cret") as pool:
+            got = pool.encode(["a fox"]).prompt_embeds
+        assert torch.equal(got, engine.encode(["a fox"]))
+        with EncoderPool([server.target, server.target], token="wrong") as pool:
+            with pytest.raises(RemoteEncoderError) as err:
+                pool.encode(["a fox"])
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert pool.stats.failovers == 0  # a refused token is final, not a reason to try elsewhere
+    finally:
+        server.stop()

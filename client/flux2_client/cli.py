@@ -58,7 +58,38 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=6, help="encoder attempts over all servers")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep received embeddings here (safetensors)")
     p.add_argument("--expect-fingerprint", default=None, help="refuse embeddings from any other model digest")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token for the encoder servers (default: the FLUX2_ENCODER_TOKEN environment variable)",
+    )
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --root-certs)")
+    p.add_argument("--root-certs", type=Path, default=None, help="PEM CA bundle of the servers' certificates")
+    p.add_argument("--client-cert", type=Path, default=None, help="PEM certificate chain for mutual TLS")
+    p.add_argument("--client-key", type=Path, default=None, help="PEM private key for mutual TLS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def client_options(args: argparse.Namespace) -> dict:
+    """RemoteTextEncoder's auth/TLS options from the CLI (the one place the client reads the environment)."""
+    if (args.client_cert is None) != (args.client_key is None):
+        raise SystemExit("--client-cert and --client-key go together (mutual TLS)")
+
+    def read(path: Path | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"cannot read {path}: {exc}") from None
+
+    return {
+        "token": args.token or os.environ.get("FLUX2_ENCODER_TOKEN") or None,
+        "tls": args.tls,
+        "root_certificates": read(args.root_certs),
+        "client_certificate": read(args.client_cert),
+        "client_private_key": read(args.client_key),
+    }
 
 
 def check_generate_args(args: argparse.Namespace) -> None:
@@ -164,7 +195,12 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
     retry = RetryPolicy(attempts=args.retries, deadline=args.deadline)
     with EncoderPool(
-        args.server, timeout=args.timeout, expected_fingerprint=args.expect_fingerprint, retry=retry, cache=cache
+        args.server,
+        timeout=args.timeout,
+        expected_fingerprint=args.expect_fingerprint,
+        retry=retry,
+        cache=cache,
+        **client_options(args),
     ) as pool:
         encoded = pool.encode(args.prompt)
     fp = encoded.fingerprint

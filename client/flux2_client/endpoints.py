@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from flux2split_proto import codec
@@ -72,6 +73,8 @@ class EncoderPool:
         timeout: deadline of one attempt, seconds.
         cache: an `EmbeddingCache`; hits skip the network. Needs the model digest before asking, so
             with no `expected_fingerprint` the pool learns it from a server's Info once.
+        client_options: passed to every `RemoteTextEncoder` (token, tls, root_certificates,
+            client_certificate, client_private_key, server_name_override).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class EncoderPool:
         retry: RetryPolicy | None = None,
         cache: EmbeddingCache | None = None,
         encoder_factory: Callable[..., RemoteTextEncoder] = RemoteTextEncoder,
+        **client_options: Any,
     ):
         if not targets:
             raise ValueError("targets: at least one encoder server address is needed")
@@ -92,7 +96,8 @@ class EncoderPool:
         self.expected_fingerprint = expected_fingerprint
         self.stats = PoolStats()
         self._endpoints = [
-            _Endpoint(encoder_factory(t, timeout=timeout, expected_fingerprint=expected_fingerprint)) for t in targets
+            _Endpoint(encoder_factory(t, timeout=timeout, expected_fingerprint=expected_fingerprint, **client_options))
+            for t in targets
         ]
         self._next = 0
         self._lock = threading.Lock()
