@@ -237,3 +237,33 @@ def test_each_request_is_answered_when_its_own_batches_are_done(engine):
     assert batches == [["a", "b"], ["c", "d"], ["e"]]
     assert torch.equal(first.embeds, engine.encode(["a", "b"]))
     assert torch.equal(spread.embeds, engine.encode(["c", "d", "e"]))
+
+
+def test_http_client_disconnect_drops_its_queued_request(make_server):
+    """A /predict caller that hangs up while queued is dropped before the model, as a cancelled gRPC call is."""
+    import json
+    import socket
+
+    thread, wrapped = make_server(cache_bytes=0, http_port=0)
+    port = thread.server.http_port
+    body = json.dumps({"prompt": "queued then abandoned"}).encode()
+    with ThreadPoolExecutor(2) as pool:
+        blocker = _hold_worker(thread, wrapped, pool)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: thread.core.batcher.queued == 1, what="the HTTP request to queue")
+        sock.close()
+        wait_until(lambda: thread.core.batcher.queued == 0, what="the abandoned request to leave the queue")
+        wrapped.gate.set()
+        blocker.result(30)
+    assert "queued then abandoned" not in wrapped.prompts_seen
+    wait_until(
+        lambda: (
+            thread.server.metrics.value("flux2_encoder_requests_total", {"frontend": "http", "code": "CANCELLED"}) == 1
+        ),
+        what="the abandoned request counted as CANCELLED",
+    )

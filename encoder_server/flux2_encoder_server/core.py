@@ -33,6 +33,7 @@ from .batcher import Batcher, BatchStats, EncodeFn
 from .cache import EmbeddingCache
 from .engine import Fingerprint
 from .errors import (
+    ClientGone,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -146,7 +147,7 @@ class RequestScope:
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
             self.status, self.error = exc.grpc_code.name, str(exc)
-        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit, ClientGone)):
             self.status, self.error = "CANCELLED", "the client went away"
         elif exc is not None:
             self.status, self.error = "INTERNAL", f"{type(exc).__name__}: {exc}"

@@ -70,3 +70,8 @@ class EncodeFailed(ServiceError):
 
     grpc_code = grpc.StatusCode.INTERNAL
     http_status = 500
+
+
+class ClientGone(Exception):
+    """The caller disconnected before its answer was ready. Not a ServiceError: there is nobody to send a
+    status to; the request is counted as CANCELLED, like a cancelled gRPC call."""

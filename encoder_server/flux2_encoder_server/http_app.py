@@ -27,7 +27,8 @@ import json
 import logging
 import math
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import torch
 import uvicorn
@@ -39,10 +40,11 @@ from starlette.routing import Route
 
 from . import __version__
 from .core import EncoderCore
-from .errors import InvalidArgument, RequestTooLarge, ServiceError, Unavailable
+from .errors import ClientGone, InvalidArgument, RequestTooLarge, ServiceError, Unavailable
 from .security import bearer_token
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Response headers that tell a client which model answered (the body itself carries no metadata).
 FINGERPRINT_HEADER = "X-Flux2-Fingerprint"
@@ -95,6 +97,29 @@ def torch_save_bytes(embeds: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+async def _wait_for_disconnect(request: Request) -> None:
+    # Once the body is read, the next ASGI message on this request can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it when the client disconnects first: a queued request whose caller is gone
+    then leaves the batcher before it costs model time, as a cancelled gRPC call does."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone
+    return task.result()
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
@@ -121,7 +146,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             async with core.request("http", request_id=request_id, bearer_token=token) as req:
                 body = await read_body(request, max_body)
                 prompts = core.validate_prompts(parse_prompts(body), field="prompt")
-                result = await req.encode(prompts)
+                result = await _unless_disconnected(request, req.encode(prompts))
                 with req.stage("serialize"):
                     # torch.save copies 15.7 MB per prompt: not on the event loop.
                     payload = await asyncio.to_thread(torch_save_bytes, result.embeds)
@@ -129,6 +154,9 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
         except ServiceError as exc:
             log.info("POST /predict failed: %d %s %s", exc.http_status, exc.grpc_code.name, exc)
             return service_error_response(exc)
+        except ClientGone:
+            # Nobody reads this answer; 499 is the conventional "client closed request" in access logs.
+            return Response(status_code=499)
         headers = {"X-Request-Id": req.request_id}
         if core.fingerprint is not None:
             headers[FINGERPRINT_HEADER] = core.fingerprint.digest
