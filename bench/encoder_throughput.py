@@ -183,11 +183,15 @@ def serve(
     patterns: list[tuple[int, float]],
     switch_interval_s: float | None = None,
     chunk_bytes: int = 1 << 20,
+    legacy_chunks: bool = False,
 ) -> None:
-    """Real gRPC server in this process; clients in `ceil(N/8)` processes; one prompt per request."""
+    """Real gRPC server in this process; clients in `ceil(N/8)` processes; one prompt per request.
+    `legacy_chunks`: stream chunks the way the server did before pre-serialized chunk bytes (A/B runs)."""
     import asyncio
+    import contextlib
     import threading
 
+    from _serving_variants import legacy_chunks as legacy_chunk_path
     from flux2_encoder_server import EncoderServer, Settings
 
     settings = Settings(
@@ -200,10 +204,23 @@ def serve(
         max_wait_ms=args.max_wait_ms,
         max_queued_requests=1024,
         chunk_bytes=chunk_bytes,
+        cache_bytes=0,  # every request must reach the model (the pool repeats prompts)
     )
     previous_switch = sys.getswitchinterval()
     if switch_interval_s is not None:
         sys.setswitchinterval(switch_interval_s)
+    # Time every model call the server makes: a batch that takes longer served than alone means the
+    # model thread waited (for the GIL) while the GPU had nothing queued.
+    batch_times: list[tuple[int, float]] = []
+    plain_encode = engine.encode
+
+    def timed_encode(prompts: list[str]) -> Any:
+        t0 = time.perf_counter()
+        out = plain_encode(prompts)
+        batch_times.append((len(prompts), time.perf_counter() - t0))
+        return out
+
+    engine.encode = timed_encode
     server = EncoderServer(settings, lambda _s: engine)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -214,15 +231,24 @@ def serve(
 
     port = run(server.start())
     run(server.load())
+    # The same model call alone (no serving running), through the same wrapper, for comparison.
+    alone = []
+    for _ in range(3):
+        batch_times.clear()
+        engine.encode(pool[:16])
+        alone.append(batch_times[0][1])
     target = f"127.0.0.1:{port}"
     pool_file = Path(tempfile.mkdtemp()) / "pool.json"
     pool_file.write_text(json.dumps(pool))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     results: dict[str, Any] = {}
     hashes_all: dict[int, set[str]] = defaultdict(set)
+    variant = legacy_chunk_path() if legacy_chunks else contextlib.nullcontext()
+    variant.__enter__()
     try:
         for clients, seconds in patterns:
             engine.batch_sizes.clear()
+            batch_times.clear()
             start_at = time.time() + args.client_startup_s
             stop_at = start_at + seconds
             per_proc = args.threads_per_process
@@ -234,12 +260,16 @@ def serve(
                        "--stop-at", str(stop_at), "--first-thread", str(first)]  # fmt: skip
                 procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env))
             records, errors = [], 0
+            while time.time() < start_at:
+                time.sleep(0.01)
+            t0, cpu0 = time.time(), _process_cpu_s()
             for p in procs:
                 data = json.loads(p.communicate(timeout=seconds + args.client_startup_s + 300)[0])
                 records += data["records"]
                 errors += data["error_count"]
                 if data["errors"]:
                     log("client errors", data["errors"][:3])
+            cpu_used = _process_cpu_s() - cpu0
             # Steady state: requests that started after the first second and ended before stop_at.
             lo = start_at + min(2.0, seconds / 4)
             window = [r for r in records if r[0] >= lo and r[1] <= stop_at]
@@ -255,16 +285,30 @@ def serve(
                 "requests": len(records),
                 "errors": errors,
                 "prompts_per_s": len(window) / span if span > 0 else 0.0,
+                # Completions per second in the same window (requests that ended in it, whenever they
+                # started): the steady-state rate without the edge loss of the row above, which drops
+                # about one latency's worth of requests at the window's end.
+                "completions_per_s": sum(lo <= r[1] <= stop_at for r in records) / span if span > 0 else 0.0,
+                "server_cpu_ms_per_prompt": round(
+                    1000 * cpu_used / max(1, sum(t0 <= r[1] <= stop_at for r in records)), 2
+                ),
                 "latency_median_s": lat[len(lat) // 2] if lat else None,
                 "latency_p90_s": lat[int(len(lat) * 0.9)] if lat else None,
                 "model_batch_sizes": dict(sorted(engine.batch_sizes.items())),
                 "prompts_with_more_than_one_hash": sum(len(h) > 1 for h in per_prompt.values()),
                 "distinct_prompts": len(per_prompt),
                 "batching_mode_in_header": sorted({r[4] for r in records}),
+                # Served model calls: ms per prompt inside the batch (compare with the engine rows).
+                "model_ms_per_prompt_served": round(
+                    1000 * sum(t for _, t in batch_times) / max(1, sum(n for n, _ in batch_times)), 2
+                ),
+                "model_busy_fraction": round(sum(t for _, t in batch_times) / seconds, 3),
             }
             results[f"{clients}_clients"] = row
             log(key, row)
     finally:
+        vars(engine).pop("encode", None)
+        variant.__exit__(None, None, None)
         run(server.stop(0))
         loop.call_soon_threadsafe(loop.stop)
         sys.setswitchinterval(previous_switch)
@@ -280,7 +324,52 @@ def serve(
     results["distinct_prompts"] = len(seen)
     results["switch_interval_s"] = switch_interval_s or previous_switch
     results["chunk_bytes"] = chunk_bytes
+    results["model_ms_per_prompt_alone_b16"] = round(1000 * statistics.median(alone) / 16, 2)
+    results["chunks"] = "legacy protobuf-built" if legacy_chunks else "pre-serialized"
+    results["threads_per_process"] = args.threads_per_process
     RESULTS[key] = results
+
+
+def _process_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ab_sweep(engine: Any, pool: list[str], args: argparse.Namespace, key: str, one: list[tuple[int, float]]) -> None:
+    """Before/after in one run: the legacy chunk path at 1 ms, then pre-serialized chunks at each
+    `--ab-switch-ms` GIL switch interval, then pre-serialized with 3 MiB chunks at the first of them."""
+    # An untimed 4 s of the same load first (its row is overwritten): batch sizes not seen yet
+    # would otherwise trigger torch.compile work inside the first measured window.
+    warm = [(args.clients, 4.0)]
+    serve(engine, pool, args, f"{key}_legacy_switch1ms", [*warm, *one], 0.001, legacy_chunks=True)
+    for ms in args.ab_switch_ms:
+        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms", one, ms / 1000)
+    if args.ab_3mib:
+        ms = args.ab_switch_ms[0]
+        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms_chunk3MiB", one, ms / 1000, 3 << 20)
+    if args.ab_load:  # is it the closed loop of 32 clients, or the clients' own processes?
+        ms = args.ab_switch_ms[-1]
+        twice = [(2 * args.clients, args.served_seconds)]
+        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms_x2clients", twice, ms / 1000)
+        per_proc, args.threads_per_process = args.threads_per_process, 2
+        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms_2threads_per_process", one, ms / 1000)
+        args.threads_per_process = per_proc
+
+
+def ceiling(tok: Any, pool: list[str], args: argparse.Namespace) -> None:
+    """The serving path alone: a null engine that answers at once."""
+    with section("ceiling"):
+        null = NullEngine(tok, args)
+        one = [(args.clients, args.served_seconds)]
+        if args.ab:
+            ab_sweep(null, pool, args, "served_null", one)
+            return
+        serve(null, pool, args, "served_null_engine_switch1ms", one, switch_interval_s=0.001)
+        per_proc, args.threads_per_process = args.threads_per_process, 2
+        serve(null, pool, args, "served_null_engine_switch1ms_2threads_per_process", one, 0.001)
+        args.threads_per_process = per_proc
 
 
 def bench_tiers(
@@ -402,6 +491,12 @@ def main() -> None:
     parser.add_argument("--tiers", nargs="+", default=["bf16", "fp8", "int8", "nf4"])
     parser.add_argument("--tier-batch", type=int, default=16)
     parser.add_argument("--serve-compiled", action="store_true", help="serve the torch.compile'd engine")
+    parser.add_argument(
+        "--ab", action="store_true", help="served rows twice: legacy protobuf-built chunks, then pre-serialized"
+    )
+    parser.add_argument("--ab-switch-ms", type=float, nargs="+", default=[1.0, 0.2, 0.05])
+    parser.add_argument("--ab-3mib", action="store_true", help="with --ab: also 3 MiB chunks")
+    parser.add_argument("--ab-load", action="store_true", help="with --ab: also 2x clients, 2 threads/process")
     parser.add_argument("--threads-per-process", type=int, default=8, help="client threads per load process")
     args = parser.parse_args()
     OUT = Path(args.out)
@@ -433,17 +528,10 @@ def main() -> None:
         max_length=512)["attention_mask"]]  # fmt: skip
     RESULTS["prompt_tokens"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
 
-    if "ceiling" in sections:
-        with section("ceiling"):
-            null = NullEngine(tok, args)
-            one = [(args.clients, args.served_seconds)]
-            serve(null, pool, args, "served_null_engine_switch1ms", one, switch_interval_s=0.001)
-            per_proc, args.threads_per_process = args.threads_per_process, 2
-            serve(null, pool, args, "served_null_engine_switch1ms_2threads_per_process", one, 0.001)
-            args.threads_per_process = per_proc
-        if sections == {"ceiling"}:
-            print_tables()
-            return
+    if sections == {"ceiling"}:
+        ceiling(tok, pool, args)
+        print_tables()
+        return
 
     t0 = time.time()
     full = build_encoder(args.tiny, args.device)
@@ -497,9 +585,12 @@ def main() -> None:
             RESULTS["compiled_vs_eager"] = compare(compiled.encode(pool[:8]), eager_embeds)
             if "served" in sections and args.serve_compiled:
                 one = [(args.clients, args.served_seconds)]
-                serve(compiled, pool, args, "served_compiled_reproducible", [*one, (1, 4.0)])
-                serve(compiled, pool, args, "served_compiled_switch1ms", one, switch_interval_s=0.001)
-                serve(compiled, pool, args, "served_compiled_switch1ms_chunk3MiB", one, 0.001, 3 << 20)
+                if args.ab:  # before/after of the chunk path, same engine, same run
+                    ab_sweep(compiled, pool, args, "served_compiled", one)
+                else:
+                    serve(compiled, pool, args, "served_compiled_reproducible", [*one, (1, 4.0)])
+                    serve(compiled, pool, args, "served_compiled_switch1ms", one, switch_interval_s=0.001)
+                    serve(compiled, pool, args, "served_compiled_switch1ms_chunk3MiB", one, 0.001, 3 << 20)
     if "fp8" in sections:
         with section("fp8"):
             with contextlib.suppress(NameError):
@@ -509,8 +600,14 @@ def main() -> None:
             fp8.encode(pool[:2])
             bench_engine(fp8, pool, args, "engine_compiled_fp8_reproducible")
             if "served" in sections:
-                serve(fp8, pool, args, "served_compiled_fp8_switch1ms", [(args.clients, args.served_seconds)], 0.001)
+                one = [(args.clients, args.served_seconds)]
+                if args.ab:
+                    ab_sweep(fp8, pool, args, "served_compiled_fp8", one)
+                else:
+                    serve(fp8, pool, args, "served_compiled_fp8_switch1ms", one, 0.001)
             del fp8
+    if "ceiling" in sections:  # after the model rows, which matter more if the call runs out of time
+        ceiling(tok, pool, args)
     if diffusers_single and embeds_for_dit:
         embeds_for_dit["diffusers_single_B1"] = diffusers_single[args.probes[0]]
     if "dit" in sections and embeds_for_dit:

@@ -207,3 +207,25 @@ def test_operations_doc_covers_every_setting_and_metric():
 
     for error in subclasses(ServiceError):
         assert f"`{error.grpc_code.name}` | {error.http_status} |" in doc, error.__name__
+
+
+@pytest.mark.parametrize("interval_ms, expected_s", [(0.5, 0.0005), (0.0, None)])
+def test_serve_sets_the_gil_switch_interval_of_its_process(tiny, interval_ms, expected_s):
+    import asyncio
+    import sys
+
+    from flux2_encoder_server.server import serve
+
+    before = sys.getswitchinterval()
+    settings = test_settings(str(tiny.pipeline), gil_switch_interval_ms=interval_ms)
+
+    def failing_load(_settings: Settings):
+        raise RuntimeError("no model in this test")
+
+    try:
+        with pytest.raises(RuntimeError, match="no model in this test"):
+            asyncio.run(serve(settings, failing_load))
+        assert sys.getswitchinterval() == pytest.approx(expected_s if expected_s is not None else before)
+    finally:
+        sys.setswitchinterval(before)
+    assert any("--gil-switch-interval-ms" in p for p in Settings(gil_switch_interval_ms=-1).problems())

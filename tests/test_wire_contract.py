@@ -16,6 +16,8 @@ from flux2split_proto import SERVICE_NAME, codec, generate
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_committed_stubs_are_fresh():
@@ -93,6 +95,8 @@ class _CorruptingService:
     async def Encode(self, request, context):
         index = 0
         async for response in self.inner.Encode(request, context):
+            if isinstance(response, bytes):  # the servicer streams chunks as ready wire bytes
+                response = pb.EncodeResponse.FromString(response)
             if response.WhichOneof("part") == "chunk":
                 index += 1
                 if index == 2:
@@ -143,6 +147,42 @@ def test_codec_refuses_truncated_and_inconsistent_streams():
         codec.assemble([bad, *chunks])
     with pytest.raises(codec.WireError, match="exceeds the client limit"):
         codec.assemble([header, *chunks], max_bytes=10)
+
+
+# Random bytes a little over 2^21, so chunk lengths and offsets need three-byte varints.
+_BIG = torch.randint(0, 256, ((1 << 21) + 4099,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+_BIG_VIEW = memoryview(_BIG.numpy()).cast("B")
+_EDGES = [0, 1, 127, 128, 16383, 16384, 1 << 20, (1 << 21) - 1, 1 << 21, (1 << 21) + 1, len(_BIG_VIEW)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    a=st.one_of(st.sampled_from(_EDGES), st.integers(0, len(_BIG_VIEW))),
+    b=st.one_of(st.sampled_from(_EDGES), st.integers(0, len(_BIG_VIEW))),
+)
+def test_preserialized_chunk_is_what_protobuf_writes(a: int, b: int):
+    offset, end = min(a, b), max(a, b)
+    wire = codec.chunk_response_bytes(_BIG_VIEW, offset, end)
+    built = pb.EncodeResponse(chunk=pb.TensorChunk(offset=offset, data=bytes(_BIG_VIEW[offset:end])))
+    assert wire == built.SerializeToString()
+    parsed = pb.EncodeResponse.FromString(wire)
+    assert parsed.WhichOneof("part") == "chunk"
+    assert parsed.chunk.offset == offset and parsed.chunk.data == bytes(_BIG_VIEW[offset:end])
+
+
+def test_preserialized_chunks_reassemble_and_refuse_bad_ranges():
+    tensor = torch.randn(3, 8, 6).to(torch.bfloat16)
+    payload = codec.serialize(tensor)
+    wires = list(codec.iter_chunk_response_bytes(payload.data, chunk_bytes=40))
+    assert [w for w in wires] == [m.SerializeToString() for m in codec.iter_chunks(payload.data, chunk_bytes=40)]
+    header = pb.EncodeResponse(header=payload.header())
+    _, back = codec.assemble([header, *(pb.EncodeResponse.FromString(w) for w in wires)])
+    assert torch.equal(back, tensor)
+    for offset, end in [(-1, 4), (5, 4), (0, len(payload.data) + 1)]:
+        with pytest.raises(ValueError, match="outside a payload"):
+            codec.chunk_response_bytes(payload.data, offset, end)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        list(codec.iter_chunk_response_bytes(payload.data, chunk_bytes=0))
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,7 @@ class TextEncoderService:
     def __init__(self, core: EncoderCore):
         self.core = core
 
-    async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeResponse]:
+    async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeResponse | bytes]:
         request_id = "" if isinstance(request, _Malformed) else request.request_id[:128]
         try:
             async with self.core.request("grpc", request_id=request_id, bearer_token=_metadata_token(context)) as req:
@@ -109,9 +109,13 @@ class TextEncoderService:
                 )
                 with req.stage("send"):
                     yield pb.EncodeResponse(header=header)
-                    for chunk in codec.iter_chunks(payload.data, self.core.settings.chunk_bytes):
-                        yield chunk
-                        req.add_bytes_sent(len(chunk.chunk.data))
+                    # Chunks go out as ready wire bytes (one copy of the payload each, see
+                    # codec.chunk_response_bytes): this loop shares the GIL with the model thread.
+                    data, step = payload.data, self.core.settings.chunk_bytes
+                    for offset in range(0, len(data), step):
+                        end = min(offset + step, len(data))
+                        yield codec.chunk_response_bytes(data, offset, end)
+                        req.add_bytes_sent(end - offset)
         except ServiceError as exc:
             await context.abort(exc.grpc_code, str(exc))
 
@@ -142,13 +146,18 @@ class TextEncoderService:
         )
 
 
+def _serialize_encode_response(message: pb.EncodeResponse | bytes) -> bytes:
+    # The servicer yields chunk messages already serialized; only the header is a message object.
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def add_text_encoder_service(service: Any, server: grpc.aio.Server) -> None:
     """Registers the service with request parsing that answers INVALID_ARGUMENT to malformed bytes."""
     handlers = {
         "Encode": grpc.unary_stream_rpc_method_handler(
             service.Encode,
             request_deserializer=_lenient(pb.EncodeRequest),
-            response_serializer=pb.EncodeResponse.SerializeToString,
+            response_serializer=_serialize_encode_response,
         ),
         "Info": grpc.unary_unary_rpc_method_handler(
             service.Info,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -186,6 +187,10 @@ class EncoderServer:
 
 async def serve(settings: Settings, engine_factory: EngineFactory = load_engine) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
+    if settings.gil_switch_interval_ms > 0:
+        # Process-wide, so only here, where this process is the server (never in EncoderServer, which
+        # tests and benchmarks embed in processes of their own).
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     server = EncoderServer(settings, engine_factory)
     port = await server.start()
     print(f"flux2-encoder-server listening on {settings.host}:{port}", flush=True)

@@ -74,6 +74,12 @@ class Settings:
         300.0, "deadline for requests that carry none (a client's own gRPC deadline always applies)"
     )
     chunk_bytes: int = _setting(1 << 20, "payload bytes per streamed chunk (must stay under the client's 4 MiB limit)")
+    gil_switch_interval_ms: float = _setting(
+        1.0,
+        "Python's thread switch interval (sys.setswitchinterval) set by `serve` for the server process: the "
+        "model thread and the response streaming share one GIL, and a shorter interval lets the model thread "
+        "launch its next GPU kernels sooner (Python's default is 5 ms); 0 leaves the interpreter's value",
+    )
     # -- security -----------------------------------------------------------------------------------------
     auth_tokens_file: str | None = _setting(
         None,
@@ -180,6 +186,8 @@ class Settings:
                 out.append(f"--{name.replace('_', '-')} must not be negative")
         if not 1024 <= self.chunk_bytes <= 3 << 20:
             out.append("--chunk-bytes must be between 1 KiB and 3 MiB (gRPC's default receive limit is 4 MiB)")
+        if not 0 <= self.gil_switch_interval_ms <= 100:
+            out.append("--gil-switch-interval-ms must be between 0 (leave Python's value) and 100")
         if self.max_wait_ms < 0 or self.grace_period_s < 0 or self.rate_limit_prompts_per_s < 0:
             out.append("--max-wait-ms, --grace-period-s and --rate-limit-prompts-per-s must not be negative")
         if self.default_timeout_s <= 0:

@@ -113,6 +113,45 @@ def iter_chunks(data: memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Ite
         yield pb.EncodeResponse(chunk=pb.TensorChunk(offset=offset, data=bytes(data[offset : offset + chunk_bytes])))
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Wire tags (field number << 3 | wire type) of the fields a chunk message is made of.
+_TAG_RESPONSE_CHUNK = b"\x12"  # EncodeResponse.chunk = 2, length-delimited
+_TAG_CHUNK_OFFSET = b"\x08"  # TensorChunk.offset = 1, varint
+_TAG_CHUNK_DATA = b"\x12"  # TensorChunk.data = 2, length-delimited
+
+
+def chunk_response_bytes(data: memoryview, offset: int, end: int) -> bytes:
+    """The serialized `EncodeResponse{chunk{offset, data[offset:end]}}`, exactly the bytes protobuf writes,
+    built with one copy of the payload (protobuf's own route copies it three times: slice to bytes,
+    bytes into the message, message out to the wire). Servers stream these through an identity
+    serializer; the message has two scalar fields, so its encoding is fixed by the protobuf spec."""
+    if not 0 <= offset <= end <= len(data):
+        raise ValueError(f"chunk [{offset}, {end}) outside a payload of {len(data)} bytes")
+    length = end - offset
+    # proto3 leaves out fields that hold their default (0, empty), as SerializeToString does.
+    inner = (_TAG_CHUNK_OFFSET + _varint(offset) if offset else b"") + (
+        _TAG_CHUNK_DATA + _varint(length) if length else b""
+    )
+    prefix = _TAG_RESPONSE_CHUNK + _varint(len(inner) + length) + inner
+    return b"".join((prefix, data[offset:end]))
+
+
+def iter_chunk_response_bytes(data: memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """`iter_chunks` as ready wire bytes: one serialized EncodeResponse per chunk."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    for offset in range(0, len(data), chunk_bytes):
+        yield chunk_response_bytes(data, offset, min(offset + chunk_bytes, len(data)))
+
+
 def expected_raw_bytes(header: pb.TensorHeader) -> int:
     count = 1
     for dim in header.shape:
