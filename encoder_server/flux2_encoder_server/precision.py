@@ -41,6 +41,21 @@ def enable_compiled_fp8_quantization() -> None:
     _quantize_rows_impl = torch.compile(_quantize_rows, dynamic=True)
 
 
+def fp8_unsupported_reason(device: torch.device) -> str | None:
+    """Why row-wise fp8 matmuls cannot run on `device` (None when they can)."""
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return "fp8 needs a GPU of compute capability 8.9+ (Ada, Hopper or newer)"
+        return None
+    # CPU: older torch releases only accept per-tensor scales here (an internal assert); probe once.
+    try:
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as exc:
+        return f"torch {torch.__version__} cannot run row-wise fp8 matmuls on {device.type} ({str(exc)[:80]}…)"
+    return None
+
+
 class Fp8Linear(nn.Module):
     """y = x @ W.T with W in float8 e4m3 (per-output-channel scale) and x quantized per row at run time."""
 
@@ -126,6 +141,11 @@ def quantize_linears_(module: nn.Module, precision: str) -> nn.Module:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     if precision == "bf16":
         return module
+    if precision == "fp8":
+        first = next((m.weight for m in module.modules() if type(m) is nn.Linear), None)
+        reason = None if first is None else fp8_unsupported_reason(first.device)
+        if reason:
+            raise ValueError(f"precision fp8: {reason}")
     convert = _CONVERTERS[precision]
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
