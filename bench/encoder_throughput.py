@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import build_dit, build_encoder, prompts
+from serving_cpu import NullEngine  # the same no-model engine as the CPU serving benchmark
 
 RESULTS: dict[str, Any] = {}
 OUT: Path = Path(".")
@@ -361,7 +362,7 @@ def ab_sweep(engine: Any, pool: list[str], args: argparse.Namespace, key: str, o
 def ceiling(tok: Any, pool: list[str], args: argparse.Namespace) -> None:
     """The serving path alone: a null engine that answers at once."""
     with section("ceiling"):
-        null = NullEngine(tok, args)
+        null = NullEngine(192 if args.tiny else 15360)
         one = [(args.clients, args.served_seconds)]
         if args.ab:
             ab_sweep(null, pool, args, "served_null", one)
@@ -449,28 +450,6 @@ def dit_fidelity(embeds: dict[str, torch.Tensor], args: argparse.Namespace) -> N
     rows["_note"] = "FLUX.2 DiT, real width, 2 double + 4 single blocks (real: 8 + 48), random weights, 1024 px, t=0.5"
     RESULTS["dit_one_step"] = rows
     log("dit", rows)
-
-
-class NullEngine:
-    """Answers at once with a fixed embedding-sized CPU tensor: what the serving path alone can carry."""
-
-    def __init__(self, tok: Any, args: argparse.Namespace):
-        from flux2_encoder_server.engine import make_fingerprint
-        from flux2_encoder_server.families import FAMILIES
-
-        width = 192 if args.tiny else 15360
-        self.fingerprint = make_fingerprint(
-            FAMILIES["mistral3"], weights_id="null", revision="none", dtype=torch.bfloat16, precision="bf16",
-            batching_mode="reproducible",
-        )  # fmt: skip
-        self.embedding_dim = width
-        self.batch_sizes: Counter[int] = Counter()
-        self._rows = torch.randn(64, 512, width).to(torch.bfloat16)
-        self._tok = tok
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        self.batch_sizes[len(prompts)] += 1
-        return self._rows[: len(prompts)].clone()
 
 
 def main() -> None:
