@@ -202,3 +202,30 @@ def test_fp8_on_an_unsupported_device_is_a_clear_error(reference_pipe, monkeypat
     monkeypatch.setattr(torch, "_scaled_mm", refuse)
     with pytest.raises(ValueError, match=r"precision fp8: torch .* cannot run row-wise fp8 matmuls on cpu"):
         EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer, precision="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: needs CUDA")
+def test_cuda_graphs_give_the_bytes_of_the_eager_forward_and_pipelined_launches_stay_apart(reference_pipe):
+    import copy
+
+    full = copy.deepcopy(reference_pipe.text_encoder).to("cuda")
+    eager = EncoderEngine.from_model(full, reference_pipe.tokenizer)
+    # What a 5-prompt batch runs as in the 8 bucket: the five prompts and three copies of the first.
+    want = eager.encode(PROMPTS + [PROMPTS[0]] * 3)[:5]
+    graphs = EncoderEngine.from_model(full, reference_pipe.tokenizer)
+    assert graphs.capture_cuda_graphs([2, 4, 8]) == (2, 4, 8)
+    assert torch.equal(graphs.encode(PROMPTS), want)
+    assert graphs.batch_sizes[8] == 1
+    # Two batches in flight on the device: the second replay overwrites the static output only after the
+    # first one's copy to the host (stream order), so each handle holds its own rows.
+    first, second = graphs.launch(PROMPTS[:4]), graphs.launch(PROMPTS[1:5])
+    assert torch.equal(second.result(), eager.encode(PROMPTS[1:5]))
+    assert torch.equal(first.result(), eager.encode(PROMPTS[:4]))
+    with pytest.raises(ValueError, match="at least 2"):
+        graphs.capture_cuda_graphs([1, 4])
+
+
+def test_cuda_graphs_on_the_cpu_are_a_clear_error(reference_pipe):
+    engine = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; this engine runs on cpu"):
+        engine.capture_cuda_graphs([2, 4])

@@ -4,6 +4,7 @@ can hold the worker at a gate so that requests pile up in a known state."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -267,3 +268,101 @@ def test_http_client_disconnect_drops_its_queued_request(make_server):
         ),
         what="the abandoned request counted as CANCELLED",
     )
+
+
+class _HeldBatch:
+    """A launched batch whose rows arrive only when the test lets them (a stand-in for the device)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self.done = threading.Event()
+
+    def result(self) -> torch.Tensor:
+        assert self.done.wait(30), "the test never released this batch"
+        if self.rows is None:
+            raise RuntimeError("device fault")
+        return self.rows
+
+
+def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
+    """Depth 2: the next batch is formed and launched while the first is still on the device, never a third;
+    each caller gets its own rows; a batch whose device work fails fails only its callers."""
+    import asyncio
+
+    from flux2_encoder_server.batcher import Batcher
+    from flux2_encoder_server.errors import EncodeFailed
+
+    launched: list[tuple[list[str], _HeldBatch]] = []
+    lock = threading.Lock()
+
+    def launch(prompts: list[str]) -> _HeldBatch:
+        held = _HeldBatch(None if "poison" in prompts else engine.encode(prompts))
+        with lock:
+            launched.append((list(prompts), held))
+        return held
+
+    batcher = Batcher(launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=2)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        await asyncio.to_thread(wait_until, lambda: len(launched) == 1, 30, "the first launch")
+        second = asyncio.ensure_future(batcher.submit(["poison"]))
+        third = asyncio.ensure_future(batcher.submit(["c"]))
+        # The second batch launches while the first is still held; the third waits for a free slot.
+        await asyncio.to_thread(wait_until, lambda: len(launched) == 2, 30, "the second launch")
+        await asyncio.sleep(0.2)
+        assert len(launched) == 2 and not first.done()
+        launched[1][1].done.set()  # the second batch's device work ends first; answers stay in order
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        launched[0][1].done.set()
+        assert torch.equal((await first).embeds, engine.encode(["a"]))
+        with pytest.raises(EncodeFailed, match="device fault"):
+            await second
+        await asyncio.to_thread(wait_until, lambda: len(launched) == 3, 30, "the third launch")
+        launched[2][1].done.set()
+        assert torch.equal((await third).embeds, engine.encode(["c"]))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for _, held in launched:
+            held.done.set()
+        batcher.close()
+        batcher.join(5)
+    assert [prompts for prompts, _ in launched] == [["a"], ["poison"], ["c"]]
+
+
+def test_pipeline_depth_one_runs_one_batch_at_a_time(engine):
+    import asyncio
+
+    from flux2_encoder_server.batcher import Batcher
+
+    launched: list[_HeldBatch] = []
+
+    def launch(prompts: list[str]) -> _HeldBatch:
+        launched.append(_HeldBatch(engine.encode(prompts)))
+        return launched[-1]
+
+    batcher = Batcher(launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=1)
+
+    async def scenario():
+        jobs = [asyncio.ensure_future(batcher.submit([p])) for p in ("a", "b")]
+        await asyncio.to_thread(wait_until, lambda: len(launched) == 1, 30, "the first launch")
+        await asyncio.sleep(0.2)
+        assert len(launched) == 1  # the second waits until the first is answered
+        launched[0].done.set()
+        await asyncio.to_thread(wait_until, lambda: len(launched) == 2, 30, "the second launch")
+        launched[1].done.set()
+        return [await job for job in jobs]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        for held in launched:
+            held.done.set()
+        batcher.close()
+        batcher.join(5)
+    assert [torch.equal(r.embeds, engine.encode([p])) for r, p in zip(results, "ab", strict=True)] == [True, True]
+    with pytest.raises(ValueError, match="pipeline_depth must be at least 1"):
+        Batcher(launch, pipeline_depth=0)

@@ -7,7 +7,13 @@ deadline passed is dropped before it costs model time. A job larger than one bat
 several. An exception inside a batch fails only the jobs in that batch. Each job is resolved the moment
 the batch holding its last prompt is done, whatever else is still queued.
 
-The worker thread must outlive any single failure: everything it does per batch is guarded, and
+Pipelining: `encode` may return the rows, or a handle (`PendingBatch`) whose `result()` waits for them.
+With a handle the worker forms and launches the next batch while the device still runs this one, and a
+second thread waits for each handle in launch order and answers its callers; at most `pipeline_depth`
+batches are launched and not yet answered. So the device does not idle while the host tokenizes, answers
+callers or waits for the GIL between batches.
+
+The worker threads must outlive any single failure: everything it does per batch is guarded, and
 results are handed to the callers' event loops with `call_soon_threadsafe` (a loop that has gone away
 is ignored).
 """
@@ -22,6 +28,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Protocol
 
 import torch
 
@@ -29,7 +37,13 @@ from .errors import DeadlineExceeded, EncodeFailed, ResourceExhausted, Unavailab
 
 log = logging.getLogger(__name__)
 
-EncodeFn = Callable[[list[str]], torch.Tensor]
+
+class PendingBatch(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
+#: The rows of a batch, or a handle to them while the device computes them.
+EncodeFn = Callable[[list[str]], "torch.Tensor | PendingBatch"]
 
 
 @dataclass
@@ -48,6 +62,16 @@ class _Job:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """A batch handed to the model, waiting for its rows."""
+
+    batch: list[tuple[_Job, int, int]]
+    prompts: list[str]
+    handle: torch.Tensor | PendingBatch
+    started: float
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,7 @@ class Batcher:
         max_batch_prompts: int = 16,
         max_wait_s: float = 0.005,
         max_queued_requests: int = 256,
+        pipeline_depth: int = 2,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
     ):
@@ -86,11 +111,19 @@ class Batcher:
         self.max_queued_requests = max_queued_requests
         self._on_batch = on_batch
         self._on_drop = on_drop
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be at least 1, got {pipeline_depth}")
+        self.pipeline_depth = pipeline_depth
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._slots = threading.Semaphore(pipeline_depth)
+        self._launched: SimpleQueue[_Launched | None] = SimpleQueue()
+        self._last_finished = 0.0
         self._thread = threading.Thread(target=self._run, name="encoder-worker", daemon=True)
+        self._answerer = threading.Thread(target=self._answer_loop, name="encoder-answerer", daemon=True)
         self._thread.start()
+        self._answerer.start()
 
     @property
     def queued(self) -> int:
@@ -151,7 +184,9 @@ class Batcher:
             self._fail(job, Unavailable("server is shutting down"))
 
     def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._thread.join(timeout)
+        self._answerer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # -- worker thread ------------------------------------------------------------------------------
     def _forget(self, job: _Job) -> None:
@@ -203,43 +238,70 @@ class Batcher:
         log.debug("dropped a queued request (%s)", reason)
 
     def _run(self) -> None:
-        while True:
-            try:
-                batch = self._take_batch()
-            except Exception:  # never let the worker die: every later request would hang
-                log.exception("batcher: could not form a batch")
-                time.sleep(0.01)
-                continue
-            if batch is None:
-                return
-            if batch:
-                self._run_batch(batch)
+        try:
+            while True:
+                # A free pipeline slot first, then the batch: prompts that arrive while the device is
+                # busy still make it into the next batch.
+                self._slots.acquire()
+                try:
+                    batch = self._take_batch()
+                except Exception:  # never let the worker die: every later request would hang
+                    log.exception("batcher: could not form a batch")
+                    self._slots.release()
+                    time.sleep(0.01)
+                    continue
+                if batch is None:
+                    return
+                if batch:
+                    self._launch(batch)
+                else:
+                    self._slots.release()
+        finally:
+            self._launched.put(None)
 
-    def _run_batch(self, batch: list[tuple[_Job, int, int]]) -> None:
+    def _launch(self, batch: list[tuple[_Job, int, int]]) -> None:
         prompts = [p for job, start, end in batch for p in job.prompts[start:end]]
         started = time.monotonic()
         for job, _, _ in batch:
             if job.started_at is None:
                 job.started_at = started
         try:
-            embeds = self._encode(prompts)
+            handle = self._encode(prompts)
+        except Exception as exc:
+            self._slots.release()
+            self._fail_batch(batch, prompts, exc)
+            return
+        self._launched.put(_Launched(batch, prompts, handle, started))
+
+    def _answer_loop(self) -> None:
+        while (launched := self._launched.get()) is not None:
+            try:
+                self._answer(launched)
+            except Exception:  # never let the answerer die either
+                log.exception("batcher: answering a batch failed")
+            finally:
+                self._slots.release()
+
+    def _answer(self, launched: _Launched) -> None:
+        batch, prompts = launched.batch, launched.prompts
+        try:
+            handle = launched.handle
+            embeds = handle if isinstance(handle, torch.Tensor) else handle.result()
             if embeds.shape[0] != len(prompts):
                 raise RuntimeError(f"the model returned {embeds.shape[0]} rows for {len(prompts)} prompts")
         except Exception as exc:
-            log.exception("encode failed for a batch of %d prompts", len(prompts))
-            for job, _, _ in batch:
-                job.failed = True
-                self._forget(job)
-                self._fail(job, EncodeFailed(f"encoding failed: {type(exc).__name__}: {exc}"))
-            if self._on_batch:
-                self._guarded(self._on_batch, BatchStats(len(prompts), len(batch), 0.0, 0.0, failed=True))
+            self._fail_batch(batch, prompts, exc)
             return
         finished = time.monotonic()
+        # Model time of this batch: from its launch, or from the end of the batch before it that was
+        # still running on the device when it was launched.
+        started = max(launched.started, self._last_finished)
+        self._last_finished = finished
         if self._on_batch:
             stats = BatchStats(
                 prompts=len(prompts),
                 jobs=len({id(job) for job, _, _ in batch}),
-                queue_seconds=max(started - job.enqueued_at for job, _, _ in batch),
+                queue_seconds=max(launched.started - job.enqueued_at for job, _, _ in batch),
                 encode_seconds=finished - started,
             )
             self._guarded(self._on_batch, stats)
@@ -259,6 +321,15 @@ class Batcher:
                 self._resolve(job, result)
             if end == len(job.prompts):
                 job.rows = []  # drop references to batch rows early
+
+    def _fail_batch(self, batch: list[tuple[_Job, int, int]], prompts: list[str], exc: Exception) -> None:
+        log.error("encode failed for a batch of %d prompts", len(prompts), exc_info=exc)
+        for job, _, _ in batch:
+            job.failed = True
+            self._forget(job)
+            self._fail(job, EncodeFailed(f"encoding failed: {type(exc).__name__}: {exc}"))
+        if self._on_batch:
+            self._guarded(self._on_batch, BatchStats(len(prompts), len(batch), 0.0, 0.0, failed=True))
 
     @staticmethod
     def _guarded(callback: Callable[[BatchStats], None], stats: BatchStats) -> None:

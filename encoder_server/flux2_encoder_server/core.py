@@ -211,6 +211,7 @@ class EncoderCore:
             max_batch_prompts=self.settings.max_batch_prompts,
             max_wait_s=self.settings.max_wait_ms / 1000,
             max_queued_requests=self.settings.max_queued_requests,
+            pipeline_depth=self.settings.pipeline_depth,
             on_batch=self._on_batch,
             on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
         )

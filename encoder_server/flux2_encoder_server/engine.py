@@ -13,7 +13,9 @@ import gc
 import hashlib
 import json
 import logging
+import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cuda_graphs import DecoderGraphs, HostMaskBuilder
 from .families import FAMILIES, EncoderFamily, family_for_architectures
 from .precision import PRECISIONS, enable_compiled_fp8_quantization, quantize_linears_
 
@@ -160,6 +163,9 @@ class EncoderEngine:
         #: How many model batches ran at each batch size (padding included), for benchmarks and tests.
         self.batch_sizes: Counter[int] = Counter()
         self._capture: torch.Tensor | None = None
+        self._graphs: DecoderGraphs | None = None
+        self._mask_builder = HostMaskBuilder(decoder, dtype)
+        self._forward_lock = threading.Lock()
         if min(family.hidden_layers) < 1 or max(family.hidden_layers) > len(decoder.layers):
             raise ValueError(f"hidden layers {family.hidden_layers} outside the decoder's {len(decoder.layers)}")
         for slot, layer_index in enumerate(family.hidden_layers):
@@ -310,41 +316,116 @@ class EncoderEngine:
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.family.tokenize(self.tokenizer, prompts)
 
+    def capture_cuda_graphs(self, batch_sizes: Sequence[int]) -> tuple[int, ...]:
+        """Capture the forward as CUDA graphs for these batch sizes (GPU only); returns the sizes.
+
+        Later batches run padded up to the next captured size (with copies of their first prompt, like
+        reproducible mode's lone prompt); larger ones run eagerly. With `compile`, the compiled layers
+        are what gets captured.
+        """
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this engine runs on {self.device}")
+        if not batch_sizes or min(batch_sizes) < self.min_batch:
+            raise ValueError(f"graph batch sizes {list(batch_sizes)} must be at least {self.min_batch}")
+        example = self.tokenize(["warm-up"])
+        mask4d = self._mask_builder(example["attention_mask"])
+        if mask4d is None:
+            raise RuntimeError("the warm-up prompt should be padded to max_length")
+        with torch.inference_mode(), self._forward_lock:
+            self._graphs = DecoderGraphs(
+                self._run_decoder,
+                example["input_ids"].to(self.device),
+                mask4d.to(self.device),
+                batch_sizes,
+                self.embedding_dim,
+                self.dtype,
+            )
+        return self._graphs.batch_sizes
+
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Embeddings for `prompts` as a CPU tensor in the engine dtype."""
+        return self.launch(prompts).result()
+
+    @torch.inference_mode()
+    def launch(self, prompts: list[str]) -> PendingEmbeds:
+        """Start encoding `prompts`; returns while the device still works, without waiting for it.
+
+        So a batcher can form and launch the next batch while this one runs, and the device does not
+        idle between batches. Nothing here synchronizes with the device: inputs go over from pinned
+        memory and the attention mask is built on the host.
+        """
         inputs = self.tokenize(prompts)
-        return self.forward(inputs["input_ids"], inputs["attention_mask"])
+        return self.forward_async(inputs["input_ids"], inputs["attention_mask"])
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_async(input_ids, attention_mask).result()
+
+    @torch.inference_mode()
+    def forward_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PendingEmbeds:
+        # One forward at a time: the capture hooks write into the buffer of the forward in progress, and
+        # the graphs' static buffers are shared. On a GPU this only covers the launch, not the compute.
+        with self._forward_lock:
+            return self._forward_async(input_ids, attention_mask)
+
+    def _forward_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PendingEmbeds:
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         batch, seq_len = input_ids.shape
         run = max(batch, self.min_batch)
-        if run > batch:  # reproducible mode: pad with copies of the first prompt
+        bucket = self._graphs.bucket(run) if self._graphs is not None else None
+        run = bucket or run
+        if run > batch:  # reproducible mode / graph bucket: pad with copies of the first prompt
             input_ids = torch.cat([input_ids, input_ids[:1].expand(run - batch, -1)])
             attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(run - batch, -1)])
-        out = torch.empty((run, seq_len, self.embedding_dim), dtype=self.dtype, device=self.device)
+        mask4d = self._mask_builder(attention_mask)
+        ids = self._to_device(input_ids)
+        mask = self._to_device(mask4d if mask4d is not None else attention_mask)
+        if bucket is not None and mask4d is not None and self._graphs is not None:
+            out = self._graphs.replay(ids, mask)
+        else:
+            out = torch.empty((run, seq_len, self.embedding_dim), dtype=self.dtype, device=self.device)
+            self._run_decoder(ids, mask, out)
+        self.batch_sizes[run] += 1
+        return self._start_copy_to_host(out[:batch])
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        # Pinned source + non_blocking: queued behind the running batch instead of waiting for it.
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _run_decoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: torch.Tensor) -> None:
         self._capture = out
         try:
-            self.decoder(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                use_cache=False,
-            )
+            self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             self._capture = None
-        self.batch_sizes[run] += 1
-        return self._to_host(out[:batch])
 
-    def _to_host(self, embeds: torch.Tensor) -> torch.Tensor:
+    def _start_copy_to_host(self, embeds: torch.Tensor) -> PendingEmbeds:
         if embeds.device.type == "cpu":
-            return embeds
+            return PendingEmbeds(embeds)
         # Pinned memory copies at ~55 GB/s instead of ~9 GB/s pageable (H100, PCIe gen5); torch's caching
-        # host allocator hands the block back out once the tensor is released, so this allocates once.
+        # host allocator hands the block back out once the copy recorded on it is done.
         host = torch.empty(embeds.shape, dtype=embeds.dtype, pin_memory=True)
         host.copy_(embeds, non_blocking=True)
-        torch.cuda.current_stream(embeds.device).synchronize()
-        return host
+        done = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning a core
+        done.record(torch.cuda.current_stream(embeds.device))
+        return PendingEmbeds(host, done)
+
+
+class PendingEmbeds:
+    """Embeddings on their way to host memory; `result()` waits for the device (without the GIL)."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None = None):
+        self._host = host
+        self._done = done
+
+    def result(self) -> torch.Tensor:
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        return self._host
 
 
 def _plain_copy(layer: nn.Module) -> nn.Module:

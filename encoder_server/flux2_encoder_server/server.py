@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .batcher import Batcher
 from .core import EncoderCore
+from .cuda_graphs import graph_batch_sizes
 from .engine import EncoderEngine
 from .grpc_service import BearerAuthInterceptor, TextEncoderService, add_text_encoder_service
 from .http_app import HttpFrontEnd, create_app
@@ -31,7 +32,7 @@ EngineFactory = Callable[[Settings], EncoderEngine]
 def load_engine(settings: Settings) -> EncoderEngine:
     import torch
 
-    return EncoderEngine.from_pretrained(
+    engine = EncoderEngine.from_pretrained(
         settings.model,
         revision=settings.revision,
         device=settings.device,
@@ -42,6 +43,10 @@ def load_engine(settings: Settings) -> EncoderEngine:
         batching_mode=settings.batching_mode,
         compile=settings.compile,
     )
+    if settings.cuda_graphs:
+        sizes = engine.capture_cuda_graphs(graph_batch_sizes(settings.max_batch_prompts, engine.min_batch))
+        log.info("captured CUDA graphs for batch sizes %s", list(sizes))
+    return engine
 
 
 def _read(path: str) -> bytes:
@@ -138,7 +143,7 @@ class EncoderServer:
         if self.settings.warmup:
             await asyncio.to_thread(engine.encode, ["warm-up"])
         self.engine = engine
-        self.batcher = self.core.make_batcher(engine.encode)
+        self.batcher = self.core.make_batcher(engine.launch)
         self.core.attach(self.batcher, engine.fingerprint, engine.embedding_dim)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])

@@ -44,6 +44,12 @@ class Settings:
         choices=("reproducible", "dynamic"),
     )
     compile: bool = _setting(False, "torch.compile the decoder layers (faster on GPUs; not bit-identical to eager)")
+    cuda_graphs: bool = _setting(
+        False,
+        "capture the forward as CUDA graphs, one per batch size 2, 4, 8, 16, 24, ... up to --max-batch-prompts "
+        "(a batch runs padded up to the next one): one launch per batch instead of ~600, so streaming responses "
+        "cannot starve the GPU of kernels; costs start-up time and one batch of GPU memory (CUDA only)",
+    )
     host: str = _setting("0.0.0.0", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one, printed at start)")
     http_port: int | None = _setting(
@@ -61,6 +67,11 @@ class Settings:
         "token budget of a batch is max_batch_prompts * 512",
     )
     max_wait_ms: float = _setting(5.0, "how long the batcher waits to fill a batch once a request is queued")
+    pipeline_depth: int = _setting(
+        2,
+        "model batches launched on the device and not yet answered: at 2 the next batch is formed and launched "
+        "while one runs, so the GPU does not idle between batches; 1 runs one batch at a time",
+    )
     # -- limits and backpressure (a full limit answers RESOURCE_EXHAUSTED at once) ---------------------
     max_prompts_per_request: int = _setting(64, "most prompts one Encode request may carry")
     max_prompt_chars: int = _setting(20000, "most characters in one prompt (longer prompts are refused)")
@@ -178,6 +189,7 @@ class Settings:
             "max_prompt_chars",
             "max_queued_requests",
             "max_inflight_bytes",
+            "pipeline_depth",
         ):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be at least 1")
