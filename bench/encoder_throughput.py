@@ -185,6 +185,8 @@ def serve(
     switch_interval_s: float | None = None,
     chunk_bytes: int = 1 << 20,
     legacy_chunks: bool = False,
+    pipeline_depth: int = 2,
+    max_batch: int | None = None,
 ) -> None:
     """Real gRPC server in this process; clients in `ceil(N/8)` processes; one prompt per request.
     `legacy_chunks`: stream chunks the way the server did before pre-serialized chunk bytes (A/B runs)."""
@@ -201,8 +203,9 @@ def serve(
         port=0,
         device=args.device,
         warmup=False,
-        max_batch_prompts=args.max_batch,
+        max_batch_prompts=max_batch or args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        pipeline_depth=pipeline_depth,
         max_queued_requests=1024,
         chunk_bytes=chunk_bytes,
         cache_bytes=0,  # every request must reach the model (the pool repeats prompts)
@@ -210,18 +213,34 @@ def serve(
     previous_switch = sys.getswitchinterval()
     if switch_interval_s is not None:
         sys.setswitchinterval(switch_interval_s)
-    # Time every model call the server makes: a batch that takes longer served than alone means the
-    # model thread waited (for the GIL) while the GPU had nothing queued.
-    batch_times: list[tuple[int, float]] = []
-    plain_encode = engine.encode
+    # Time every model batch the server runs: (prompts, launched, done, seconds spent launching). A batch
+    # that takes longer served than alone means the device waited for the host (e.g. the GIL).
+    batch_times: list[tuple[int, float, float, float]] = []
+    plain_launch = engine.launch
 
-    def timed_encode(prompts: list[str]) -> Any:
+    class TimedHandle:
+        def __init__(self, handle: Any, n: int, t0: float, launch_s: float):
+            self.handle, self.n, self.t0, self.launch_s = handle, n, t0, launch_s
+
+        def result(self) -> Any:
+            rows = self.handle if isinstance(self.handle, torch.Tensor) else self.handle.result()
+            batch_times.append((self.n, self.t0, time.perf_counter(), self.launch_s))
+            return rows
+
+    def timed_launch(prompts: list[str]) -> Any:
         t0 = time.perf_counter()
-        out = plain_encode(prompts)
-        batch_times.append((len(prompts), time.perf_counter() - t0))
-        return out
+        handle = plain_launch(prompts)
+        return TimedHandle(handle, len(prompts), t0, time.perf_counter() - t0)
 
-    engine.encode = timed_encode
+    def model_seconds() -> list[float]:
+        # A pipelined batch's model time starts when the one before it finished, not when it was launched.
+        spans, previous_end = [], 0.0
+        for _, t0, t1, _ in sorted(batch_times, key=lambda t: t[2]):
+            spans.append(t1 - max(t0, previous_end))
+            previous_end = t1
+        return spans
+
+    engine.launch = timed_launch
     server = EncoderServer(settings, lambda _s: engine)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -236,8 +255,8 @@ def serve(
     alone = []
     for _ in range(3):
         batch_times.clear()
-        engine.encode(pool[:16])
-        alone.append(batch_times[0][1])
+        engine.launch(pool[:16]).result()
+        alone.append(batch_times[0][2] - batch_times[0][1])
     target = f"127.0.0.1:{port}"
     pool_file = Path(tempfile.mkdtemp()) / "pool.json"
     pool_file.write_text(json.dumps(pool))
@@ -301,14 +320,17 @@ def serve(
                 "batching_mode_in_header": sorted({r[4] for r in records}),
                 # Served model calls: ms per prompt inside the batch (compare with the engine rows).
                 "model_ms_per_prompt_served": round(
-                    1000 * sum(t for _, t in batch_times) / max(1, sum(n for n, _ in batch_times)), 2
+                    1000 * sum(model_seconds()) / max(1, sum(n for n, *_ in batch_times)), 2
                 ),
-                "model_busy_fraction": round(sum(t for _, t in batch_times) / seconds, 3),
+                "model_busy_fraction": round(sum(model_seconds()) / seconds, 3),
+                "launch_ms_per_batch": round(1000 * statistics.mean(t[3] for t in batch_times), 1)
+                if batch_times
+                else None,
             }
             results[f"{clients}_clients"] = row
             log(key, row)
     finally:
-        vars(engine).pop("encode", None)
+        vars(engine).pop("launch", None)
         variant.__exit__(None, None, None)
         run(server.stop(0))
         loop.call_soon_threadsafe(loop.stop)
@@ -328,6 +350,9 @@ def serve(
     results["model_ms_per_prompt_alone_b16"] = round(1000 * statistics.median(alone) / 16, 2)
     results["chunks"] = "legacy protobuf-built" if legacy_chunks else "pre-serialized"
     results["threads_per_process"] = args.threads_per_process
+    results["pipeline_depth"] = pipeline_depth
+    results["max_batch_prompts"] = max_batch or args.max_batch
+    results["cuda_graph_sizes"] = list(engine._graphs.batch_sizes) if getattr(engine, "_graphs", None) else []
     RESULTS[key] = results
 
 
@@ -357,6 +382,77 @@ def ab_sweep(engine: Any, pool: list[str], args: argparse.Namespace, key: str, o
         per_proc, args.threads_per_process = args.threads_per_process, 2
         serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms_2threads_per_process", one, ms / 1000)
         args.threads_per_process = per_proc
+
+
+def pipeline_ab(full: Any, tok: Any, pool: list[str], args: argparse.Namespace) -> None:
+    """Served throughput, same run, one row per `--pipeline-rows` spec PRECISION/PATH/DEPTH/MAXBATCH/CLIENTS/TPP
+    (PATH eager or graphs; DEPTH 1 = one batch at a time, 2 = next batch launched while one runs; TPP =
+    client threads per load process), e.g. bf16/graphs/2/16/32/8. Rows of one precision share its engine;
+    the first row of each engine path is preceded by 4 untimed seconds of load (compiles batch sizes)."""
+    from flux2_encoder_server import EncoderEngine
+    from flux2_encoder_server.cuda_graphs import graph_batch_sizes
+
+    specs = [spec.split("/") for spec in args.pipeline_rows]
+    for precision in dict.fromkeys(spec[0] for spec in specs):
+        engine = EncoderEngine.from_model(full, tok, precision=precision, compile=True)
+        engine.encode(pool[:2])
+        bench_engine(engine, pool, args, f"engine_compiled_{precision}")
+        if args.slot_sweep:
+            slot_invariance(engine, pool, f"slot_invariance_compiled_eager_{precision}")
+        warmed: set[str] = set()
+        for _, path, depth, max_batch, clients, tpp in (s for s in specs if s[0] == precision):
+            if path == "graphs" and engine._graphs is None:
+                t0 = time.time()
+                sizes = engine.capture_cuda_graphs(graph_batch_sizes(32, engine.min_batch))
+                RESULTS[f"graphs_capture_s_{precision}"] = {"seconds": round(time.time() - t0, 1), "sizes": sizes}
+                bench_engine(engine, pool, args, f"engine_compiled_graphs_{precision}")
+                graph_invariance(engine, pool, f"graph_buckets_invariance_{precision}")
+                if args.slot_sweep:
+                    slot_invariance(engine, pool, f"slot_invariance_compiled_graphs_{precision}")
+            if path == "eager":
+                engine._graphs = None
+            load = [(int(clients), args.served_seconds)]
+            if path not in warmed:
+                load.insert(0, (int(clients), 4.0))
+                warmed.add(path)
+            per_proc, args.threads_per_process = args.threads_per_process, int(tpp)
+            key = f"served_{precision}_compiled_{path}_depth{depth}_mb{max_batch}_{clients}clients_{tpp}tpp"
+            serve(engine, pool, args, key, load, 0.001, pipeline_depth=int(depth), max_batch=int(max_batch))
+            args.threads_per_process = per_proc
+        engine._graphs = None
+        for layer in engine.decoder.layers:  # bf16 layers are shared with `full`: give back the eager forward
+            vars(layer).pop("forward", None)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def slot_invariance(engine: Any, pool: list[str], key: str, sizes: tuple[int, ...] = (2, 4, 8, 16, 24, 32)) -> None:
+    """The probe prompt at every slot of batches of each size (other rows from the pool) vs alone."""
+    probe = pool[0]
+    alone = row_sha(engine.encode([probe])[0])
+    differ: dict[str, list[int]] = {}
+    for size in sizes:
+        bad = []
+        for slot in range(size):
+            others = pool[1:size]
+            batch = [*others[:slot], probe, *others[slot:]]
+            if row_sha(engine.encode(batch)[slot]) != alone:
+                bad.append(slot)
+        differ[str(size)] = bad
+    RESULTS[key] = {"slots_differing_from_alone": differ, "cases": sum(sizes),
+                    "identical_cases": sum(sizes) - sum(len(v) for v in differ.values())}  # fmt: skip
+    log(key, RESULTS[key])
+
+
+def graph_invariance(engine: Any, pool: list[str], key: str) -> None:
+    """A probe prompt alone (bucket 2) and inside a full batch of every captured size: same bytes?"""
+    probe = pool[0]
+    alone = row_sha(engine.encode([probe])[0])
+    RESULTS[key] = {
+        str(size): row_sha(engine.encode([probe, *pool[1:size]])[0]) == alone for size in engine._graphs.batch_sizes
+    }
+    log(key, RESULTS[key])
 
 
 def ceiling(tok: Any, pool: list[str], args: argparse.Namespace) -> None:
@@ -476,6 +572,13 @@ def main() -> None:
     parser.add_argument("--ab-switch-ms", type=float, nargs="+", default=[1.0, 0.2, 0.05])
     parser.add_argument("--ab-3mib", action="store_true", help="with --ab: also 3 MiB chunks")
     parser.add_argument("--ab-load", action="store_true", help="with --ab: also 2x clients, 2 threads/process")
+    parser.add_argument("--slot-sweep", action="store_true", help="pipeline section: probe at every slot")
+    parser.add_argument(
+        "--pipeline-rows",
+        nargs="+",
+        default=["bf16/eager/1/32/32/8", "bf16/eager/2/16/32/8", "bf16/graphs/2/16/32/8", "fp8/graphs/2/16/32/8"],
+        help="served rows of the pipeline section: PRECISION/PATH/DEPTH/MAXBATCH/CLIENTS/TPP",
+    )
     parser.add_argument("--threads-per-process", type=int, default=8, help="client threads per load process")
     args = parser.parse_args()
     OUT = Path(args.out)
@@ -570,6 +673,9 @@ def main() -> None:
                     serve(compiled, pool, args, "served_compiled_reproducible", [*one, (1, 4.0)])
                     serve(compiled, pool, args, "served_compiled_switch1ms", one, switch_interval_s=0.001)
                     serve(compiled, pool, args, "served_compiled_switch1ms_chunk3MiB", one, 0.001, 3 << 20)
+    if "pipeline" in sections:
+        with section("pipeline"):
+            pipeline_ab(full, tok, pool, args)
     if "fp8" in sections:
         with section("fp8"):
             with contextlib.suppress(NameError):
