@@ -218,19 +218,29 @@ def serve(
     batch_times: list[tuple[int, float, float, float]] = []
     plain_launch = engine.launch
 
+    # With --keep-model-rows: every distinct row the model produced per prompt (up to 3), to tell whether
+    # two hashes seen by clients were two different model outputs, and how they differ.
+    model_rows: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+
     class TimedHandle:
-        def __init__(self, handle: Any, n: int, t0: float, launch_s: float):
-            self.handle, self.n, self.t0, self.launch_s = handle, n, t0, launch_s
+        def __init__(self, handle: Any, prompts: list[str], t0: float, launch_s: float):
+            self.handle, self.prompts, self.t0, self.launch_s = handle, prompts, t0, launch_s
 
         def result(self) -> Any:
             rows = self.handle if isinstance(self.handle, torch.Tensor) else self.handle.result()
-            batch_times.append((self.n, self.t0, time.perf_counter(), self.launch_s))
+            batch_times.append((len(self.prompts), self.t0, time.perf_counter(), self.launch_s))
+            if args.keep_model_rows:
+                for prompt, row in zip(self.prompts, rows, strict=True):
+                    seen = model_rows[prompt]
+                    sha = row_sha(row)
+                    if sha not in seen and len(seen) < 3:
+                        seen[sha] = row.clone()
             return rows
 
     def timed_launch(prompts: list[str]) -> Any:
         t0 = time.perf_counter()
         handle = plain_launch(prompts)
-        return TimedHandle(handle, len(prompts), t0, time.perf_counter() - t0)
+        return TimedHandle(handle, list(prompts), t0, time.perf_counter() - t0)
 
     def model_seconds() -> list[float]:
         # A pipelined batch's model time starts when the one before it finished, not when it was launched.
@@ -327,6 +337,9 @@ def serve(
                 if batch_times
                 else None,
             }
+            if args.keep_model_rows:
+                row["model_rows"] = model_row_report(model_rows, per_prompt, pool)
+                model_rows.clear()
             results[f"{clients}_clients"] = row
             log(key, row)
     finally:
@@ -354,6 +367,33 @@ def serve(
     results["max_batch_prompts"] = max_batch or args.max_batch
     results["cuda_graph_sizes"] = list(engine._graphs.batch_sizes) if getattr(engine, "_graphs", None) else []
     RESULTS[key] = results
+
+
+def model_row_report(
+    model_rows: dict[str, dict[str, torch.Tensor]], client_hashes: dict[int, set[str]], pool: list[str]
+) -> dict[str, Any]:
+    """Did the model itself produce two different rows for a prompt, and where do they differ?"""
+    report: dict[str, Any] = {"prompts_with_more_than_one_model_row": 0, "differences": []}
+    for rows in model_rows.values():
+        if len(rows) < 2:
+            continue
+        report["prompts_with_more_than_one_model_row"] += 1
+        first, *others = rows.values()
+        for other in others:
+            differ = (first != other).any(dim=-1)  # per token position
+            cols = (first != other).any(dim=0).nonzero().flatten()
+            report["differences"].append({
+                **compare(other, first),
+                "token_positions_differing": int(differ.sum()),
+                "first_last_position": [int(differ.nonzero().min()), int(differ.nonzero().max())],
+                "columns_differing": int(cols.numel()),
+                "column_blocks": sorted({int(c) // (first.shape[-1] // 3) for c in cols.tolist()}),
+            })  # fmt: skip
+    model_hashes = {pool.index(p): set(rows) for p, rows in model_rows.items()}
+    report["client_hashes_not_from_the_model"] = sum(
+        len(h - model_hashes.get(i, set())) for i, h in client_hashes.items()
+    )
+    return report
 
 
 def _process_cpu_s() -> float:
@@ -572,6 +612,7 @@ def main() -> None:
     parser.add_argument("--ab-switch-ms", type=float, nargs="+", default=[1.0, 0.2, 0.05])
     parser.add_argument("--ab-3mib", action="store_true", help="with --ab: also 3 MiB chunks")
     parser.add_argument("--ab-load", action="store_true", help="with --ab: also 2x clients, 2 threads/process")
+    parser.add_argument("--keep-model-rows", action="store_true", help="served rows: keep and compare model outputs")
     parser.add_argument("--slot-sweep", action="store_true", help="pipeline section: probe at every slot")
     parser.add_argument(
         "--pipeline-rows",

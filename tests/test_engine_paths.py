@@ -229,3 +229,34 @@ def test_cuda_graphs_on_the_cpu_are_a_clear_error(reference_pipe):
     engine = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; this engine runs on cpu"):
         engine.capture_cuda_graphs([2, 4])
+
+
+def test_reproducible_mode_always_masks_so_full_length_prompts_run_one_attention_kernel(reference_pipe, monkeypatch):
+    """A batch in which every prompt fills max_length has nothing padded; transformers would then drop the
+    mask and take sdpa's is_causal kernel, other bits on an H100 than the masked kernel the same prompt
+    gets next to a shorter one. Reproducible mode always passes the mask; dynamic mode keeps the drop."""
+    from flux2_encoder_server.cuda_graphs import HostMaskBuilder
+
+    engine = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer)
+    builder = HostMaskBuilder(engine.decoder, torch.bfloat16)
+    full = torch.ones((2, 512), dtype=torch.long)
+    padded = full.clone()
+    padded[1, 300:] = 0
+    causal = torch.ones((512, 512), dtype=torch.bool).tril()
+    assert builder(full) is None
+    assert torch.equal(builder(full, always=True), causal.expand(2, 1, 512, 512))
+    assert torch.equal(builder(padded), builder(padded, always=True))
+    assert torch.equal(builder(padded), causal & padded.bool()[:, None, None, :])
+    # transformers releases without `allow_is_causal_skip`: the builder makes the same mask itself.
+    monkeypatch.setattr(builder, "_params", builder._params - {"allow_is_causal_skip"})
+    assert torch.equal(builder(full, always=True), causal.expand(2, 1, 512, 512))
+
+    seen: list[torch.Tensor | None] = []
+    for mode in BATCHING_MODES:
+        eng = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer, batching_mode=mode)
+        monkeypatch.setattr(eng, "_run_decoder", lambda ids, mask, out: seen.append(mask))
+        long_prompt = "un café à Paris " * 200  # truncated to 512 tokens: nothing padded
+        assert bool(eng.tokenize([long_prompt])["attention_mask"].all())
+        eng.forward(**eng.tokenize([long_prompt]))
+    assert seen[0].shape == (2, 1, 512, 512)  # reproducible: the 4D mask
+    assert seen[1].shape == (1, 512)  # dynamic: the 2D mask, as diffusers passes it

@@ -378,7 +378,9 @@ class EncoderEngine:
         if run > batch:  # reproducible mode / graph bucket: pad with copies of the first prompt
             input_ids = torch.cat([input_ids, input_ids[:1].expand(run - batch, -1)])
             attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(run - batch, -1)])
-        mask4d = self._mask_builder(attention_mask)
+        # Reproducible mode: always an explicit mask, so full-length prompts run the same attention kernel
+        # whatever they are batched with (see HostMaskBuilder).
+        mask4d = self._mask_builder(attention_mask, always=self.batching_mode == "reproducible")
         ids = self._to_device(input_ids)
         mask = self._to_device(mask4d if mask4d is not None else attention_mask)
         if bucket is not None and mask4d is not None and self._graphs is not None:
