@@ -28,14 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import build_encoder, prompts
-from encoder_throughput import compare, measure, row_sha
+from encoder_throughput import compare, log, measure, row_sha
 
 RESULTS: dict[str, Any] = {}
 LAYERS = 30
-
-
-def log(*args: Any) -> None:
-    print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
 def save(out: Path) -> None:
