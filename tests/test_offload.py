@@ -74,7 +74,8 @@ def embeddings(batch: int) -> torch.Tensor:
     return torch.randn(batch, 512, 192, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
 
 
-def diffusers_images(pipe, embeds, images=None):
+def diffusers_images(pipe, embeds, images=None, num_images_per_prompt=1):
+    count = embeds.shape[0] * num_images_per_prompt
     return pipe(
         prompt_embeds=embeds,
         image=images,
@@ -82,7 +83,8 @@ def diffusers_images(pipe, embeds, images=None):
         width=PARAMS.width,
         num_inference_steps=PARAMS.num_inference_steps,
         guidance_scale=PARAMS.guidance_scale,
-        generator=[torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(embeds.shape[0])],
+        num_images_per_prompt=num_images_per_prompt,
+        generator=[torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(count)],
     ).images
 
 
@@ -128,16 +130,7 @@ def test_multi_reference_identical_to_diffusers(planned_pipe, plain_pipe):
     embeds = embeddings(1)
     refs = reference_images()
     ours = generate(planned_pipe, embeds, PARAMS, images=refs, num_images_per_prompt=2, progress=False)
-    theirs = plain_pipe(
-        prompt_embeds=embeds,
-        image=refs,
-        height=PARAMS.height,
-        width=PARAMS.width,
-        num_inference_steps=PARAMS.num_inference_steps,
-        guidance_scale=PARAMS.guidance_scale,
-        num_images_per_prompt=2,
-        generator=[torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(2)],
-    ).images
+    theirs = diffusers_images(plain_pipe, embeds, refs, num_images_per_prompt=2)
     assert len(ours) == 2
     for a, b in zip(arrays(ours), arrays(theirs), strict=True):
         np.testing.assert_array_equal(a, b)
