@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .shared import ITEMSIZE as _ITEMSIZE
+from .shared import dtype_name
 from .v1 import encoder_pb2 as pb
 
 if TYPE_CHECKING:
@@ -21,8 +23,6 @@ if TYPE_CHECKING:
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: Name of the tensor inside a TENSOR_FORMAT_SAFETENSORS payload.
 SAFETENSORS_KEY = "prompt_embeds"
-
-_ITEMSIZE = {pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT16: 2, pb.DTYPE_FLOAT32: 4}
 
 
 class WireError(ValueError):
@@ -59,11 +59,6 @@ def dtype_from_wire(wire: int) -> torch.dtype:
         if known == wire:
             return torch_dtype
     raise WireError(f"unknown wire dtype {wire}")
-
-
-def dtype_name(wire: int) -> str:
-    """'bfloat16' for DTYPE_BFLOAT16, and so on."""
-    return pb.DType.Name(wire).removeprefix("DTYPE_").lower()
 
 
 @dataclass(frozen=True)
