@@ -11,7 +11,7 @@ the card really holds (NVML) and host RSS.
     python bench/lowvram.py --configs plan:8:0,leaf:8:0        # mode:cap_GiB:reference_images
 
 Caps: for `leaf` and `resident` the cap is the allocator's (set_per_process_memory_fraction), as the
-anchors in DESIGN.md were measured; for `plan` it is the planner's budget for everything on the card
+anchors in docs/design.md#dit-step-times were measured; for `plan` it is the planner's budget for everything on the card
 (allocator cap = budget minus the CUDA overhead estimate), which is stricter.
 """
 

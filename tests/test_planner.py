@@ -27,7 +27,7 @@ def plan(vram_gib: float, workload: Workload = W1024, **budget):
 
 
 def test_spec_matches_the_real_model_size():
-    # 8 double + 48 single blocks, NF4 with fp32 absmax: DESIGN.md measured 16.9 GiB incl. scales.
+    # 8 double + 48 single blocks, NF4 with fp32 absmax: 16.9 GiB incl. scales (docs/design.md#model-shapes-and-sizes).
     assert len(SPEC.atoms) == 8 * 3 + 48
     assert 16.5 * GiB < SPEC.block_bytes + SPEC.other_bytes < 17.3 * GiB
     double_quant = spec_from_config({}, double_quant=True)

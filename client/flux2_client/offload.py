@@ -14,7 +14,7 @@ NF4 weight, its `quant_state` (absmax, code, nested state), norm scales — is a
 
 The hooks are diffusers' `ModelHook`s on the blocks' parts; only the transfer logic is ours.
 `quant_state` lives in the same slab as its weight, so it is on the GPU whenever the weight is (the
-bitsandbytes + group offloading trap in DESIGN.md cannot happen).
+bitsandbytes + group offloading trap in docs/design.md#bitsandbytes-and-offloading cannot happen).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ MiB = 1 << 20
 TENSOR_ALIGN = 256
 
 # What the process holds on the card outside the caching allocator: CUDA context, cuBLAS/cuDNN
-# workspaces, kernels. DESIGN.md measured ~0.8 GiB on an H100 with torch 2.11; the default leaves a
+# workspaces, kernels: ~0.8 GiB on an H100, torch 2.11 (docs/design.md#gpu-memory-and-bandwidth). The default leaves a
 # margin. The benchmark measures it and can pass the measured value.
 DEFAULT_CUDA_OVERHEAD = 1 * GiB
 
@@ -44,7 +44,7 @@ MAX_REFERENCE_IMAGES = 10  # what Flux2Pipeline (FLUX.2-dev) is documented to ta
 TEXT_TOKENS = 512
 
 # The VAE decode at 1024x1024 (FLUX.2 VAE, bf16): 4.4 GiB reserved untiled, 1.3 GiB in 512 px tiles
-# (DESIGN.md section 5). Untiled memory grows with the pixel count; tiled memory with the tile.
+# (docs/design.md#vae-tiling). Untiled memory grows with the pixel count; tiled memory with the tile.
 VAE_UNTILED_BYTES_PER_MPIXEL = int(4.4 * GiB)
 VAE_TILED_BYTES = int(1.3 * GiB)
 VAE_TILE_PX = 512
