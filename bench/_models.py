@@ -89,6 +89,50 @@ def build_dit(tiny: bool, device: str, seed: int = 0) -> Any:
     return model.eval().requires_grad_(False)
 
 
+def build_nf4_dit(device: Any, *, double_quant: bool = False, config: dict | None = None, seed: int = 0) -> Any:
+    """The FLUX.2-dev DiT (diffusers' defaults are its shapes; `config` overrides them) in bitsandbytes NF4
+    with random seeded weights, left in host memory: the state a pre-quantized checkpoint is in after
+    loading on the CPU. Built without a checkpoint (docs/design.md): constructed on the meta device, its
+    Linears swapped for `Linear4bit`, each weight drawn in bf16 on `device` (a CUDA device), quantized
+    there and moved to the host; norm scales near 1. The same seed gives the same bytes in every process."""
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from diffusers import BitsAndBytesConfig, Flux2Transformer2DModel
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    with init_empty_weights():
+        model = Flux2Transformer2DModel(**(config or {}))
+    qconfig = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+    model = replace_with_bnb_linear(model, modules_to_not_convert=[], quantization_config=qconfig)
+    gen = torch.Generator(device).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = torch.randn(module.out_features, module.in_features, device=device, dtype=torch.bfloat16, generator=gen)
+            w.mul_(module.in_features**-0.5)
+            param = bnb.nn.Params4bit(
+                w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant, module=module
+            ).to(device)
+            del w
+            module.weight = param.to("cpu")
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:  # norm scales
+                module._parameters[name] = torch.nn.Parameter(
+                    1 + 0.01 * torch.randn(p.shape, generator=cpu_gen).to(torch.bfloat16), requires_grad=False
+                )
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model.eval()
+
+
 _PHRASES = (
     "a photograph of an old lighthouse on a rocky coast at dusk, waves crashing, warm light in the windows, "
     "cinematic wide shot, 35mm film grain, a red fox curled up in fresh snow under pine trees, soft morning "

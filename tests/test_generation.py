@@ -1,4 +1,5 @@
-"""Images from the client equal diffusers' Flux2Pipeline given the same embeddings, seed and steps."""
+"""Images from the client's streamed pipeline equal diffusers' resident NF4 Flux2Pipeline given the same
+embeddings, seed and steps, and equal diffusers encoding the prompts itself."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flux2_client._quantization import load_nf4_transformer
-from flux2_client.generation import GenerationParams, generate, load_pipeline, save_png
+from flux2_client.generation import (
+    GenerationParams,
+    generate,
+    generate_to_files,
+    load_pipeline,
+    output_paths,
+    save_png,
+)
+from flux2_client.offload import MEMORY_PLAN_HOOK, get_block_streamer, get_memory_plan
 from flux2_client.remote import RemoteTextEncoder
 from PIL import Image
 
@@ -18,61 +26,63 @@ PARAMS = GenerationParams(height=64, width=64, num_inference_steps=3, guidance_s
 PROMPTS = ["a lighthouse at dusk", "two cats on a sofa"]
 
 
-@pytest.fixture(scope="module")
-def client_pipe(tiny):
-    """The client's pipeline: pre-quantized NF4 DiT, group offloading (leaf_level), VAE, no encoder."""
-    return load_pipeline(str(tiny.pipeline), dit=str(tiny.nf4_repo), device="cpu", offload="leaf_level")
-
-
-@pytest.fixture(scope="module")
-def diffusers_nf4_pipe(tiny):
-    """diffusers' full Flux2Pipeline (its own text encoder) with the same NF4 DiT, no offloading."""
-    from diffusers import Flux2Pipeline
-
-    transformer = load_nf4_transformer(str(tiny.nf4_repo), device="cpu")
-    return Flux2Pipeline.from_pretrained(str(tiny.pipeline), transformer=transformer, dtype=torch.bfloat16)
-
-
 def as_array(image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def test_client_pipeline_is_nf4_and_offloaded(client_pipe):
-    import bitsandbytes as bnb
-
-    transformer = client_pipe.transformer
-    assert client_pipe.text_encoder is None and client_pipe.tokenizer is None
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in transformer.modules())
-    assert transformer.config.quantization_config.bnb_4bit_quant_type == "nf4"
-    assert any(
-        hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook("group_offloading") for m in transformer.modules()
-    )
-
-
-def test_image_equals_diffusers_pipeline(server, client_pipe, diffusers_nf4_pipe):
-    with RemoteTextEncoder(server.target) as enc:
-        embeds = enc.encode(PROMPTS).prompt_embeds
-    ours = generate(client_pipe, embeds, PARAMS)
-
-    # Same embeddings handed to diffusers' pipeline (image k seeded with seed + k, as `generate` does)...
-    generators = [torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(len(PROMPTS))]
-    theirs = diffusers_nf4_pipe(
-        prompt_embeds=embeds,
-        height=PARAMS.height,
-        width=PARAMS.width,
-        num_inference_steps=PARAMS.num_inference_steps,
-        guidance_scale=PARAMS.guidance_scale,
-        generator=generators,
-    ).images
-    # ...and diffusers encoding the prompts itself with the full text encoder.
-    end_to_end = diffusers_nf4_pipe(
-        prompt=PROMPTS,
+def resident_images(pipe, **inputs) -> list:
+    """diffusers' pipeline called directly, image k seeded with seed + k (as `generate` does)."""
+    return pipe(
         height=PARAMS.height,
         width=PARAMS.width,
         num_inference_steps=PARAMS.num_inference_steps,
         guidance_scale=PARAMS.guidance_scale,
         generator=[torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(len(PROMPTS))],
+        **inputs,
     ).images
+
+
+def test_client_pipeline_streams_an_nf4_dit(streamed_pipe):
+    import bitsandbytes as bnb
+
+    transformer = streamed_pipe.transformer
+    assert streamed_pipe.text_encoder is None and streamed_pipe.tokenizer is None
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in transformer.modules())
+    assert transformer.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    # The plan lives in a named hook on the transformer, not on the pipeline object.
+    assert transformer._diffusers_hook.get_hook(MEMORY_PLAN_HOOK) is not None
+    assert get_memory_plan(streamed_pipe) is get_memory_plan(transformer)
+    assert get_memory_plan(streamed_pipe).mode == "stream"
+    assert not hasattr(streamed_pipe, "memory_plan")
+
+
+def test_leaf_level_pipeline_uses_diffusers_group_offloading(tiny):
+    pipe = load_pipeline(str(tiny.pipeline), dit=str(tiny.nf4_repo), device="cpu", offload="leaf_level")
+    hooks = [
+        m._diffusers_hook.get_hook("group_offloading")
+        for m in pipe.transformer.modules()
+        if hasattr(m, "_diffusers_hook")
+    ]
+    assert any(h is not None for h in hooks)
+    assert get_memory_plan(pipe) is None and get_block_streamer(pipe) is None
+
+
+def test_image_equals_diffusers_resident_nf4_pipeline(server, streamed_pipe, resident_nf4_pipe):
+    with RemoteTextEncoder(server.target) as enc:
+        embeds = enc.encode(PROMPTS).prompt_embeds
+    streamer = get_block_streamer(streamed_pipe)
+    copies, log_start = streamer.stats.copies, len(streamer.stats.log)
+    ours = generate(streamed_pipe, embeds, PARAMS, progress=False)
+    # The DiT really streamed: every streamed unit ran from its slot in every step, in execution order,
+    # and was copied there from the host buffer.
+    n = len(get_memory_plan(streamed_pipe).streamed_units)
+    assert n > 0 and streamer.stats.copies - copies >= n * PARAMS.num_inference_steps
+    assert streamer.stats.log[log_start:] == list(range(n)) * PARAMS.num_inference_steps
+
+    # Same embeddings handed to diffusers' resident NF4 pipeline...
+    theirs = resident_images(resident_nf4_pipe, prompt_embeds=embeds)
+    # ...and diffusers encoding the prompts itself with the full text encoder.
+    end_to_end = resident_images(resident_nf4_pipe, prompt=PROMPTS)
     assert len(ours) == len(theirs) == len(end_to_end) == 2
     for a, b, c in zip(ours, theirs, end_to_end, strict=True):
         assert a.size == (64, 64)
@@ -83,12 +93,19 @@ def test_image_equals_diffusers_pipeline(server, client_pipe, diffusers_nf4_pipe
     assert not np.array_equal(as_array(ours[0]), as_array(ours[1]))
 
 
-def test_seed_changes_the_image(server, client_pipe):
+def test_seed_changes_the_image(server, streamed_pipe):
     with RemoteTextEncoder(server.target) as enc:
         embeds = enc.encode(PROMPTS[0]).prompt_embeds
-    a = generate(client_pipe, embeds, PARAMS)[0]
-    b = generate(client_pipe, embeds, GenerationParams(64, 64, 3, 4.0, seed=8))[0]
+    a = generate(streamed_pipe, embeds, PARAMS, progress=False)[0]
+    b = generate(streamed_pipe, embeds, GenerationParams(64, 64, 3, 4.0, seed=8), progress=False)[0]
     assert not np.array_equal(as_array(a), as_array(b))
+
+
+def test_output_paths_are_prompt_major(tmp_path):
+    out = tmp_path / "fox.png"
+    assert output_paths(out, 1, 1) == [out]
+    assert output_paths(out, 2, 1) == [tmp_path / "fox_0.png", tmp_path / "fox_1.png"]
+    assert output_paths(out, 2, 2)[1:3] == [tmp_path / "fox_0_1.png", tmp_path / "fox_1_0.png"]
 
 
 def test_png_metadata_round_trip(tmp_path):
@@ -138,3 +155,50 @@ def test_demo_command_runs(tmp_path):
     with Image.open(tmp_path / "demo.png") as image:
         assert image.size == (128, 128)
         assert image.text["encoder_fingerprint"]
+
+
+class _FixedEncoder:
+    """An encoder double for `generate_to_files`: fixed embeddings, a fingerprint, and the calls it got."""
+
+    def __init__(self, embeds: torch.Tensor):
+        self.embeds, self.calls = embeds, []
+
+    def encode(self, prompts):
+        from types import SimpleNamespace
+
+        self.calls.append(list(prompts))
+        fingerprint = SimpleNamespace(weights_id="tiny/encoder", digest="ab" * 32)
+        return SimpleNamespace(prompt_embeds=self.embeds[: len(prompts)], fingerprint=fingerprint)
+
+
+def test_generate_to_files_writes_one_png_per_image_with_its_parameters(tiny, tmp_path):
+    embeds = torch.randn(2, 512, 192, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    encoder = _FixedEncoder(embeds)
+    params = GenerationParams(height=32, width=32, num_inference_steps=1, guidance_scale=4.0, seed=5)
+    paths = generate_to_files(
+        encoder,
+        PROMPTS,
+        tmp_path / "out.png",
+        params,
+        model=str(tiny.pipeline),
+        dit=str(tiny.nf4_repo),
+        device="cpu",
+        progress=False,
+    )
+    assert encoder.calls == [PROMPTS]
+    assert paths == [tmp_path / "out_0.png", tmp_path / "out_1.png"]
+    for k, path in enumerate(paths):
+        with Image.open(path) as image:
+            assert image.size == (32, 32)
+            meta = json.loads(image.text["flux2_split"])
+        assert meta["prompt"] == PROMPTS[k] and meta["seed"] == 5 + k and meta["steps"] == 1
+        assert meta["encoder_fingerprint"] == "ab" * 32 and meta["dit"] == str(tiny.nf4_repo)
+    with pytest.raises(ValueError, match="prompts: one or more non-empty prompts"):
+        generate_to_files(encoder, ["ok", "  "], tmp_path / "x.png", model=str(tiny.pipeline))
+
+
+def test_demo_does_not_import_the_cli():
+    """The demo calls the library (`generate_to_files`), not the CLI's argument parser."""
+    code = "import sys, flux2_client.demo; print('flux2_client.cli' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == "False"

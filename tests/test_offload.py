@@ -1,6 +1,6 @@
 """The planner's offloading path on the CPU: an NF4 DiT loaded from disk, some blocks resident, the rest
-streamed through rotating slots, gives images bit-identical to diffusers' pipeline without offloading
-(text-to-image and multi-reference editing)."""
+streamed through rotating slots, gives images bit-identical to diffusers' resident NF4 pipeline
+(text-to-image and multi-reference editing), and computes with the bytes it streams."""
 
 from __future__ import annotations
 
@@ -13,61 +13,26 @@ import numpy as np
 import pytest
 import torch
 from flux2_client._quantization import load_nf4_transformer
-from flux2_client.generation import GenerationParams, generate, load_pipeline
-from flux2_client.offload import BlockStreamer, spec_from_module
-from flux2_client.planner import (
-    Budget,
-    MemoryPlan,
-    Unit,
-    Workload,
-    _group_units,
-    activation_bytes,
-    plan_memory,
-    vae_decode_bytes,
+from flux2_client.generation import GenerationParams, generate
+from flux2_client.offload import (
+    MEMORY_PLAN_HOOK,
+    STREAM_HOOK,
+    apply_block_streaming,
+    get_block_streamer,
+    get_memory_plan,
+    remove_memory_plan,
+    spec_from_module,
 )
+from flux2_client.planner import Budget, Unit, Workload, _group_units, plan_memory
 from PIL import Image
 
 PARAMS = GenerationParams(height=64, width=64, num_inference_steps=2, guidance_scale=4.0, seed=11)
-REF_SIZES = ((64, 64), (64, 96))
-WORKLOAD = Workload(64, 64, reference_sizes=REF_SIZES, batch=2)
+REF_SIZES = ((64, 64), (64, 96))  # within the workload `streamed_pipe` was planned for
 
 
 def reference_images() -> list[Image.Image]:
     rng = np.random.default_rng(5)
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in REF_SIZES]
-
-
-@pytest.fixture(scope="module")
-def tight_vram(tiny) -> int:
-    """A budget (CPU: no CUDA overhead) that holds the fixed costs plus 2.5 blocks' worth: the plan
-    must stream some parts and keep others resident."""
-    from diffusers import AutoencoderKLFlux2
-
-    spec = spec_from_module(
-        load_nf4_transformer(str(tiny.nf4_repo), device="cpu"),
-        AutoencoderKLFlux2.from_pretrained(str(tiny.pipeline), subfolder="vae", dtype=torch.bfloat16),
-    )
-    work = max(activation_bytes(spec, WORKLOAD), vae_decode_bytes(spec, WORKLOAD, tiled=False))
-    block = max(n for _, n in _group_units(spec, "block"))
-    return int((spec.other_bytes + spec.vae_bytes + work + 2.5 * block) / 0.94)
-
-
-@pytest.fixture(scope="module")
-def planned_pipe(tiny, tight_vram):
-    return load_pipeline(
-        str(tiny.pipeline), dit=str(tiny.nf4_repo), device="cpu", offload="plan", vram=tight_vram, workload=WORKLOAD
-    )
-
-
-@pytest.fixture(scope="module")
-def plain_pipe(tiny):
-    """diffusers' Flux2Pipeline with the same NF4 DiT from disk, no offloading of any kind."""
-    from diffusers import Flux2Pipeline
-
-    transformer = load_nf4_transformer(str(tiny.nf4_repo), device="cpu")
-    return Flux2Pipeline.from_pretrained(
-        str(tiny.pipeline), transformer=transformer, text_encoder=None, tokenizer=None, dtype=torch.bfloat16
-    )
 
 
 def embeddings(batch: int) -> torch.Tensor:
@@ -92,58 +57,108 @@ def arrays(images) -> list[np.ndarray]:
     return [np.asarray(im, dtype=np.uint8) for im in images]
 
 
-def test_plan_streams_parts_and_keeps_others_resident(planned_pipe):
-    plan: MemoryPlan = planned_pipe.memory_plan
+def streamed_tensors(pipe) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor a streamed part computes with: NF4 weights with their quant_state, norm scales."""
+    plan = get_memory_plan(pipe)
+    out = []
+    for unit in plan.streamed_units:
+        for atom in unit.atoms:
+            for name, module in pipe.transformer.get_submodule(atom).named_modules(prefix=atom):
+                for pname, p in module.named_parameters(recurse=False):
+                    out.append((f"{name}.{pname}", p))
+                    state = getattr(p, "quant_state", None)
+                    if state is not None:
+                        out += [(f"{name}.{pname}.absmax", state.absmax), (f"{name}.{pname}.code", state.code)]
+    return out
+
+
+def assert_streamed_tensors_view_slots(pipe) -> None:
+    streamer = get_block_streamer(pipe)
+    slot_ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer.slots]
+    tensors = streamed_tensors(pipe)
+    assert tensors
+    for name, t in tensors:
+        assert any(lo <= t.data_ptr() < hi for lo, hi in slot_ranges), f"{name} does not view a slot"
+
+
+def test_plan_streams_parts_and_keeps_others_resident(streamed_pipe):
+    plan = get_memory_plan(streamed_pipe)
     assert plan.mode == "stream"
     assert any(u.resident for u in plan.units) and plan.streamed_units
-    streamer: BlockStreamer = planned_pipe.block_streamer
     # Every tensor of a streamed part (NF4 weight and its quant_state) views a slot; nothing else holds it.
-    slot_ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer.slots]
-    part = planned_pipe.transformer.get_submodule(plan.streamed_units[0].atoms[0])
-    for module in part.modules():
-        weight = getattr(module, "weight", None)
-        if weight is None:
-            continue
-        tensors = [weight]
-        if getattr(weight, "quant_state", None) is not None:
-            tensors += [weight.quant_state.absmax, weight.quant_state.code]
-        for t in tensors:
-            assert any(lo <= t.data_ptr() < hi for lo, hi in slot_ranges), module
+    assert_streamed_tensors_view_slots(streamed_pipe)
 
 
-def test_text_to_image_identical_to_diffusers_without_offloading(planned_pipe, plain_pipe):
+def test_text_to_image_identical_to_diffusers_resident(streamed_pipe, resident_nf4_pipe):
     embeds = embeddings(2)
-    streamer = planned_pipe.block_streamer
+    streamer = get_block_streamer(streamed_pipe)
     before = streamer.stats.copies
-    ours = generate(planned_pipe, embeds, PARAMS, progress=False)
-    theirs = diffusers_images(plain_pipe, embeds)
+    ours = generate(streamed_pipe, embeds, PARAMS, progress=False)
+    theirs = diffusers_images(resident_nf4_pipe, embeds)
     assert len(ours) == 2
     for a, b in zip(arrays(ours), arrays(theirs), strict=True):
         np.testing.assert_array_equal(a, b)
     # Weights really streamed: every streamed unit was copied in every step, in execution order.
-    n = len(planned_pipe.memory_plan.streamed_units)
+    n = len(get_memory_plan(streamed_pipe).streamed_units)
     assert streamer.stats.copies - before >= n * PARAMS.num_inference_steps
     assert streamer.stats.log[-n:] == list(range(n))
+    # A forward re-points nothing: on CPUs where bitsandbytes repacks NF4 weights in the forward
+    # (avx512_bf16), a repack after the slabs were laid out would leave the weights off their slots.
+    assert_streamed_tensors_view_slots(streamed_pipe)
 
 
-def test_multi_reference_identical_to_diffusers(planned_pipe, plain_pipe):
+def test_the_forward_computes_with_the_streamed_bytes(streamed_pipe):
+    """Zeroing the host copy of one streamed unit changes the image; restoring it gives it back. So the
+    slots' contents come from the host buffer's copies, and the forward reads them."""
+    embeds, one_step = embeddings(1), dataclasses.replace(PARAMS, num_inference_steps=1)
+    streamer = get_block_streamer(streamed_pipe)
+    want = arrays(generate(streamed_pipe, embeds, one_step, progress=False))[0]
+    host = streamer.host_units[0]
+    saved = host.clone()
+    try:
+        host.zero_()
+        streamer.invalidate()  # slot 0 was prefetched at the end of the last forward
+        broken = arrays(generate(streamed_pipe, embeds, one_step, progress=False))[0]
+    finally:
+        host.copy_(saved)
+        streamer.invalidate()
+    assert not np.array_equal(broken, want)
+    np.testing.assert_array_equal(arrays(generate(streamed_pipe, embeds, one_step, progress=False))[0], want)
+
+
+def test_streamer_holds_exactly_what_the_plan_counts(streamed_pipe):
+    """What the streamer allocated (resident buffer, slots, host buffer) is what the plan says, and every
+    tensor of the DiT lives inside those buffers: nothing was left behind or copied twice."""
+    plan, streamer = get_memory_plan(streamed_pipe), get_block_streamer(streamed_pipe)
+    assert streamer.resident_buffer.numel() == plan.resident_bytes
+    assert [s.numel() for s in streamer.slots] == [plan.slot_bytes] * plan.num_slots
+    assert streamer.host_buffer.numel() == plan.host_pinned_bytes
+    buffers = [streamer.resident_buffer, *streamer.slots]
+    ranges = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in buffers]
+    tensors = [*streamed_pipe.transformer.parameters(), *streamed_pipe.transformer.buffers()]
+    tensors += [p.quant_state.absmax for p in streamed_pipe.transformer.parameters() if hasattr(p, "quant_state")]
+    for t in tensors:
+        assert any(lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi for lo, hi in ranges)
+
+
+def test_multi_reference_identical_to_diffusers(streamed_pipe, resident_nf4_pipe):
     embeds = embeddings(1)
     refs = reference_images()
-    ours = generate(planned_pipe, embeds, PARAMS, images=refs, num_images_per_prompt=2, progress=False)
-    theirs = diffusers_images(plain_pipe, embeds, refs, num_images_per_prompt=2)
+    ours = generate(streamed_pipe, embeds, PARAMS, images=refs, num_images_per_prompt=2, progress=False)
+    theirs = diffusers_images(resident_nf4_pipe, embeds, refs, num_images_per_prompt=2)
     assert len(ours) == 2
     for a, b in zip(arrays(ours), arrays(theirs), strict=True):
         np.testing.assert_array_equal(a, b)
     # The references matter: without them the same seed draws another image.
-    plain = generate(planned_pipe, embeds, PARAMS, progress=False)[0]
+    plain = generate(streamed_pipe, embeds, PARAMS, progress=False)[0]
     assert not np.array_equal(arrays([plain])[0], arrays(ours)[:1][0])
 
 
-def test_generate_refuses_a_call_bigger_than_planned(planned_pipe):
+def test_generate_refuses_a_call_bigger_than_planned(streamed_pipe):
     with pytest.raises(ValueError, match="larger than the workload the memory plan was made for"):
-        generate(planned_pipe, embeddings(1), GenerationParams(height=128, width=128), progress=False)
+        generate(streamed_pipe, embeddings(1), GenerationParams(height=128, width=128), progress=False)
     with pytest.raises(ValueError, match="at most 10 reference images"):
-        generate(planned_pipe, embeddings(1), PARAMS, images=reference_images() * 6, progress=False)
+        generate(streamed_pipe, embeddings(1), PARAMS, images=reference_images() * 6, progress=False)
 
 
 def test_whole_block_streaming_is_exact(tiny):
@@ -167,11 +182,23 @@ def test_whole_block_streaming_is_exact(tiny):
     )
     with torch.no_grad():
         expected = [model(**inputs).sample for _ in range(2)]
-        streamer = BlockStreamer(model, plan, "cpu")
+        streamer = apply_block_streaming(model, plan, "cpu")
         got = [model(**inputs).sample for _ in range(2)]
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
     assert streamer.stats.loads_on_demand == 1  # only the very first unit; the rest were prefetched
     assert streamer.stats.log == [0, 1, 0, 1]
+    assert get_memory_plan(model) is plan and get_block_streamer(model) is streamer
+    with pytest.raises(ValueError, match="already applied"):
+        apply_block_streaming(model, plan, "cpu")
+    # Removing the named hook removes the per-block hooks with it.
+    remove_memory_plan(model)
+    assert get_memory_plan(model) is None
+    assert not any(
+        m._diffusers_hook.get_hook(name)
+        for m in model.modules()
+        if hasattr(m, "_diffusers_hook")
+        for name in (STREAM_HOOK, MEMORY_PLAN_HOOK)
+    )
 
 
 def test_plan_only_cli_prints_the_plan_for_the_real_model(tmp_path):

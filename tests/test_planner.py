@@ -1,10 +1,14 @@
 """The memory planner's decisions for the real FLUX.2-dev DiT at given budgets (arithmetic only, no
-weights): what stays resident, what streams, at which granularity, the allocator cap and VAE tiling."""
+weights): what stays resident, what streams, at which granularity, the allocator cap and VAE tiling; and
+its byte counts against the tensors bitsandbytes really allocates (tiny DiT). Its memory estimates
+against memory measured on a GPU: tests/gpu/test_gpu_planner_memory.py."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from flux2_client.planner import (
+    TENSOR_ALIGN,
     Budget,
     GiB,
     PlanError,
@@ -85,22 +89,58 @@ def test_bigger_workloads_never_need_less_activation_memory():
     refs=st.integers(min_value=0, max_value=3),
     side=st.sampled_from([512, 768, 1024]),
 )
-def test_plan_stays_inside_the_budget(vram, refs, side):
+def test_plan_covers_every_block_once_in_order(vram, refs, side):
     workload = Workload(side, side, reference_sizes=((1024, 1024),) * refs)
     try:
         p = plan(vram, workload)
     except PlanError:
         return
-    # What the plan puts on the card never exceeds the budget.
-    work = max(p.activation_bytes, p.vae_decode_bytes)
-    total = p.device_weight_bytes + SPEC.vae_bytes + work + (p.budget.vram - p.allocator_limit)
-    assert total <= p.budget.vram
     # Every block is either resident or streamed, exactly once, in execution order.
     names = [a for u in p.units for a in u.atoms]
     assert names == [a.name for a in SPEC.atoms]
+    assert p.allocator_limit == p.budget.vram - p.budget.overhead
     if p.mode == "stream":
+        # Unit i always lands in slot i mod K: the streamed count is a multiple of K, every slot fits any unit.
         assert len(p.streamed_units) % p.num_slots == 0
         assert p.slot_bytes >= max(u.nbytes for u in p.streamed_units)
+        assert p.host_pinned_bytes == sum(u.nbytes for u in p.streamed_units)
+
+
+def _allocated_tensors(model) -> list:
+    """Every tensor a quantized DiT holds, gathered here independently of the client's introspection:
+    parameters, buffers, and each NF4 weight's quant_state tensors (nested state included)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            for t in (state.absmax, state.code, getattr(state, "offset", None)):
+                if isinstance(t, torch.Tensor):
+                    tensors[id(t)] = t
+            state = getattr(state, "state2", None)
+    return list(tensors.values())
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
+def test_config_byte_counts_match_what_bitsandbytes_allocates(tiny, double_quant):
+    """`spec_from_config` is what `--plan-only` plans FLUX.2-dev with before anything is downloaded:
+    arithmetic on the config. Checked here against a DiT bitsandbytes really quantized (the tiny one,
+    pre-quantized from disk, or quantized on load with double quantization)."""
+    from flux2_client._quantization import load_nf4_transformer
+    from flux2_client.offload import spec_from_module
+
+    repo = str(tiny.pipeline if double_quant else tiny.nf4_repo)
+    model = load_nf4_transformer(repo, device="cpu", double_quant=double_quant)
+    estimated = spec_from_config(dict(model.config), double_quant=double_quant)
+    measured = spec_from_module(model)
+    assert [(a.name, a.nbytes) for a in estimated.atoms] == [(a.name, a.nbytes) for a in measured.atoms]
+    assert estimated.other_bytes == measured.other_bytes
+    assert estimated.largest_dequantized_bytes == measured.largest_dequantized_bytes
+    assert (estimated.hidden, estimated.mlp_hidden) == (measured.hidden, measured.mlp_hidden)
+    # The slab estimate is the allocated bytes plus at most one alignment pad per tensor.
+    tensors = _allocated_tensors(model)
+    allocated = sum(t.numel() * t.element_size() for t in tensors)
+    total = estimated.block_bytes + estimated.other_bytes
+    assert allocated <= total < allocated + TENSOR_ALIGN * len(tensors)
 
 
 @pytest.mark.parametrize(

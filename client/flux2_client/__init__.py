@@ -17,6 +17,7 @@ _EXPORTS = {
     "EncodedPrompts": "remote",
     "GenerationParams": "generation",
     "generate": "generation",
+    "generate_to_files": "generation",
     "load_pipeline": "generation",
     "save_png": "generation",
     "make_tiny_flux2": "tiny",
@@ -34,6 +35,9 @@ _EXPORTS = {
     "Workload": "planner",
     "plan_memory": "planner",
     "BlockStreamer": "offload",
+    "apply_memory_plan": "offload",
+    "get_memory_plan": "offload",
+    "plan_for": "offload",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

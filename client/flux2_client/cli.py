@@ -12,7 +12,6 @@ flux2-client encode captions.txt --server HOST:PORT --out embeds/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -122,22 +121,12 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise SystemExit("--server is required (repeat it for several servers)")
 
 
-def _reference_images(paths: list[Path]) -> list:
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
-    return images
-
-
-def _workload(args: argparse.Namespace, images: list) -> Workload:
+def _workload(args: argparse.Namespace, image_sizes: list[tuple[int, int]]) -> Workload:
     batch = max(1, len(args.prompt)) * args.num_images_per_prompt
-    return Workload(args.height, args.width, tuple(im.size for im in images), batch)
+    return Workload(args.height, args.width, tuple(image_sizes), batch)
 
 
-def run_plan_only(args: argparse.Namespace, images: list) -> str:
+def run_plan_only(args: argparse.Namespace) -> str:
     """The plan from the DiT's config alone: nothing is loaded or downloaded beyond config.json."""
     import json
 
@@ -160,13 +149,15 @@ def run_plan_only(args: argparse.Namespace, images: list) -> str:
 
         if not torch.cuda.is_available():
             raise SystemExit("--vram is needed without a CUDA device (no free memory to read)")
-        from .offload import auto_vram_bytes
+        from ._allocator import auto_vram_bytes
 
         vram = auto_vram_bytes(torch.device("cuda", torch.cuda.current_device()))
-    from .offload import host_available_bytes
+    from ._allocator import host_available_bytes
+    from .generation import load_reference_images
 
+    sizes = [im.size for im in load_reference_images(args.image)]
     spec = spec_from_config(config, double_quant=double_quant, vae_bytes=170 << 20)
-    plan = plan_memory(spec, _workload(args, images), Budget(vram=vram, host_available=host_available_bytes()))
+    plan = plan_memory(spec, _workload(args, sizes), Budget(vram=vram, host_available=host_available_bytes()))
     text = plan.describe()
     print(text)
     return text
@@ -177,20 +168,21 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     # The allocator reads this once, when CUDA starts: set it before anything touches the GPU.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        images = _reference_images(args.image)
         if args.plan_only:
             from .planner import PlanError
 
             try:
-                run_plan_only(args, images)
+                run_plan_only(args)
             except PlanError as exc:
                 raise SystemExit(f"--vram: {exc}") from None
             return []
         from .cache import EmbeddingCache
         from .endpoints import EncoderPool, RetryPolicy
-        from .generation import GenerationParams, generate, load_pipeline, save_png
+        from .generation import GenerationParams, generate_to_files
     except ImportError as exc:
         raise SystemExit(f"missing dependency {exc.name!r}: pip install 'flux2-split[client]'") from None
+
+    from .planner import PlanError
 
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
     retry = RetryPolicy(attempts=args.retries, deadline=args.deadline)
@@ -202,58 +194,24 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         cache=cache,
         **client_options(args),
     ) as pool:
-        encoded = pool.encode(args.prompt)
-    fp = encoded.fingerprint
-    print(f"received embeddings {tuple(encoded.prompt_embeds.shape)} from {fp.weights_id} ({fp.digest[:12]})")
-    from .planner import PlanError
-
-    try:
-        pipe = load_pipeline(
-            args.model,
-            dit=args.dit,
-            device=args.device,
-            offload=args.offload,
-            vram=args.vram,
-            workload=_workload(args, images),
-            verbose=True,
-        )
-    except PlanError as exc:
-        raise SystemExit(f"--vram: {exc}") from None
-    params = GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed)
-    results = generate(
-        pipe,
-        encoded.prompt_embeds,
-        params,
-        images=images,
-        num_images_per_prompt=args.num_images_per_prompt,
-        progress=not args.no_progress,
-    )
-    out = Path(args.out)
-    paths = []
-    n = args.num_images_per_prompt
-    for k, image in enumerate(results):
-        i, j = divmod(k, n)
-        if len(results) == 1:
-            path = out
-        elif n == 1:
-            path = out.with_name(f"{out.stem}_{i}{out.suffix}")
-        else:
-            path = out.with_name(f"{out.stem}_{i}_{j}{out.suffix}")
-        meta = {
-            "prompt": args.prompt[i],
-            "seed": args.seed + k,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "height": args.height,
-            "width": args.width,
-            "reference_images": json.dumps([p.name for p in args.image]),
-            "encoder_model": fp.weights_id,
-            "encoder_fingerprint": fp.digest,
-            "dit": args.dit,
-        }
-        paths.append(save_png(image, path, meta))
-        print(f"wrote {path}")
-    return paths
+        try:
+            return generate_to_files(
+                pool,
+                args.prompt,
+                args.out,
+                GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed),
+                model=args.model,
+                dit=args.dit,
+                images=args.image,
+                num_images_per_prompt=args.num_images_per_prompt,
+                device=args.device,
+                offload=args.offload,
+                vram=args.vram,
+                progress=not args.no_progress,
+                verbose=True,
+            )
+        except PlanError as exc:
+            raise SystemExit(f"--vram: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pipeline: {paths.pipeline}\nNF4 DiT:  {paths.nf4_repo}")
     elif args.command == "demo":
         from .demo import run_demo
+
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
 
         run_demo(args.workdir, model=args.model, prompt=args.prompt)
     elif args.command == "encode":

@@ -6,7 +6,6 @@ a minute; their image is noise. `--model black-forest-labs/FLUX.2-dev` gives a r
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -74,7 +73,10 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 def run_demo(workdir: Path, model: str | None = None, prompt: str = "a watercolor fox") -> Path:
-    from .cli import _add_generate_args, run_generate
+    """Start a server on `model` (tiny random models when None), generate one image through it with
+    `generate_to_files` (what `flux2-client generate` runs), stop the server; returns the PNG's path."""
+    from .endpoints import EncoderPool
+    from .generation import GenerationParams, generate_to_files
     from .tiny import make_tiny_flux2
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -82,26 +84,28 @@ def run_demo(workdir: Path, model: str | None = None, prompt: str = "a watercolo
         print("== building tiny random models (offline) ==", flush=True)
         paths = make_tiny_flux2(workdir / "models")
         encoder_model, dit = str(paths.pipeline), str(paths.nf4_repo)
-        size, steps, device_args = 128, 4, ["--device", "cpu"]
+        size, steps, device, offload, server_args = 128, 4, "cpu", "leaf_level", ["--device", "cpu"]
     else:
         encoder_model, dit = model, "diffusers/FLUX.2-dev-bnb-4bit"
-        size, steps, device_args = 1024, 50, []
+        size, steps, device, offload, server_args = 1024, 50, None, None, []
 
     print(f"== starting the encoder server on {encoder_model} ==", flush=True)
-    proc, target = start_server(encoder_model, device_args, workdir / "server.log")
+    proc, target = start_server(encoder_model, server_args, workdir / "server.log")
     try:
         wait_serving(target, proc)
         print(f"== server SERVING at {target}; generating ==", flush=True)
-        # Through the real argument parser, so the demo runs exactly what `flux2-client generate` runs.
-        parser = argparse.ArgumentParser()
-        _add_generate_args(parser)
-        argv = ["--server", target, "--prompt", prompt, "--model", encoder_model, "--dit", dit]
-        argv += ["--out", str(workdir / "demo.png"), "--height", str(size), "--width", str(size)]
-        argv += ["--steps", str(steps), "--guidance", "4.0", "--seed", "0", "--timeout", "300"]
-        if model is None:
-            argv += ["--device", "cpu", "--offload", "leaf_level"]
-        args = parser.parse_args(argv)
-        (path,) = run_generate(args)
+        with EncoderPool([target], timeout=300.0) as pool:
+            (path,) = generate_to_files(
+                pool,
+                [prompt],
+                workdir / "demo.png",
+                GenerationParams(height=size, width=size, num_inference_steps=steps, guidance_scale=4.0, seed=0),
+                model=encoder_model,
+                dit=dit,
+                device=device,
+                offload=offload,
+                verbose=True,
+            )
     finally:
         code = stop_server(proc)
         print(f"== server stopped (exit code {code}) ==", flush=True)

@@ -11,12 +11,30 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ._quantization import load_nf4_transformer
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
+
+
+class _Fingerprint(Protocol):
+    weights_id: str
+    digest: str
+
+
+class _Encoded(Protocol):
+    @property
+    def prompt_embeds(self) -> torch.Tensor: ...
+    @property
+    def fingerprint(self) -> _Fingerprint: ...
+
+
+class PromptEncoder(Protocol):
+    """What `generate_to_files` needs from an encoder: an `EncoderPool` or a `RemoteTextEncoder`."""
+
+    def encode(self, prompts: Sequence[str]) -> _Encoded: ...
 
 
 @dataclass(frozen=True)
@@ -26,17 +44,6 @@ class GenerationParams:
     num_inference_steps: int = 50
     guidance_scale: float = 4.0
     seed: int = 0
-
-
-def _move_quant_state(model: torch.nn.Module, device: torch.device) -> None:
-    # bitsandbytes keeps NF4 scales in a QuantState beside each weight. Group offloading moves
-    # parameters, not that state, so it must already be on the execution device or the first forward
-    # reads host memory from a kernel (illegal memory access on CUDA).
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None:
-            state.to(device)
 
 
 def load_pipeline(
@@ -67,8 +74,9 @@ def load_pipeline(
             no references, one image. A bigger call later is refused by `generate` with a clear error.
         num_slots: device slots streamed blocks rotate through (2 = double buffering).
 
-    The plan (`pipe.memory_plan`, printable with `.describe()`) and the streamer (`pipe.block_streamer`)
-    are attached to the returned pipeline.
+    With `offload="plan"` the plan and its streamer sit in a named hook on `pipe.transformer`:
+    `flux2_client.get_memory_plan(pipe)` returns the plan (printable with `.describe()`),
+    `flux2_client.offload.get_block_streamer(pipe)` the streamer.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 
@@ -87,29 +95,19 @@ def load_pipeline(
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
     pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    pipe.memory_plan = None
-    pipe.block_streamer = None
     if offload == "plan":
-        from .offload import BlockStreamer, configure_allocator, configure_vae, plan_for
+        from .offload import apply_memory_plan, plan_for
 
         budget = parse_size(vram) if vram is not None else None
         plan = plan_for(transformer, vae, workload or Workload(), device, vram=budget, num_slots=num_slots)
         if verbose:
             print(plan.describe())
-        configure_allocator(plan, device)
-        pipe.vae.to(device)
-        pipe.block_streamer = BlockStreamer(transformer, plan, device)
-        configure_vae(pipe.vae, plan)
-        pipe.memory_plan = plan
+        apply_memory_plan(pipe, plan, device)
     elif offload == "leaf_level":
+        from .offload import apply_leaf_level_offloading
+
         pipe.vae.to(device)
-        _move_quant_state(transformer, device)
-        transformer.enable_group_offload(
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="leaf_level",
-            use_stream=device.type == "cuda",
-        )
+        apply_leaf_level_offloading(transformer, device)
     else:
         pipe.vae.to(device)
     return pipe
@@ -137,7 +135,9 @@ def generate(
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt: at least 1, got {num_images_per_prompt}")
     batch = prompt_embeds.shape[0] * num_images_per_prompt
-    plan = getattr(pipe, "memory_plan", None)
+    from .offload import get_memory_plan
+
+    plan = get_memory_plan(pipe)
     if plan is not None:
         wanted = Workload(params.height, params.width, tuple(im.size for im in refs), batch)
         planned = plan.workload
@@ -180,3 +180,92 @@ def save_png(image: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, pnginfo=info)
     return path
+
+
+def load_reference_images(paths: Sequence[str | Path]) -> list[Any]:
+    """Reference images as RGB PIL images, in order."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def output_paths(out: str | Path, num_prompts: int, num_images_per_prompt: int) -> list[Path]:
+    """Where the images of one call go, prompt-major: `out` itself for a single image, else
+    `<stem>_<prompt>` (one image per prompt) or `<stem>_<prompt>_<n>`."""
+    out = Path(out)
+    n = num_images_per_prompt
+    if num_prompts * n == 1:
+        return [out]
+    if n == 1:
+        return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num_prompts)]
+    return [out.with_name(f"{out.stem}_{i}_{j}{out.suffix}") for i in range(num_prompts) for j in range(n)]
+
+
+def generate_to_files(
+    encoder: PromptEncoder,
+    prompts: str | Sequence[str],
+    out: str | Path,
+    params: GenerationParams | None = None,
+    *,
+    model: str = "black-forest-labs/FLUX.2-dev",
+    dit: str | None = None,
+    images: Sequence[str | Path] = (),
+    num_images_per_prompt: int = 1,
+    device: str | torch.device | None = None,
+    offload: str | None = None,
+    vram: str | int | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+) -> list[Path]:
+    """Prompts in, PNG files out: what `flux2-client generate` and the demo run.
+
+    Encodes `prompts` on `encoder` (first, so an encoder problem shows before any model loads), loads the
+    pipeline for this call's workload (`load_pipeline` with `model`, `dit`, `device`, `offload`, `vram`),
+    generates (image k seeded with `params.seed + k`) and writes one PNG per image, named by
+    `output_paths`, carrying prompt, seed, steps, guidance, size, reference image names, the encoder's
+    model and fingerprint, and the DiT. Returns the paths in prompt-major order.
+    """
+    params = params or GenerationParams()
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list or any(not isinstance(p, str) or not p.strip() for p in prompt_list):
+        raise ValueError("prompts: one or more non-empty prompts are needed")
+    if len(images) > MAX_REFERENCE_IMAGES:
+        raise ValueError(f"images: at most {MAX_REFERENCE_IMAGES} reference images, got {len(images)}")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt: at least 1, got {num_images_per_prompt}")
+    refs = load_reference_images(images)
+
+    encoded = encoder.encode(prompt_list)
+    fp = encoded.fingerprint
+    if verbose:
+        print(f"received embeddings {tuple(encoded.prompt_embeds.shape)} from {fp.weights_id} ({fp.digest[:12]})")
+    workload = Workload(
+        params.height, params.width, tuple(im.size for im in refs), len(prompt_list) * num_images_per_prompt
+    )
+    pipe = load_pipeline(model, dit=dit, device=device, offload=offload, vram=vram, workload=workload, verbose=verbose)
+    results = generate(
+        pipe, encoded.prompt_embeds, params, images=refs, num_images_per_prompt=num_images_per_prompt, progress=progress
+    )
+    paths = []
+    targets = output_paths(out, len(prompt_list), num_images_per_prompt)
+    for k, (image, path) in enumerate(zip(results, targets, strict=True)):
+        meta = {
+            "prompt": prompt_list[k // num_images_per_prompt],
+            "seed": params.seed + k,
+            "steps": params.num_inference_steps,
+            "guidance": params.guidance_scale,
+            "height": params.height,
+            "width": params.width,
+            "reference_images": json.dumps([Path(p).name for p in images]),
+            "encoder_model": fp.weights_id,
+            "encoder_fingerprint": fp.digest,
+            "dit": dit or model,
+        }
+        paths.append(save_png(image, path, meta))
+        if verbose:
+            print(f"wrote {path}")
+    return paths

@@ -244,7 +244,8 @@ class MemoryPlan:
 # --- byte counts -----------------------------------------------------------------------------------
 
 
-def _align(n: int) -> int:
+def align_bytes(n: int) -> int:
+    """`n` rounded up to `TENSOR_ALIGN`: the room a tensor of n bytes takes in a slab."""
     return (n + TENSOR_ALIGN - 1) // TENSOR_ALIGN * TENSOR_ALIGN
 
 
@@ -252,11 +253,11 @@ def nf4_linear_bytes(in_features: int, out_features: int, double_quant: bool = F
     """Device bytes of one bitsandbytes NF4 Linear (packed weight + quant_state tensors), slab-aligned."""
     n = in_features * out_features
     blocks = math.ceil(n / blocksize)
-    total = _align(n // 2) + _align(16 * 4)  # packed 4-bit weight, 16-entry NF4 code (fp32)
+    total = align_bytes(n // 2) + align_bytes(16 * 4)  # packed 4-bit weight, 16-entry NF4 code (fp32)
     if double_quant:
-        total += _align(blocks) + _align(math.ceil(blocks / 256) * 4) + _align(256 * 4) + _align(4)
+        total += align_bytes(blocks) + align_bytes(math.ceil(blocks / 256) * 4) + align_bytes(256 * 4) + align_bytes(4)
     else:
-        total += _align(blocks * 4)
+        total += align_bytes(blocks * 4)
     return total
 
 
@@ -273,7 +274,7 @@ def spec_from_config(config: Mapping[str, Any], double_quant: bool = False, vae_
     def lin(i: int, o: int) -> int:
         return nf4_linear_bytes(i, o, double_quant)
 
-    norm = _align(head_dim * 2)
+    norm = align_bytes(head_dim * 2)
     atoms: list[Atom] = []
     for i in range(config.get("num_layers", 8)):
         block = f"transformer_blocks.{i}"

@@ -1,0 +1,216 @@
+"""The block streamer: carries out a `MemoryPlan` on a FLUX.2 DiT.
+
+Resident blocks go to one device buffer, streamed blocks to one page-locked host buffer, copied a whole
+unit at a time into rotating device slots on a side CUDA stream.
+
+Why not diffusers' `enable_group_offload`: it pins every tensor separately (PyTorch's pinned allocator
+rounds each up to a power of two: 23.5 GiB pinned for 15 GiB of NF4 weights), copies one tensor at a
+time, allocates the on-loaded weights from the caching allocator on every step (fragmentation under a
+cap) and cannot keep some blocks resident while streaming others. Here every tensor of a unit — packed
+NF4 weight, its `quant_state` (absmax, code, nested state), norm scales — is a view into one slab, so:
+
+- the host side is a single buffer registered with `cudaHostRegister` (exact size, no rounding),
+- a unit moves with one `cudaMemcpyAsync`,
+- the device side is fixed at setup: resident units in one buffer, streamed unit i permanently viewing
+  slot i mod K. Nothing is re-pointed or allocated while generating; a copy only refills a slot.
+
+The hooks are diffusers' `ModelHook`s (named `STREAM_HOOK`) on the blocks' parts; only the transfer
+logic is ours. `quant_state` lives in the same slab as its weight, so it is on the GPU whenever the weight
+is (the bitsandbytes + group offloading trap of docs/design.md cannot happen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ._introspection import atoms_of, modules_outside_atoms, slab_layout, slab_view, tensor_refs
+from .planner import MemoryPlan
+
+STREAM_HOOK = "flux2_split_stream"
+
+
+@dataclass
+class StreamStats:
+    copies: int = 0
+    bytes_copied: int = 0
+    waits: int = 0
+    loads_on_demand: int = 0  # a unit was not prefetched (first step, or an interrupted forward)
+    log: list[int] = field(default_factory=list)  # streamed unit indices in the order they ran
+
+
+class _UnitHook(ModelHook):
+    """On the first part of a streamed unit: make sure its slot holds it; on the last: free the slot."""
+
+    _is_stateful = False
+
+    def __init__(self, streamer: BlockStreamer, index: int, first: bool, last: bool):
+        super().__init__()
+        self.streamer, self.index, self.first, self.last = streamer, index, first, last
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if self.first:
+            self.streamer.before(self.index)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.last:
+            self.streamer.after(self.index)
+        return output
+
+
+def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:
+    """bitsandbytes on avx512_bf16 CPUs repacks an NF4 weight into another layout at its first forward
+    and replaces `weight.data` (docs/design.md, "Client"); a slot-backed weight would then stop seeing its
+    slot and the streamed copies would feed nothing. Repacking once, before the slabs are laid out, gives
+    the layout every forward (and the unoffloaded model) uses. Where bitsandbytes' repack function cannot
+    be found, that CPU path is switched off for these layers instead, so the forward never re-points a
+    weight (and a comparison with an unoffloaded model then shows any difference of kernels)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return  # no NF4 layers to repack
+    try:
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu  # type: ignore[attr-defined]
+    except ImportError:
+        _convert_weight_packed_for_cpu = None
+    for root in modules:
+        for m in root.modules():
+            if not isinstance(m, Linear4bit) or not getattr(m, "support_avx512bf16_for_cpu", False):
+                continue
+            state = m.weight.quant_state
+            if state is None or getattr(state, "packing_format_for_cpu", False):
+                continue
+            if _convert_weight_packed_for_cpu is None:
+                m.support_avx512bf16_for_cpu = False
+                continue
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, state)
+
+
+def _pin(buffer: torch.Tensor) -> bool:
+    """Page-lock `buffer` in place with cudaHostRegister: exact size, unlike `pin_memory()` whose
+    allocator rounds every block up to a power of two."""
+    if buffer.numel() == 0:
+        return True
+    err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    return int(err) == 0 if not hasattr(err, "value") else int(err.value) == 0
+
+
+class BlockStreamer:
+    """Applies a `MemoryPlan` to a FLUX.2 DiT whose tensors are on the CPU (e.g. loaded from disk).
+
+    After construction the DiT's tensors live in: one device buffer (always-resident layers and resident
+    units), `plan.num_slots` device slots (streamed units, each permanently viewing slot i mod K), and one
+    host buffer (the streamed units' bytes, pinned). `before(i)`/`after(i)` run from hooks.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, plan: MemoryPlan, device: torch.device | str):
+        self.device = torch.device(device)
+        self.plan = plan
+        self.stats = StreamStats()
+        cuda = self.device.type == "cuda"
+        atoms = {name: m for name, _, m in atoms_of(transformer)}
+        if not cuda:
+            _prepack_for_cpu([transformer])
+
+        # Resident: the top-level layers and resident units, one device buffer.
+        resident_refs = tensor_refs(modules_outside_atoms(transformer), recurse=False)
+        for unit in plan.units:
+            if unit.resident:
+                resident_refs += tensor_refs([atoms[a] for a in unit.atoms])
+        self.resident_buffer = torch.empty(slab_layout(resident_refs), dtype=torch.uint8, device=self.device)
+        for ref in resident_refs:
+            view = slab_view(self.resident_buffer, ref)
+            view.copy_(ref.tensor)
+            ref.point_to(view)
+
+        # Streamed: a host slab per unit inside one host buffer, device views into rotating slots.
+        streamed = [u for u in plan.units if not u.resident]
+        unit_refs = [tensor_refs([atoms[a] for a in u.atoms]) for u in streamed]
+        sizes = [slab_layout(refs) for refs in unit_refs]
+        self.slot_bytes = max(sizes, default=0)
+        self.num_slots = plan.num_slots if streamed else 0
+        self.host_buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        self.slots = [
+            torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)
+        ]
+        self.host_units: list[torch.Tensor] = []
+        offset = 0
+        for i, (refs, size) in enumerate(zip(unit_refs, sizes, strict=True)):
+            host = self.host_buffer[offset : offset + size]
+            offset += size
+            self.host_units.append(host)
+            slot = self.slots[i % self.num_slots]
+            for ref in refs:
+                slab_view(host, ref).copy_(ref.tensor)  # the original (CPU or GPU) copy is dropped below
+                ref.point_to(slab_view(slot, ref))
+        self.pinned = False
+        if cuda and self.host_buffer.numel():
+            self.pinned = _pin(self.host_buffer)
+        self.num_units = len(streamed)
+        self.loaded: list[int | None] = [None] * self.num_slots
+        if cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.ready = [torch.cuda.Event() for _ in range(self.num_slots)]
+            self.free = [torch.cuda.Event() for _ in range(self.num_slots)]
+
+        # Hooks on the first and last part of each streamed unit.
+        self._hooked: list[torch.nn.Module] = []
+        for i, unit in enumerate(streamed):
+            for j, atom in enumerate(unit.atoms):
+                registry = HookRegistry.check_if_exists_or_initialize(atoms[atom])
+                registry.register_hook(_UnitHook(self, i, j == 0, j == len(unit.atoms) - 1), STREAM_HOOK)
+                self._hooked.append(atoms[atom])
+
+    # -- runtime -----------------------------------------------------------------------------------
+
+    def _load(self, index: int) -> None:
+        slot = index % self.num_slots
+        n = self.host_units[index].numel()
+        self.stats.copies += 1
+        self.stats.bytes_copied += n
+        if self.device.type == "cuda":
+            self.copy_stream.wait_event(self.free[slot])  # the slot's previous unit has finished computing
+            with torch.cuda.stream(self.copy_stream):
+                self.slots[slot][:n].copy_(self.host_units[index], non_blocking=self.pinned)
+            self.ready[slot].record(self.copy_stream)
+        else:
+            self.slots[slot][:n].copy_(self.host_units[index])
+        self.loaded[slot] = index
+
+    def before(self, index: int) -> None:
+        slot = index % self.num_slots
+        if self.loaded[slot] != index:
+            self.stats.loads_on_demand += 1
+            self._load(index)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        self.stats.log.append(index)
+        # Prefetch the next K-1 units (cyclically: the last unit of a step prefetches the first of the next).
+        for ahead in range(1, self.num_slots):
+            nxt = (index + ahead) % self.num_units
+            if self.loaded[nxt % self.num_slots] != nxt:
+                self._load(nxt)
+
+    def after(self, index: int) -> None:
+        if self.device.type == "cuda":
+            self.free[index % self.num_slots].record(torch.cuda.current_stream(self.device))
+
+    def invalidate(self) -> None:
+        """Forget what the slots hold, so every unit is copied again from the host buffer before it
+        runs. Needed after the host copy of a streamed unit changed: the last unit of a forward has
+        already prefetched the first unit of the next one."""
+        self.loaded = [None] * self.num_slots
+
+    def remove(self) -> None:
+        """Remove the hooks and unpin the host buffer (the DiT is unusable afterwards)."""
+        for module in self._hooked:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(STREAM_HOOK, recurse=False)
+        self._hooked.clear()
+        if self.pinned:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.cudart().cudaHostUnregister(self.host_buffer.data_ptr())
+            self.pinned = False
