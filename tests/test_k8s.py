@@ -1,8 +1,20 @@
-"""The Kubernetes manifests render with kustomize, pass schema validation, and agree with the server:
-their settings parse with the server's own parser, probes hit its health service on its port."""
+"""The Kubernetes manifests and the server image agree with the server.
+
+Every kustomization in k8s/ renders with kustomize and passes schema validation (built-in kinds against
+the Kubernetes 1.32 schema, custom resources against their published schemas); its settings parse with
+the server's own parser, probes ask the server's health service on its port, the model cache holds the
+folder the server reads, the autoscaler's metric is exported and served by the adapter rule, and the
+external routes reach the server's ports. The Dockerfile is checked statically (no container engine here).
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import json
+import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,44 +25,113 @@ import yaml
 from flux2_encoder_server.settings import Settings
 from flux2split_proto import SERVICE_NAME
 
-K8S = Path(__file__).resolve().parent.parent / "k8s"
-KUSTOMIZATIONS = [K8S / "base", *sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())]
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32.0"
+# The grpc.health.v1 service the liveness probe asks for: SERVING while the engine works (its worker alive,
+# batches not failing in a row), also while the server drains; the server registers it beside "" and
+# the TextEncoder service (issue 14).
+LIVENESS_SERVICE = "liveness"
+# Custom resources: not in the Kubernetes schema; k8s/crd-schemas/validate.mjs checks them.
+CRD_GROUPS = {"gateway.networking.k8s.io", "monitoring.coreos.com"}
+CRD_VALIDATOR = K8S / "crd-schemas"
 
-pytestmark = pytest.mark.skipif(
+
+def _kustomizations() -> list[Path]:
+    found = []
+    for path in sorted(K8S.rglob("kustomization.yaml")):
+        if "node_modules" in path.parts:
+            continue
+        if yaml.safe_load(path.read_text()).get("kind") == "Component":  # only built as part of an overlay
+            continue
+        found.append(path.parent)
+    return found
+
+
+KUSTOMIZATIONS = _kustomizations()
+MODEL_CACHE = K8S / "model-cache"
+FLEETS = [k for k in KUSTOMIZATIONS if k != MODEL_CACHE]  # each renders one encoder Deployment
+
+
+def ids(path: Path) -> str:
+    return str(path.relative_to(K8S))
+
+
+needs_kubectl = pytest.mark.skipif(
     shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) is needed to render k8s/"
 )
 
 
-def render(path: Path) -> list[dict]:
+@functools.cache
+def render(path: Path) -> tuple[dict, ...]:
     out = subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True, text=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    return tuple(doc for doc in yaml.safe_load_all(out) if doc)
 
 
-def by_kind(docs: list[dict], kind: str) -> list[dict]:
+def by_kind(docs: tuple[dict, ...], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(K8S)))
-def test_manifests_validate_against_kubernetes_schema(path):
-    docs = render(path)
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
-    for doc in docs:
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+def one(docs: tuple[dict, ...], kind: str) -> dict:
+    (doc,) = by_kind(docs, kind)
+    return doc
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(K8S)))
-def test_deployment_agrees_with_the_server(path):
-    docs = render(path)
-    (deployment,) = by_kind(docs, "Deployment")
+def group_of(doc: dict) -> str:
+    return doc["apiVersion"].rpartition("/")[0]
+
+
+def server_settings(docs: tuple[dict, ...]) -> tuple[dict, dict, Settings]:
+    deployment = one(docs, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind(docs, "ConfigMap")}
     environ: dict[str, str] = {}
     for source in container.get("envFrom", []):
         environ.update(configmaps[source["configMapRef"]["name"]])
     assert container["args"][0] == "serve"
-    settings = Settings.from_cli(container["args"][1:], environ)  # the server's own parser accepts them
+    return deployment, container, Settings.from_cli(container["args"][1:], environ)  # the server's own parser
 
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=ids)
+def test_manifests_validate_against_kubernetes_schema(path):
+    docs = render(path)
+    for doc in docs:
+        if group_of(doc) in CRD_GROUPS:
+            continue  # test_custom_resources_validate_against_their_published_schemas
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    if path in FLEETS:
+        assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
+
+
+@needs_kubectl
+def test_custom_resources_validate_against_their_published_schemas():
+    custom = [doc for path in KUSTOMIZATIONS for doc in render(path) if group_of(doc) in CRD_GROUPS]
+    assert {"ServiceMonitor", "Gateway", "GRPCRoute", "HTTPRoute"} <= {d["kind"] for d in custom}
+    if shutil.which("node") is None or not (CRD_VALIDATOR / "node_modules").is_dir():
+        message = "the custom-resource schemas are not installed: run `make k8s-crd-schemas` (needs node and npm)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs them through `make test`; never let a missing step pass
+        pytest.skip(message)
+    proc = subprocess.run(
+        ["node", "validate.mjs"], cwd=CRD_VALIDATOR, input=json.dumps(custom), capture_output=True, text=True
+    )
+    assert proc.stdout, proc.stderr
+    results = json.loads(proc.stdout)
+    errors = [f"{r['kind']}/{r['name']}: {r['error']}" for r in results if r["error"]]
+    assert not errors and proc.returncode == 0, errors or proc.stderr
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", FLEETS, ids=ids)
+def test_deployment_agrees_with_the_server(path):
+    docs = render(path)
+    deployment, container, settings = server_settings(docs)
+    pod = deployment["spec"]["template"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == settings.port
     assert ports["http"] == settings.http_port
@@ -60,23 +141,257 @@ def test_deployment_agrees_with_the_server(path):
     assert str(Path(settings.auth_tokens_file).parent) in mounts, "the tokens file must be mounted"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == settings.port
+    # Readiness (and startup) follow the TextEncoder service, which turns NOT_SERVING while draining;
+    # liveness follows the engine only, so a draining or busy pod is taken out of service, never killed.
+    assert container["startupProbe"]["grpc"]["service"] == SERVICE_NAME
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.grace_period_s + pre_stop
+    assert pod["spec"]["terminationGracePeriodSeconds"] > settings.grace_period_s + pre_stop
 
     for service in by_kind(docs, "Service"):
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, (
                 f"{service['metadata']['name']} targets unknown port {port['targetPort']}"
             )
-        assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
 
 
-def test_autoscaler_metric_is_exported_by_the_server():
+@needs_kubectl
+@pytest.mark.parametrize("path", FLEETS, ids=ids)
+def test_replicas_spread_over_nodes_and_zones_within_a_disruption_budget(path):
+    docs = render(path)
+    deployment = one(docs, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    spread = {c["topologyKey"]: c for c in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]}
+    assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= spread.keys()
+    for constraint in spread.values():
+        assert selects(constraint["labelSelector"]["matchLabels"], labels), "spread must count this Deployment's pods"
+        assert constraint["maxSkew"] == 1
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    pdb = one(docs, "PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", FLEETS, ids=ids)
+def test_replicas_read_the_weights_the_model_cache_fills(path):
+    docs = render(path)
+    deployment, container, settings = server_settings(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    cache = render(MODEL_CACHE)
+    job = one(cache, "Job")
+    (fill,) = job["spec"]["template"]["spec"]["containers"]
+    claim = one(cache, "PersistentVolumeClaim")
+    assert "ReadWriteMany" in claim["spec"]["accessModes"], "the Job writes while replicas on other nodes read"
+    assert not by_kind(docs, "PersistentVolumeClaim"), "the cache outlives the fleet: it is not part of it"
+    assert deployment["metadata"]["namespace"] == job["metadata"]["namespace"] == claim["metadata"]["namespace"]
+    assert fill["image"] == container["image"]
+
+    def claim_mount(spec: dict, c: dict) -> dict:
+        (volume,) = [v for v in spec["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName")]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
+        return {"path": mount["mountPath"], "read_only": mount.get("readOnly", False), "volume": volume}
+
+    fill_env = {e["name"]: e["value"] for e in fill["env"] if "value" in e}
+    written = claim_mount(job["spec"]["template"]["spec"], fill)
+    read = claim_mount(pod, container)
+    assert fill_env["MODEL_DIR"] == settings.model, "the Job fills the folder the server is told to read"
+    assert Path(settings.model).is_relative_to(read["path"]) and read["path"] == written["path"]
+    assert read["read_only"] and read["volume"]["persistentVolumeClaim"].get("readOnly")
+    assert not written["read_only"]
+    # A replica that starts first waits for the Job's marker instead of reading a half-written folder.
+    (wait,) = pod["initContainers"]
+    marker = re.search(r'-f "\$FLUX2_ENCODER_MODEL/([^"]+)"', wait["args"][0])
+    assert marker and marker.group(1) in fill["args"][0]
+    assert wait["envFrom"] == container["envFrom"]
+
+
+@needs_kubectl
+def test_autoscaler_metric_is_exported_by_the_server_and_served_by_the_adapter():
     from flux2_encoder_server.metrics import Metrics
 
     exported = {metric.name for metric in Metrics().registry.collect()}
-    for path in KUSTOMIZATIONS:
-        for hpa in by_kind(render(path), "HorizontalPodAutoscaler"):
+    rules = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    checked = 0
+    for path in FLEETS:
+        docs = render(path)
+        for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
             for metric in hpa["spec"]["metrics"]:
-                assert metric["pods"]["metric"]["name"] in exported
+                name = metric["pods"]["metric"]["name"]
+                assert name in exported
+                served = [r for r in rules if _adapter_metric_name(r) == name]
+                assert served, f"no prometheus-adapter rule serves {name}"
+                assert re.match(rf"{name}\{{", served[0]["seriesQuery"]), "the rule reads the exported series"
+                assert {"pod", "namespace"} <= served[0]["resources"]["overrides"].keys()
+                checked += 1
+            # Prometheus scrapes the port the server serves metrics on.
+            _, container, settings = server_settings(docs)
+            monitor = one(docs, "ServiceMonitor")
+            (endpoint,) = monitor["spec"]["endpoints"]
+            scraped = [
+                port
+                for service in by_kind(docs, "Service")
+                if selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+                for port in service["spec"]["ports"]
+                if port["name"] == endpoint["port"]
+            ]
+            assert [p["targetPort"] for p in scraped] == ["metrics"]
+            assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == settings.metrics_port
+    assert checked, "no HorizontalPodAutoscaler found in k8s/"
+
+
+def _adapter_metric_name(rule: dict) -> str:
+    """The name prometheus-adapter gives the series a rule selects (name.matches -> name.as)."""
+    series = re.match(r"(\w+)", rule["seriesQuery"]).group(1)  # type: ignore[union-attr]
+    naming = rule.get("name", {})
+    template = naming.get("as", "${1}").replace("${", "\\g<").replace("}", ">")  # Go's ${1} is Python's \g<1>
+    return re.sub(naming.get("matches", "^(.*)$"), template, series)
+
+
+@needs_kubectl
+def test_external_routes_reach_the_server_over_tls():
+    examples = [docs for docs in map(render, FLEETS) if by_kind(docs, "Gateway")]
+    assert examples, "no Gateway example found in k8s/"
+    for docs in examples:
+        _check_external_routes(docs)
+
+
+def _check_external_routes(docs: tuple[dict, ...]) -> None:
+    _, _, settings = server_settings(docs)
+    service = next(s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") != "None")
+    service_port = {p["targetPort"]: p["port"] for p in service["spec"]["ports"]}
+    gateway = one(docs, "Gateway")
+    listeners = {listener["name"]: listener for listener in gateway["spec"]["listeners"]}
+    for listener in listeners.values():
+        assert listener["protocol"] == "HTTPS" and listener["tls"]["mode"] == "Terminate"
+
+    grpc_route = one(docs, "GRPCRoute")
+    services = {m["method"]["service"] for rule in grpc_route["spec"]["rules"] for m in rule["matches"]}
+    assert SERVICE_NAME in services
+    for rule in grpc_route["spec"]["rules"]:
+        assert [(b["name"], b["port"]) for b in rule["backendRefs"]] == [
+            (service["metadata"]["name"], service_port["grpc"])
+        ]
+
+    http_route = one(docs, "HTTPRoute")
+    paths = {(m["path"]["value"], m.get("method")) for rule in http_route["spec"]["rules"] for m in rule["matches"]}
+    assert ("/predict", "POST") in paths
+    for rule in http_route["spec"]["rules"]:
+        assert [(b["name"], b["port"]) for b in rule["backendRefs"]] == [
+            (service["metadata"]["name"], service_port["http"])
+        ]
+        assert _seconds(rule["timeouts"]["request"]) >= settings.default_timeout_s
+
+    for route in (grpc_route, http_route):
+        (parent,) = route["spec"]["parentRefs"]
+        assert parent["name"] == gateway["metadata"]["name"] and parent["sectionName"] in listeners
+        assert set(route["spec"]["hostnames"]) == {listeners[parent["sectionName"]]["hostname"]}
+    # The gateway's proxies may reach gRPC and HTTP; only the monitoring namespace reaches metrics.
+    policy = one(docs, "NetworkPolicy")
+    reachable = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert {settings.port, settings.http_port} <= reachable
+    for rule in policy["spec"]["ingress"]:
+        if settings.metrics_port in {p["port"] for p in rule["ports"]}:
+            assert rule["from"] == [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ]
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration))
+
+
+# -- the server image (checked statically: no container engine here) ------------------------------------
+DOCKERFILE = ROOT / "encoder_server" / "Dockerfile"
+IMAGE_PACKAGES = ("proto/flux2split_proto", "encoder_server/flux2_encoder_server")
+NOT_IN_IMAGE = (
+    "client/flux2_client/cli.py",
+    "tests/conftest.py",
+    ".venv/bin/python",
+    ".venv-checkov/bin/checkov",
+    ".git/HEAD",
+    "out/image.png",
+    "k8s/base/deployment.yaml",
+    "encoder_server/flux2_encoder_server/__pycache__/server.cpython-311.pyc",
+)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())  # line continuations
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders decides."""
+    excluded = False
+    parts = path.split("/")
+    candidates = ["/".join(parts[: k + 1]) for k in range(len(parts))]
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_image_base_is_pinned_by_digest():
+    bases = [rest for word, rest in dockerfile_instructions() if word == "FROM"]
+    assert bases
+    for base in bases:
+        assert re.search(r"@sha256:[0-9a-f]{64}(\s|$)", base), f"FROM {base} is not pinned by digest"
+
+
+def test_image_exposes_every_port_it_serves_on_and_k8s_uses_the_same():
+    environ: dict[str, str] = {}
+    exposed: set[int] = set()
+    for word, rest in dockerfile_instructions():
+        if word == "ENV":
+            environ.update(item.split("=", 1) for item in shlex.split(rest))
+        elif word == "EXPOSE":
+            exposed |= {int(p.split("/")[0]) for p in rest.split()}
+    image = Settings.from_cli([], environ)  # `serve` with the image's environment and no flags
+    served = {image.port, image.http_port, image.metrics_port}
+    assert None not in served, "the image turns on gRPC, HTTP and metrics"
+    assert exposed == served
+    generator = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["configMapGenerator"]
+    k8s = Settings.from_cli([], dict(item.split("=", 1) for item in generator[0]["literals"]))
+    assert (k8s.port, k8s.http_port, k8s.metrics_port) == (image.port, image.http_port, image.metrics_port)
+
+
+def test_image_holds_the_server_and_no_client_code():
+    instructions = dockerfile_instructions()
+    sources = [src for word, rest in instructions if word == "COPY" for src in shlex.split(rest)[:-1]]
+    assert sources and not [s for s in sources if s.startswith("--")], "COPY only from the build context"
+    for source in sources:
+        assert source in ("pyproject.toml", "constraints.txt") or source.startswith(IMAGE_PACKAGES), source
+        assert not dockerignore_excludes(source), f".dockerignore leaves out {source}, which the image needs"
+    for path in NOT_IN_IMAGE:
+        assert dockerignore_excludes(path), f".dockerignore lets {path} into the build context"
+    # The project itself is never pip-installed: its one distribution would bring flux2_client along.
+    for word, rest in instructions:
+        if word == "RUN" and "pip install" in rest:
+            assert not re.search(r"pip install[^&]*\s(-e\s+)?\.(\[|\s|$)", rest), rest
+    (entrypoint,) = [json.loads(rest) for word, rest in instructions if word == "ENTRYPOINT"]
+    assert entrypoint == ["python", "-m", "flux2_encoder_server"]
+    # ...which works because neither package of the image imports the client.
+    for package in IMAGE_PACKAGES:
+        for module in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(module.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                assert not [n for n in names if n.split(".")[0] == "flux2_client"], f"{module} imports the client"
