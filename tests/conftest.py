@@ -6,6 +6,7 @@ import pytest
 import torch
 from _servers import ServerThread, test_settings
 from flux2_client.tiny import TinyPaths, make_tiny_flux2
+from flux2_client.tiny_klein import TinyKleinPaths, make_tiny_klein
 from flux2_encoder_server import EncoderEngine
 
 # Two CPU cores: keep torch from oversubscribing them when a server thread and the test both compute.
@@ -35,3 +36,9 @@ def server(tiny: TinyPaths, engine: EncoderEngine) -> Iterator[ServerThread]:
     thread = ServerThread(test_settings(str(tiny.pipeline)), lambda _s: engine).start()
     yield thread
     thread.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory: pytest.TempPathFactory) -> TinyKleinPaths:
+    """Tiny FLUX.2 [klein] pipelines (distilled and base) and the NF4 Klein DiT; built only by tests that ask."""
+    return make_tiny_klein(tmp_path_factory.mktemp("klein-models"))
