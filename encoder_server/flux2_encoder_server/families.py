@@ -103,9 +103,13 @@ FAMILIES: dict[str, EncoderFamily] = {
 }
 
 
-def family_for_architectures(architectures: Sequence[str] | None) -> EncoderFamily:
+def family_for_architectures(architectures: Sequence[str] | None, model_type: str | None = None) -> EncoderFamily:
+    """The family of a text encoder from its config's `architectures` (e.g. ["Qwen3ForCausalLM"] in a
+    FLUX.2 [klein] `text_encoder/config.json`), or from its `model_type` where a config lists none."""
     for family in FAMILIES.values():
         if architectures and family.model_class in architectures:
             return family
+    if not architectures and model_type in FAMILIES:
+        return FAMILIES[model_type]
     known = ", ".join(f"{f.model_class} ({f.name})" for f in FAMILIES.values())
     raise ValueError(f"text encoder architectures {list(architectures or [])} are not supported; known: {known}")
