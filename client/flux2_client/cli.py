@@ -4,7 +4,7 @@ flux2-client generate --server HOST:PORT --prompt "a red fox in snow" --out fox.
 flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png --image hat.png \
     --prompt "the cat wearing the hat" --num-images-per-prompt 2
 flux2-client generate --plan-only --vram 6GB --image a.png --image b.png
-flux2-client make-tiny ./tiny-models
+flux2-client make-tiny ./tiny-models [--family klein]
 flux2-client demo
 flux2-client encode captions.txt --server HOST:PORT --out embeds/
 """
@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # Pure-Python modules only: the CLI must start (and reject bad arguments) without torch.
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
@@ -31,17 +32,33 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
     p.add_argument("--image", action="append", default=[], type=Path, help="reference image (repeat, up to 10)")
-    p.add_argument("--model", default="black-forest-labs/FLUX.2-dev", help="repo id or folder with vae/ and scheduler/")
+    p.add_argument(
+        "--model",
+        default="black-forest-labs/FLUX.2-dev",
+        help="repo id or folder with vae/ and scheduler/: FLUX.2-dev or a FLUX.2 [klein] model (its model_index.json "
+        "picks Flux2Pipeline or Flux2KleinPipeline)",
+    )
     p.add_argument(
         "--dit",
-        default="diffusers/FLUX.2-dev-bnb-4bit",
-        help="repo id or folder whose transformer/ holds the DiT (NF4, or bf16 quantized on load)",
+        default=None,
+        help="repo id or folder whose transformer/ holds the DiT (NF4, or bf16 quantized on load); default "
+        "diffusers/FLUX.2-dev-bnb-4bit for FLUX.2-dev, else --model's own transformer/",
     )
     p.add_argument("--out", default="flux2.png", help="output PNG; several images get _<prompt>_<n> suffixes")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=4.0, help="embedded guidance scale")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=4.0,
+        help="guidance scale: embedded (FLUX.2-dev), classifier-free (FLUX.2 [klein] base), ignored (klein distilled)",
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default="",
+        help="FLUX.2 [klein] base models: the negative prompt of classifier-free guidance, encoded by the server",
+    )
     p.add_argument("--seed", type=int, default=0, help="image k of the call uses seed + k")
     p.add_argument("--num-images-per-prompt", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; default cuda if available")
@@ -112,6 +129,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
             parse_size(args.vram)
         except ValueError as exc:
             raise SystemExit(f"--vram: {exc}") from None
+    if args.dit is None:
+        from .families import default_dit
+
+        args.dit = default_dit(args.model)
     if args.plan_only:
         return
     if not args.prompt:
@@ -172,6 +193,16 @@ def run_plan_only(args: argparse.Namespace, images: list) -> str:
     return text
 
 
+def _encode_negative_prompts(pool: Any, args: argparse.Namespace) -> Any:
+    """FLUX.2 [klein] base models: the negative prompts' embeddings for classifier-free guidance, encoded by
+    the same servers (None for models without a negative pass)."""
+    from .families import detect_family
+
+    family = detect_family(args.model)
+    negatives = family.negative_prompts(args.prompt, args.guidance, args.negative_prompt)
+    return pool.encode(negatives).prompt_embeds if negatives else None
+
+
 def run_generate(args: argparse.Namespace) -> list[Path]:
     check_generate_args(args)
     # The allocator reads this once, when CUDA starts: set it before anything touches the GPU.
@@ -203,8 +234,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         **client_options(args),
     ) as pool:
         encoded = pool.encode(args.prompt)
+        negative_embeds = _encode_negative_prompts(pool, args)
     fp = encoded.fingerprint
     print(f"received embeddings {tuple(encoded.prompt_embeds.shape)} from {fp.weights_id} ({fp.digest[:12]})")
+    from .families import EmbeddingWidthError
     from .planner import PlanError
 
     try:
@@ -216,7 +249,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
             vram=args.vram,
             workload=_workload(args, images),
             verbose=True,
+            embedding_dim=encoded.prompt_embeds.shape[-1],
         )
+    except EmbeddingWidthError as exc:
+        raise SystemExit(f"--dit: {exc}") from None
     except PlanError as exc:
         raise SystemExit(f"--vram: {exc}") from None
     params = GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed)
@@ -227,6 +263,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         images=images,
         num_images_per_prompt=args.num_images_per_prompt,
         progress=not args.no_progress,
+        negative_prompt_embeds=negative_embeds,
     )
     out = Path(args.out)
     paths = []
@@ -263,8 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate images from prompts encoded by a server")
     _add_generate_args(gen)
-    tiny = sub.add_parser("make-tiny", help="write tiny random FLUX.2-dev-shaped models (HF layout)")
+    tiny = sub.add_parser("make-tiny", help="write tiny random FLUX.2-dev- or klein-shaped models (HF layout)")
     tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--family", choices=("flux2", "klein"), default="flux2", help="FLUX.2-dev or FLUX.2 [klein]")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     demo = sub.add_parser("demo", help="tiny models -> server -> image, all on this machine")
@@ -282,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "generate":
         run_generate(args)
+    elif args.command == "make-tiny" and args.family == "klein":
+        from .tiny_klein import make_tiny_klein
+
+        klein = make_tiny_klein(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+        print(f"distilled: {klein.distilled}\nbase:      {klein.base}\nNF4 DiT:   {klein.nf4_repo}")
     elif args.command == "make-tiny":
         from .tiny import make_tiny_flux2
 

@@ -50,6 +50,7 @@ def load_pipeline(
     num_slots: int = 2,
     revision: str | None = None,
     verbose: bool = False,
+    embedding_dim: int | None = None,
 ):
     """A ready `Flux2Pipeline` with the NF4 DiT and the VAE, no text encoder; call it with
     `prompt_embeds=` (and `image=` for reference images) like any diffusers pipeline.
@@ -66,11 +67,18 @@ def load_pipeline(
         workload: the largest call planned for (size, reference images, batch); default 1024x1024,
             no references, one image. A bigger call later is refused by `generate` with a clear error.
         num_slots: device slots streamed blocks rotate through (2 = double buffering).
+        embedding_dim: width of the embeddings the pipeline will get (the encoder's); checked against the
+            DiT's joint_attention_dim before anything is loaded (`families.EmbeddingWidthError`).
+
+    The pipeline class follows `model`'s model_index.json: `Flux2Pipeline` for FLUX.2-dev,
+    `Flux2KleinPipeline` for FLUX.2 [klein] (see `families`).
 
     The plan (`pipe.memory_plan`, printable with `.describe()`) and the streamer (`pipe.block_streamer`)
     are attached to the returned pipeline.
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+
+    from .families import build_pipeline, check_embedding_width, detect_family
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
@@ -81,12 +89,15 @@ def load_pipeline(
         raise ValueError(f"offload: expected one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
     if offload == "plan" and vram is None and device.type != "cuda":
         raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
+    family = detect_family(model, revision)
+    if embedding_dim is not None:
+        check_embedding_width(embedding_dim, dit or model, revision=None if dit else revision)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
     load_device = device if offload == "none" else torch.device("cpu")
     transformer = load_nf4_transformer(dit or model, device=load_device, revision=None if dit else revision)
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer)
     pipe.memory_plan = None
     pipe.block_streamer = None
     if offload == "plan":
@@ -123,10 +134,14 @@ def generate(
     images: Sequence[Any] | None = None,
     num_images_per_prompt: int = 1,
     progress: bool = True,
+    negative_prompt_embeds: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run the pipeline on received embeddings; returns PIL images, prompt-major (all images of the first
     prompt, then the second's). `images` are reference images for multi-reference editing (up to 10).
+
+    `negative_prompt_embeds` (one row per prompt) feed the negative pass of a pipeline with real
+    classifier-free guidance (FLUX.2 [klein] base models; `families.PipelineFamily.negative_prompts`).
 
     Image k of a call draws its noise from its own CPU generator seeded with `params.seed + k`, so an
     image does not depend on which GPU drew it and can be reproduced alone from the seed in its PNG.
@@ -153,6 +168,8 @@ def generate(
     generators = [torch.Generator("cpu").manual_seed(params.seed + k) for k in range(batch)]
     pipe.set_progress_bar_config(disable=not progress)
     device = pipe._execution_device
+    if negative_prompt_embeds is not None:
+        kwargs["negative_prompt_embeds"] = negative_prompt_embeds.to(device)
     result = pipe(
         prompt_embeds=prompt_embeds.to(device),
         image=refs or None,
