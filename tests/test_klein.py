@@ -200,15 +200,17 @@ def test_training_helper_matches_klein_pipeline(klein_server, klein_reference, r
 # --- client: family detection and the width check --------------------------------------------------------
 
 
-def test_detect_family(tiny_klein, tiny):
+def test_detect_family(tiny_klein, tiny, tmp_path):
     distilled, base, dev = (detect_family(str(p)) for p in (tiny_klein.distilled, tiny_klein.base, tiny.pipeline))
     assert (distilled.pipeline_class, distilled.is_distilled) == ("Flux2KleinPipeline", True)
     assert (base.pipeline_class, base.is_distilled) == ("Flux2KleinPipeline", False)
     assert dev.pipeline_class == "Flux2Pipeline"
     assert not distilled.uses_cfg(4.0) and base.uses_cfg(4.0) and not base.uses_cfg(1.0) and not dev.uses_cfg(4.0)
     assert base.negative_prompts(["a", "b"], 4.0) == ["", ""] and distilled.negative_prompts(["a"], 4.0) == []
-    # A bare DiT folder (no model_index.json): Klein's DiT has no guidance embedder.
+    # No model_index.json: told by the DiT's config (Klein's has no guidance embedder), else FLUX.2-dev.
     assert detect_family(str(tiny_klein.nf4_repo)).is_klein and not detect_family(str(tiny.nf4_repo)).is_klein
+    assert detect_family(str(tmp_path), dit=str(tiny_klein.nf4_repo)).is_klein
+    assert not detect_family(str(tmp_path)).is_klein
     assert default_dit("black-forest-labs/FLUX.2-dev") == "diffusers/FLUX.2-dev-bnb-4bit"
     assert default_dit(str(tiny_klein.base)) == str(tiny_klein.base)
 

@@ -198,7 +198,7 @@ def _encode_negative_prompts(pool: Any, args: argparse.Namespace) -> Any:
     the same servers (None for models without a negative pass)."""
     from .families import detect_family
 
-    family = detect_family(args.model)
+    family = detect_family(args.model, dit=args.dit)
     negatives = family.negative_prompts(args.prompt, args.guidance, args.negative_prompt)
     return pool.encode(negatives).prompt_embeds if negatives else None
 

@@ -71,9 +71,12 @@ def read_repo_json(repo: str, filename: str, revision: str | None = None) -> dic
         return None
 
 
-def detect_family(model: str, revision: str | None = None) -> PipelineFamily:
-    """The family of a pipeline folder/repo from its `model_index.json` (`_class_name`, `is_distilled`),
-    or, where it has none, from its `transformer/config.json` (Klein's DiT has no guidance embedder)."""
+def detect_family(model: str, revision: str | None = None, dit: str | None = None) -> PipelineFamily:
+    """The family of a pipeline folder/repo from its `model_index.json` (`_class_name`, `is_distilled`).
+
+    A folder without one (e.g. only `vae/` and `scheduler/` beside a separate `dit`) is told by its DiT's
+    `transformer/config.json`: Klein's DiT has no guidance embedder. With neither, FLUX.2-dev.
+    """
     index = read_repo_json(model, "model_index.json", revision)
     if index is not None:
         cls = index.get("_class_name")
@@ -83,11 +86,11 @@ def detect_family(model: str, revision: str | None = None) -> PipelineFamily:
             return FLUX2_DEV
         raise ValueError(f"model: {model} holds a {cls}; expected a {DEV_PIPELINE} or a {KLEIN_PIPELINE}")
     config = read_repo_json(model, "transformer/config.json", revision)
-    if config is None:
-        raise ValueError(f"model: {model} has neither model_index.json nor transformer/config.json")
-    if config.get("guidance_embeds", True):
+    if config is None and dit is not None:
+        config = read_repo_json(dit, "transformer/config.json")
+    if config is None or config.get("guidance_embeds", True):
         return FLUX2_DEV
-    # Without model_index.json nothing says whether a Klein DiT is distilled: diffusers' default.
+    # Nothing says whether this Klein DiT is step-distilled: diffusers' default (base, real CFG).
     return PipelineFamily("klein", KLEIN_PIPELINE, is_distilled=False)
 
 

@@ -89,7 +89,7 @@ def load_pipeline(
         raise ValueError(f"offload: expected one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
     if offload == "plan" and vram is None and device.type != "cuda":
         raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
-    family = detect_family(model, revision)
+    family = detect_family(model, revision, dit=dit)
     if embedding_dim is not None:
         check_embedding_width(embedding_dim, dit or model, revision=None if dit else revision)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
