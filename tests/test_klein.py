@@ -182,6 +182,36 @@ def test_reproducible_mode_never_runs_a_lone_prompt(klein_server, klein_engine):
     assert torch.equal(alone.prompt_embeds[0], batched[1])
 
 
+def test_nf4_tier_on_qwen3_is_close(tiny_klein, references):
+    """The precision tiers are family-agnostic: the Klein encoder loads layer by layer into NF4."""
+    nf4 = EncoderEngine.from_pretrained(str(tiny_klein.distilled), device="cpu", precision="nf4")
+    assert {type(m).__name__ for m in nf4.decoder.layers[0].modules()} >= {"Linear4bit"}
+    assert nf4.fingerprint.precision == "nf4" and nf4.fingerprint.family == "qwen3"
+    want = references([PROMPTS["plain"]]).float()
+    got = nf4.encode([PROMPTS["plain"]]).float()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1))
+    assert (cosine > 0.9).all() and not torch.equal(got, want), cosine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU kernels and batch shapes: needs CUDA")
+def test_on_cuda_bit_identical_to_klein_pipeline_at_every_batch_size(tiny_klein):
+    """On a GPU a lone prompt and a batch run other kernels: the reproducible engine gives diffusers'
+    bytes for a batch and the same bytes for a prompt whatever it is batched with."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(
+        str(tiny_klein.distilled), transformer=None, vae=None, dtype=torch.bfloat16
+    ).to("cuda")
+    engine = EncoderEngine.from_pretrained(str(tiny_klein.distilled), device="cuda")
+    prompts = list(PROMPTS.values())
+    want, _ = pipe.encode_prompt(prompt=prompts, device=torch.device("cuda"))
+    assert torch.equal(engine.encode(prompts), want.cpu())
+    alone = engine.encode([prompts[0]])
+    for size in (2, 3, 8, 32):
+        batch = [prompts[0]] + [f"other prompt {i}" for i in range(size - 1)]
+        assert torch.equal(engine.encode(batch)[:1], alone)
+
+
 def test_training_helper_matches_klein_pipeline(klein_server, klein_reference, references):
     """`compute_remote_text_embeddings` serves Klein trainers as is: Flux2KleinPipeline's text ids are
     Flux2Pipeline's (`_prepare_text_ids` is a copy), so (prompt_embeds, text_ids) equal encode_prompt's."""

@@ -120,7 +120,8 @@ def build_tiny_qwen3_tokenizer(model_max_length: int = 131072):
 def build_tiny_qwen3(vocab_size: int, pad_token_id: int, eos_token_id: int, hidden_size: int = 128, seed: int = 0):
     """A `Qwen3ForCausalLM` with Qwen3-4B's structure at toy width: GQA, heads x head_dim != hidden size,
     q/k norms, tied embeddings, and 28 layers (hidden state 27 is then still pre-norm, and the server's
-    pruning drops a layer and the final norm). Narrow attention keeps 512-token CPU forwards cheap."""
+    pruning drops a layer and the final norm). Every Linear size is a multiple of 64, so the server's NF4
+    tier runs on bitsandbytes' CPU kernels too."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -129,9 +130,9 @@ def build_tiny_qwen3(vocab_size: int, pad_token_id: int, eos_token_id: int, hidd
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=28,
-        num_attention_heads=2,
+        num_attention_heads=3,
         num_key_value_heads=1,
-        head_dim=32,
+        head_dim=64,
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
         rope_theta=1000000.0,
