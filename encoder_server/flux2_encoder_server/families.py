@@ -56,7 +56,9 @@ class EncoderFamily:
                 truncation=True,
                 max_length=self.max_length,
             )
-        # Flux2KleinPipeline._get_qwen3_prompt_embeds: render each prompt, then tokenize it.
+        # Flux2KleinPipeline._get_qwen3_prompt_embeds (FLUX.2 [klein]): render each prompt alone with the
+        # Qwen3 chat template (no system message, generation prompt, thinking off), then tokenize it alone,
+        # padded and truncated to max_length. tests/test_klein.py holds the bytes to diffusers'.
         import torch
 
         ids, masks = [], []
