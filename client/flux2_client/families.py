@@ -63,10 +63,12 @@ def read_repo_json(repo: str, filename: str, revision: str | None = None) -> dic
         path = local / filename
         return json.loads(path.read_text()) if path.is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return json.loads(Path(hf_hub_download(repo, filename, revision=revision)).read_text())
+    except LocalEntryNotFoundError:
+        raise  # offline and not cached: says nothing about the repo, so no guessing
     except EntryNotFoundError:
         return None
 
