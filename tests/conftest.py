@@ -6,6 +6,7 @@ import pytest
 import torch
 from _servers import ServerThread, test_settings
 from flux2_client.tiny import TinyPaths, make_tiny_flux2
+from flux2_client.tiny_klein import TinyKleinPaths, make_tiny_klein
 from flux2_encoder_server import EncoderEngine
 
 # Two CPU cores: keep torch from oversubscribing them when a server thread and the test both compute.
@@ -77,3 +78,9 @@ def resident_nf4_pipe(tiny: TinyPaths):
             str(tiny.nf4_repo), subfolder="transformer", dtype=torch.bfloat16, device_map="cpu"
         )
     return Flux2Pipeline.from_pretrained(str(tiny.pipeline), transformer=transformer, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory: pytest.TempPathFactory) -> TinyKleinPaths:
+    """Tiny FLUX.2 [klein] pipelines (distilled and base) and the NF4 Klein DiT; built only by tests that ask."""
+    return make_tiny_klein(tmp_path_factory.mktemp("klein-models"))

@@ -4,7 +4,7 @@ flux2-client generate --server HOST:PORT --prompt "a red fox in snow" --out fox.
 flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png --image hat.png \
     --prompt "the cat wearing the hat" --num-images-per-prompt 2
 flux2-client generate --plan-only --vram 6GB --image a.png --image b.png
-flux2-client make-tiny ./tiny-models
+flux2-client make-tiny ./tiny-models [--family klein]
 flux2-client demo
 flux2-client encode captions.txt --server HOST:PORT --out embeds/
 """
@@ -30,17 +30,33 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
     p.add_argument("--image", action="append", default=[], type=Path, help="reference image (repeat, up to 10)")
-    p.add_argument("--model", default="black-forest-labs/FLUX.2-dev", help="repo id or folder with vae/ and scheduler/")
+    p.add_argument(
+        "--model",
+        default="black-forest-labs/FLUX.2-dev",
+        help="repo id or folder with vae/ and scheduler/: FLUX.2-dev or a FLUX.2 [klein] model (its model_index.json "
+        "picks Flux2Pipeline or Flux2KleinPipeline)",
+    )
     p.add_argument(
         "--dit",
-        default="diffusers/FLUX.2-dev-bnb-4bit",
-        help="repo id or folder whose transformer/ holds the DiT (NF4, or bf16 quantized on load)",
+        default=None,
+        help="repo id or folder whose transformer/ holds the DiT (NF4, or bf16 quantized on load); default "
+        "diffusers/FLUX.2-dev-bnb-4bit for FLUX.2-dev, else --model's own transformer/",
     )
     p.add_argument("--out", default="flux2.png", help="output PNG; several images get _<prompt>_<n> suffixes")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=4.0, help="embedded guidance scale")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=4.0,
+        help="guidance scale: embedded (FLUX.2-dev), classifier-free (FLUX.2 [klein] base), ignored (klein distilled)",
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default="",
+        help="FLUX.2 [klein] base models: the negative prompt of classifier-free guidance, encoded by the server",
+    )
     p.add_argument("--seed", type=int, default=0, help="image k of the call uses seed + k")
     p.add_argument("--num-images-per-prompt", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; default cuda if available")
@@ -111,6 +127,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
             parse_size(args.vram)
         except ValueError as exc:
             raise SystemExit(f"--vram: {exc}") from None
+    if args.dit is None:
+        from .families import default_dit
+
+        args.dit = default_dit(args.model)
     if args.plan_only:
         return
     if not args.prompt:
@@ -182,6 +202,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     except ImportError as exc:
         raise SystemExit(f"missing dependency {exc.name!r}: pip install 'flux2-split[client]'") from None
 
+    from .families import EmbeddingWidthError
     from .planner import PlanError
 
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
@@ -209,7 +230,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 vram=args.vram,
                 progress=not args.no_progress,
                 verbose=True,
+                negative_prompt=args.negative_prompt,
             )
+        except EmbeddingWidthError as exc:
+            raise SystemExit(f"--dit: {exc}") from None
         except PlanError as exc:
             raise SystemExit(f"--vram: {exc}") from None
 
@@ -221,8 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate images from prompts encoded by a server")
     _add_generate_args(gen)
-    tiny = sub.add_parser("make-tiny", help="write tiny random FLUX.2-dev-shaped models (HF layout)")
+    tiny = sub.add_parser("make-tiny", help="write tiny random FLUX.2-dev- or klein-shaped models (HF layout)")
     tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--family", choices=("flux2", "klein"), default="flux2", help="FLUX.2-dev or FLUX.2 [klein]")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     demo = sub.add_parser("demo", help="tiny models -> server -> image, all on this machine")
@@ -240,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "generate":
         run_generate(args)
+    elif args.command == "make-tiny" and args.family == "klein":
+        from .tiny_klein import make_tiny_klein
+
+        klein = make_tiny_klein(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+        print(f"distilled: {klein.distilled}\nbase:      {klein.base}\nNF4 DiT:   {klein.nf4_repo}")
     elif args.command == "make-tiny":
         from .tiny import make_tiny_flux2
 

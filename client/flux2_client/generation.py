@@ -57,6 +57,7 @@ def load_pipeline(
     num_slots: int = 2,
     revision: str | None = None,
     verbose: bool = False,
+    embedding_dim: int | None = None,
 ):
     """A ready `Flux2Pipeline` with the NF4 DiT and the VAE, no text encoder; call it with
     `prompt_embeds=` (and `image=` for reference images) like any diffusers pipeline.
@@ -73,12 +74,19 @@ def load_pipeline(
         workload: the largest call planned for (size, reference images, batch); default 1024x1024,
             no references, one image. A bigger call later is refused by `generate` with a clear error.
         num_slots: device slots streamed blocks rotate through (2 = double buffering).
+        embedding_dim: width of the embeddings the pipeline will get (the encoder's); checked against the
+            DiT's joint_attention_dim before anything is loaded (`families.EmbeddingWidthError`).
+
+    The pipeline class follows `model`'s model_index.json: `Flux2Pipeline` for FLUX.2-dev,
+    `Flux2KleinPipeline` for FLUX.2 [klein] (see `families`).
 
     With `offload="plan"` the plan and its streamer sit in a named hook on `pipe.transformer`:
     `flux2_client.get_memory_plan(pipe)` returns the plan (printable with `.describe()`),
     `flux2_client.offload.get_block_streamer(pipe)` the streamer.
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+
+    from .families import build_pipeline, check_embedding_width, detect_family
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
@@ -89,12 +97,15 @@ def load_pipeline(
         raise ValueError(f"offload: expected one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
     if offload == "plan" and vram is None and device.type != "cuda":
         raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
+    family = detect_family(model, revision, dit=dit)
+    if embedding_dim is not None:
+        check_embedding_width(embedding_dim, dit or model, revision=None if dit else revision)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
     load_device = device if offload == "none" else torch.device("cpu")
     transformer = load_nf4_transformer(dit or model, device=load_device, revision=None if dit else revision)
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer)
     if offload == "plan":
         from .offload import apply_memory_plan, plan_for
 
@@ -121,10 +132,14 @@ def generate(
     images: Sequence[Any] | None = None,
     num_images_per_prompt: int = 1,
     progress: bool = True,
+    negative_prompt_embeds: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run the pipeline on received embeddings; returns PIL images, prompt-major (all images of the first
     prompt, then the second's). `images` are reference images for multi-reference editing (up to 10).
+
+    `negative_prompt_embeds` (one row per prompt) feed the negative pass of a pipeline with real
+    classifier-free guidance (FLUX.2 [klein] base models; `families.PipelineFamily.negative_prompts`).
 
     Image k of a call draws its noise from its own CPU generator seeded with `params.seed + k`, so an
     image does not depend on which GPU drew it and can be reproduced alone from the seed in its PNG.
@@ -153,6 +168,8 @@ def generate(
     generators = [torch.Generator("cpu").manual_seed(params.seed + k) for k in range(batch)]
     pipe.set_progress_bar_config(disable=not progress)
     device = pipe._execution_device
+    if negative_prompt_embeds is not None:
+        kwargs["negative_prompt_embeds"] = negative_prompt_embeds.to(device)
     result = pipe(
         prompt_embeds=prompt_embeds.to(device),
         image=refs or None,
@@ -220,6 +237,7 @@ def generate_to_files(
     vram: str | int | None = None,
     progress: bool = True,
     verbose: bool = False,
+    negative_prompt: str = "",
 ) -> list[Path]:
     """Prompts in, PNG files out: what `flux2-client generate` and the demo run.
 
@@ -228,7 +246,11 @@ def generate_to_files(
     generates (image k seeded with `params.seed + k`) and writes one PNG per image, named by
     `output_paths`, carrying prompt, seed, steps, guidance, size, reference image names, the encoder's
     model and fingerprint, and the DiT. Returns the paths in prompt-major order.
+    FLUX.2 [klein] base models also get `negative_prompt` (default "") encoded on `encoder` for real
+    classifier-free guidance (`families.PipelineFamily.negative_prompts`).
     """
+    from .families import detect_family
+
     params = params or GenerationParams()
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list or any(not isinstance(p, str) or not p.strip() for p in prompt_list):
@@ -240,15 +262,32 @@ def generate_to_files(
     refs = load_reference_images(images)
 
     encoded = encoder.encode(prompt_list)
+    negatives = detect_family(model, dit=dit).negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
+    negative_embeds = encoder.encode(negatives).prompt_embeds if negatives else None
     fp = encoded.fingerprint
     if verbose:
         print(f"received embeddings {tuple(encoded.prompt_embeds.shape)} from {fp.weights_id} ({fp.digest[:12]})")
     workload = Workload(
         params.height, params.width, tuple(im.size for im in refs), len(prompt_list) * num_images_per_prompt
     )
-    pipe = load_pipeline(model, dit=dit, device=device, offload=offload, vram=vram, workload=workload, verbose=verbose)
+    pipe = load_pipeline(
+        model,
+        dit=dit,
+        device=device,
+        offload=offload,
+        vram=vram,
+        workload=workload,
+        verbose=verbose,
+        embedding_dim=encoded.prompt_embeds.shape[-1],
+    )
     results = generate(
-        pipe, encoded.prompt_embeds, params, images=refs, num_images_per_prompt=num_images_per_prompt, progress=progress
+        pipe,
+        encoded.prompt_embeds,
+        params,
+        images=refs,
+        num_images_per_prompt=num_images_per_prompt,
+        progress=progress,
+        negative_prompt_embeds=negative_embeds,
     )
     paths = []
     targets = output_paths(out, len(prompt_list), num_images_per_prompt)

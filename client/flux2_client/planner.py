@@ -262,8 +262,8 @@ def nf4_linear_bytes(in_features: int, out_features: int, double_quant: bool = F
 
 
 def spec_from_config(config: Mapping[str, Any], double_quant: bool = False, vae_bytes: int = 0) -> ModelSpec:
-    """A `ModelSpec` from a `Flux2Transformer2DModel` config, assuming every Linear is NF4 (as in
-    diffusers/FLUX.2-dev-bnb-4bit) and bf16 norm scales."""
+    """A `ModelSpec` from a `Flux2Transformer2DModel` config (FLUX.2-dev or [klein]), assuming every
+    Linear is NF4 (as in diffusers/FLUX.2-dev-bnb-4bit) and bf16 norm scales."""
     heads, head_dim = config.get("num_attention_heads", 48), config.get("attention_head_dim", 128)
     d = heads * head_dim
     f = int(d * config.get("mlp_ratio", 3.0))
@@ -284,10 +284,12 @@ def spec_from_config(config: Mapping[str, Any], double_quant: bool = False, vae_
     for i in range(config.get("num_single_layers", 48)):
         block = f"single_transformer_blocks.{i}"
         atoms.append(Atom(f"{block}.attn", block, lin(d, 3 * d + 2 * f) + lin(d + f, d) + 2 * norm))
+    # Timestep embedder, plus FLUX.2-dev's guidance embedder (FLUX.2 [klein] DiTs have none).
+    embedders = 2 if config.get("guidance_embeds", True) else 1
     other = (
         lin(in_ch, d)
         + lin(joint, d)
-        + 2 * (lin(t_ch, d) + lin(d, d))
+        + embedders * (lin(t_ch, d) + lin(d, d))
         + 2 * lin(d, 6 * d)
         + lin(d, 3 * d)
         + lin(d, 2 * d)

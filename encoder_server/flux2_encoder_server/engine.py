@@ -232,7 +232,11 @@ class EncoderEngine:
         _check_choice("batching_mode", batching_mode, BATCHING_MODES)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config = AutoConfig.from_pretrained(model, subfolder=text_encoder_subfolder, revision=revision)
-        fam = FAMILIES[family] if family else family_for_architectures(getattr(config, "architectures", None))
+        fam = (
+            FAMILIES[family]
+            if family
+            else family_for_architectures(getattr(config, "architectures", None), getattr(config, "model_type", None))
+        )
         text_config = fam.text_config(config)
         deepest = max(fam.hidden_layers)
         if text_config.num_hidden_layers < deepest:

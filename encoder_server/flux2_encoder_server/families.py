@@ -56,7 +56,9 @@ class EncoderFamily:
                 truncation=True,
                 max_length=self.max_length,
             )
-        # Flux2KleinPipeline._get_qwen3_prompt_embeds: render each prompt, then tokenize it.
+        # Flux2KleinPipeline._get_qwen3_prompt_embeds (FLUX.2 [klein]): render each prompt alone with the
+        # Qwen3 chat template (no system message, generation prompt, thinking off), then tokenize it alone,
+        # padded and truncated to max_length. tests/test_klein.py holds the bytes to diffusers'.
         import torch
 
         ids, masks = [], []
@@ -103,9 +105,13 @@ FAMILIES: dict[str, EncoderFamily] = {
 }
 
 
-def family_for_architectures(architectures: Sequence[str] | None) -> EncoderFamily:
+def family_for_architectures(architectures: Sequence[str] | None, model_type: str | None = None) -> EncoderFamily:
+    """The family of a text encoder from its config's `architectures` (e.g. ["Qwen3ForCausalLM"] in a
+    FLUX.2 [klein] `text_encoder/config.json`), or from its `model_type` where a config lists none."""
     for family in FAMILIES.values():
         if architectures and family.model_class in architectures:
             return family
+    if not architectures and model_type in FAMILIES:
+        return FAMILIES[model_type]
     known = ", ".join(f"{f.model_class} ({f.name})" for f in FAMILIES.values())
     raise ValueError(f"text encoder architectures {list(architectures or [])} are not supported; known: {known}")
