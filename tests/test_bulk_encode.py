@@ -18,8 +18,12 @@ import pytest
 import torch
 from _servers import ServerThread, test_settings
 from diffusers import Flux2Pipeline
-from flux2_client.bulk import EmbeddingShards, ShardFingerprintError, _ShardFolder, encode_captions, read_captions
-from flux2_client.training import HttpTextEncoder, open_encoder
+from flux2_client.bulk import encode_captions
+from flux2_client.captions import read_captions
+from flux2_client.http_encoder import HttpTextEncoder
+from flux2_client.shards import EmbeddingShards, ShardFingerprintError, ShardWriter
+from flux2_client.training import open_encoder
+from flux2split_proto.v1 import encoder_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,14 +193,14 @@ def test_loader_and_writer_refuse_another_models_shards(tmp_path, server, engine
 
 
 def test_a_shard_written_just_before_a_crash_is_adopted(tmp_path, engine):
-    fingerprint = {"digest": engine.fingerprint.digest, "weights_id": "tiny"}
-    folder = _ShardFolder(tmp_path, fingerprint)
+    fingerprint = pb.ModelFingerprint(digest=engine.fingerprint.digest, weights_id="tiny")
+    folder = ShardWriter(tmp_path, fingerprint)
     folder.write_shard([("x", engine.encode(["x"])[0])])
     index_before = (tmp_path / "index.json").read_text()
     folder.write_shard([("y", engine.encode(["y"])[0]), ("z", engine.encode(["z"])[0])])
     (tmp_path / "index.json").write_text(index_before)  # crash between the shard rename and the index write
     (tmp_path / "shard-00009.safetensors.tmp").write_bytes(b"half a shard")
-    reopened = _ShardFolder(tmp_path, fingerprint)
+    reopened = ShardWriter(tmp_path, fingerprint)
     assert set(reopened.captions) == {"x", "y", "z"}
     assert reopened.next_number == 2
     assert not list(tmp_path.glob("*.tmp"))
