@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -80,7 +81,7 @@ def scripted_grpc():
 
 @pytest.fixture
 def scripted_http():
-    def start(script: BusyThenServe) -> str:
+    def start(script: BusyThenServe, tls: ssl.SSLContext | None = None) -> str:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
@@ -107,9 +108,11 @@ def scripted_http():
                 return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/predict"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}/predict"
 
     servers: list[ThreadingHTTPServer] = []
     yield start
@@ -169,7 +172,7 @@ def grpc_and_http_server(tiny, engine):
 def test_one_pool_over_mixed_targets_shared_by_threads(grpc_and_http_server, engine):
     server = grpc_and_http_server
     targets = [server.target, f"dns:///{server.target}", server.http_url + "/predict"]
-    prompts = [f"thread {t} prompt {i}" for t in range(4) for i in range(3)]
+    prompts = [f"prompt {i}" for i in range(6)]
     expected = dict(zip(prompts, engine.encode(prompts), strict=True))
     results: dict[str, torch.Tensor] = {}
     errors: list[BaseException] = []
@@ -177,19 +180,21 @@ def test_one_pool_over_mixed_targets_shared_by_threads(grpc_and_http_server, eng
     with EncoderPool(targets, timeout=60, retry=QUICK) as pool:
         encoders = [e.encoder for e in pool._endpoints]
         defaults = [(e.timeout, e.expected_fingerprint) for e in encoders]
+        for prompt in prompts[:3]:  # round-robin: each transport answers one
+            results[prompt] = pool.encode(prompt).prompt_embeds[0]
+        assert pool.stats.served_by == dict.fromkeys(targets, 1)
 
-        def work(mine: list[str]) -> None:
+        def work(prompt: str) -> None:
             try:
-                for prompt in mine:
-                    results[prompt] = pool.encode(prompt).prompt_embeds[0]
-                # A per-call deadline too short for any server: it fails this call only.
+                results[prompt] = pool.encode(prompt).prompt_embeds[0]
+                # A per-call deadline too short for any server fails this call only.
                 with pytest.raises(RemoteEncoderError) as err:
                     pool.encode("hurried", timeout=1e-4)
                 assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=work, args=(prompts[t * 3 : t * 3 + 3],)) for t in range(4)]
+        threads = [threading.Thread(target=work, args=(prompt,)) for prompt in prompts[3:]]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -199,8 +204,7 @@ def test_one_pool_over_mixed_targets_shared_by_threads(grpc_and_http_server, eng
         assert [(e.timeout, e.expected_fingerprint) for e in encoders] == defaults  # nothing shared changed
     assert not errors, errors
     assert all(torch.equal(results[p], expected[p]) for p in prompts)
-    assert set(stats.served_by) == set(targets)  # round-robin over all three transports
-    assert sum(stats.served_by.values()) == len(prompts)
+    assert sum(stats.served_by.values()) == len(prompts)  # every success counted, under concurrency too
 
 
 def test_pool_info_is_the_same_over_grpc_and_http(grpc_and_http_server, engine):
@@ -212,3 +216,26 @@ def test_pool_info_is_the_same_over_grpc_and_http(grpc_and_http_server, engine):
     assert a.embedding_dim == b.embedding_dim == engine.embedding_dim
     assert a.limits.max_prompts_per_request == b.limits.max_prompts_per_request > 0
     assert a.batching_mode == b.batching_mode == pb.BATCHING_MODE_REPRODUCIBLE
+
+
+def test_pool_speaks_mutual_tls_to_an_https_predict_url(scripted_http, tmp_path):
+    from test_server_security import _certificates  # the one test CA
+
+    certs = _certificates(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certs["server_cert"], certs["server_key"])
+    tls.load_verify_locations(certs["ca"])
+    tls.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no client certificate, no connection
+    url = scripted_http(BusyThenServe(busy=0, delay=0.0), tls)
+    ca = certs["ca"].read_bytes()
+    pair = {
+        "client_certificate": certs["client_cert"].read_bytes(),
+        "client_private_key": certs["client_key"].read_bytes(),
+    }
+    with EncoderPool([url], retry=QUICK, root_certificates=ca, **pair) as pool:
+        assert torch.equal(pool.encode(["over", "mTLS"]).prompt_embeds, rows_for(["over", "mTLS"]))
+    with EncoderPool([url], retry=QUICK, root_certificates=ca) as no_cert, pytest.raises(RemoteEncoderError) as err:
+        no_cert.encode("no client certificate", timeout=5)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ValueError, match="use https://"):
+        EncoderPool([url.replace("https://", "http://")], root_certificates=ca)

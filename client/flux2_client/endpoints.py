@@ -35,8 +35,7 @@ __all__ = ["RETRYABLE", "EncoderPool", "PoolStats", "RetryPolicy", "connect", "u
 
 T = TypeVar("T")
 
-# Worth another server or a later try: the server is down, overloaded, draining or timed out (an encode
-# is idempotent, so a call the server cancelled while shutting down can run again elsewhere), or the
+# Worth another server or a later try: the server is down, overloaded, draining or timed out, or the
 # payload arrived corrupt.
 RETRYABLE = frozenset(
     {
@@ -44,7 +43,6 @@ RETRYABLE = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
     }

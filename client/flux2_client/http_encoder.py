@@ -207,9 +207,9 @@ class HttpTextEncoder:
             known = self._fingerprint
         if known is not None and known.digest == digest:
             return known
-        if digest:
+        if digest and timeout > 0:
             try:
-                fingerprint = self.info(timeout=max(timeout, 1.0)).fingerprint
+                fingerprint = self.info(timeout=timeout).fingerprint
             except (RemoteEncoderError, codec.WireError):
                 fingerprint = None
             if fingerprint is not None and fingerprint.digest == digest:
