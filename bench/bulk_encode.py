@@ -37,8 +37,8 @@ for sub in ("proto", "client", "encoder_server"):
     sys.path.insert(0, str(ROOT / sub))
 
 from flux2_client.bulk import encode_captions  # noqa: E402
+from flux2_client.http_encoder import HttpTextEncoder  # noqa: E402
 from flux2_client.remote import RemoteTextEncoder  # noqa: E402
-from flux2_client.training import HttpTextEncoder  # noqa: E402
 
 
 class InProcessServer:

@@ -18,8 +18,12 @@ import pytest
 import torch
 from _servers import ServerThread, test_settings
 from diffusers import Flux2Pipeline
-from flux2_client.bulk import EmbeddingShards, ShardFingerprintError, _ShardFolder, encode_captions, read_captions
-from flux2_client.training import HttpTextEncoder, open_encoder
+from flux2_client.bulk import encode_captions
+from flux2_client.captions import read_captions
+from flux2_client.http_encoder import HttpTextEncoder
+from flux2_client.shards import EmbeddingShards, ShardFingerprintError, ShardWriter
+from flux2_client.training import open_encoder
+from flux2split_proto.v1 import encoder_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,14 +193,14 @@ def test_loader_and_writer_refuse_another_models_shards(tmp_path, server, engine
 
 
 def test_a_shard_written_just_before_a_crash_is_adopted(tmp_path, engine):
-    fingerprint = {"digest": engine.fingerprint.digest, "weights_id": "tiny"}
-    folder = _ShardFolder(tmp_path, fingerprint)
+    fingerprint = pb.ModelFingerprint(digest=engine.fingerprint.digest, weights_id="tiny")
+    folder = ShardWriter(tmp_path, fingerprint)
     folder.write_shard([("x", engine.encode(["x"])[0])])
     index_before = (tmp_path / "index.json").read_text()
     folder.write_shard([("y", engine.encode(["y"])[0]), ("z", engine.encode(["z"])[0])])
     (tmp_path / "index.json").write_text(index_before)  # crash between the shard rename and the index write
     (tmp_path / "shard-00009.safetensors.tmp").write_bytes(b"half a shard")
-    reopened = _ShardFolder(tmp_path, fingerprint)
+    reopened = ShardWriter(tmp_path, fingerprint)
     assert set(reopened.captions) == {"x", "y", "z"}
     assert reopened.next_number == 2
     assert not list(tmp_path.glob("*.tmp"))
@@ -223,3 +227,80 @@ def test_caption_readers(tmp_path):
     (images / "c.webp").write_bytes(b"")
     with pytest.raises(ValueError, match=r"1 image\(s\) without a .txt caption, e.g. c.webp"):
         read_captions(images)
+
+
+class HeldEngine(CountingEngine):
+    """Holds the first batch that reaches this server's model until `release`, so a test can kill the
+    server with requests in flight."""
+
+    def __init__(self, engine):
+        super().__init__(engine, block_after=1)
+
+
+def test_bulk_encode_survives_a_killed_server_when_another_is_in_the_pool(tmp_path, tiny, engine):
+    from flux2_client.endpoints import EncoderPool, RetryPolicy
+
+    doomed_engine, survivor_engine = HeldEngine(engine), CountingEngine(engine)
+    settings = test_settings(str(tiny.pipeline), cache_bytes=0)
+    doomed = ServerThread(settings, lambda _s: doomed_engine).start()
+    survivor = ServerThread(settings, lambda _s: survivor_engine).start()
+    captions = make_captions(12, 4)
+    retry = RetryPolicy(attempts=6, backoff=0.01, max_backoff=0.05, cooldown=60.0, deadline=120.0)
+    outcome: dict = {}
+    try:
+        with EncoderPool([doomed.target, survivor.target], timeout=60, retry=retry) as pool:
+            run = threading.Thread(
+                target=lambda: outcome.update(
+                    result=encode_captions(
+                        captions, tmp_path, pool, concurrency=4, request_prompts=2, shard_rows=5, progress=False
+                    )
+                ),
+                daemon=True,
+            )
+            run.start()
+            assert doomed_engine.blocked.wait(60)  # a request is inside the doomed server's model
+            killer = threading.Thread(target=doomed.stop, kwargs={"grace": 0.0}, daemon=True)
+            killer.start()  # grace 0: what is in flight there is cut off, and the port closes
+            deadline = time.monotonic() + 60
+            while pool.stats.failovers == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            doomed_engine.unblock()  # let the stopped server's worker thread end
+            run.join(120)
+            killer.join(30)
+            stats = pool.stats
+    finally:
+        doomed_engine.unblock()
+        survivor.stop()
+    result = outcome["result"]
+    assert stats.failovers >= 1
+    assert stats.served_by.get(survivor.target, 0) >= 1
+    unique = list(dict.fromkeys(captions))
+    assert (result.unique, result.encoded, result.interrupted) == (12, 12, False)
+    shards = EmbeddingShards(tmp_path, expected_fingerprint=engine.fingerprint.digest)
+    assert sorted(shards.captions) == sorted(unique)
+    # Every row is exactly what a model produced for its own caption, whichever server answered it...
+    produced = {**doomed_engine.rows, **survivor_engine.rows}  # the survivor's answer where both ran it
+    assert torch.equal(shards.prompt_embeds(unique), torch.stack([produced[c] for c in unique]))
+    # ...and equals a direct encode outside any server (a sample keeps the test fast on 2 cores).
+    sample = unique[::4]
+    assert torch.equal(shards.prompt_embeds(sample), engine.encode(sample))
+
+
+def test_encode_command_builds_one_pool_from_every_server_flag(tmp_path):
+    import argparse
+
+    from flux2_client._pool_args import pool_from_args
+    from flux2_client.bulk import add_encode_parser
+
+    parser = argparse.ArgumentParser()
+    add_encode_parser(parser.add_subparsers(dest="command"))
+    argv = ["encode", "captions.txt", "--out", str(tmp_path), "--retries", "3", "--deadline", "9"]
+    targets = ["127.0.0.1:1", "dns:///localhost:2", "http://127.0.0.1:3/predict"]
+    args = parser.parse_args([*argv, *(x for t in targets for x in ("--server", t))])
+    with pool_from_args(args) as pool:
+        assert pool.targets == targets
+        assert (pool.retry.attempts, pool.retry.deadline, pool.timeout) == (3, 9.0, 300.0)
+    with pytest.raises(SystemExit, match="--server is required"):
+        pool_from_args(parser.parse_args(argv))
+    with pytest.raises(SystemExit, match="TLS options were given"):
+        pool_from_args(parser.parse_args([*argv, "--tls", "--server", "http://127.0.0.1:3/predict"]))

@@ -89,7 +89,7 @@ def test_cache_returns_identical_tensors_without_a_server(two_servers, tmp_path)
     with EncoderPool([first.target], timeout=10, retry=FAST, cache=cache) as pool:
         received = pool.encode(PROMPTS)
         digest = received.fingerprint.digest
-    assert list(received.header.cache_hit) == [False, False]
+    assert received.cache_hit == (False, False)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
 
     kill(first)
@@ -99,7 +99,7 @@ def test_cache_returns_identical_tensors_without_a_server(two_servers, tmp_path)
         cached = pool.encode(PROMPTS)
     assert torch.equal(cached.prompt_embeds, received.prompt_embeds)
     assert cached.prompt_embeds.dtype == received.prompt_embeds.dtype == torch.bfloat16
-    assert list(cached.header.cache_hit) == [True, True]
+    assert cached.cache_hit == (True, True)
     assert cached.fingerprint == received.fingerprint
     # Another model's digest never sees these entries.
     assert cache.get("0" * 64, PROMPTS[0]) is None

@@ -19,8 +19,9 @@ import requests
 import torch
 from _servers import ServerThread, test_settings
 from diffusers import Flux2Pipeline
+from flux2_client.http_encoder import HttpEncoderError, HttpTextEncoder
 from flux2_client.remote import RemoteTextEncoder
-from flux2_client.training import HttpEncoderError, HttpTextEncoder, compute_remote_text_embeddings
+from flux2_client.training import compute_remote_text_embeddings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

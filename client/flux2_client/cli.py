@@ -18,16 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Pure-Python modules only: the CLI must start (and reject bad arguments) without torch.
+from ._pool_args import add_pool_args, pool_from_args
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--server",
-        action="append",
-        default=[],
-        help="encoder server address, host:port (repeat for several: requests spread, failed servers are skipped)",
-    )
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
     p.add_argument("--image", action="append", default=[], type=Path, help="reference image (repeat, up to 10)")
     p.add_argument(
@@ -68,43 +63,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--vram", default=None, help="VRAM budget for everything on the card, e.g. 8GB; default: free now")
     p.add_argument("--plan-only", action="store_true", help="print the memory plan from the model config and exit")
-    p.add_argument("--timeout", type=float, default=120.0, help="deadline of one encoder request, seconds")
-    p.add_argument("--deadline", type=float, default=None, help="deadline over all retries and servers, seconds")
-    p.add_argument("--retries", type=int, default=6, help="encoder attempts over all servers")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep received embeddings here (safetensors)")
-    p.add_argument("--expect-fingerprint", default=None, help="refuse embeddings from any other model digest")
-    p.add_argument(
-        "--token",
-        default=None,
-        help="bearer token for the encoder servers (default: the FLUX2_ENCODER_TOKEN environment variable)",
-    )
-    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --root-certs)")
-    p.add_argument("--root-certs", type=Path, default=None, help="PEM CA bundle of the servers' certificates")
-    p.add_argument("--client-cert", type=Path, default=None, help="PEM certificate chain for mutual TLS")
-    p.add_argument("--client-key", type=Path, default=None, help="PEM private key for mutual TLS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def client_options(args: argparse.Namespace) -> dict:
-    """RemoteTextEncoder's auth/TLS options from the CLI (the one place the client reads the environment)."""
-    if (args.client_cert is None) != (args.client_key is None):
-        raise SystemExit("--client-cert and --client-key go together (mutual TLS)")
-
-    def read(path: Path | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise SystemExit(f"cannot read {path}: {exc}") from None
-
-    return {
-        "token": args.token or os.environ.get("FLUX2_ENCODER_TOKEN") or None,
-        "tls": args.tls,
-        "root_certificates": read(args.root_certs),
-        "client_certificate": read(args.client_cert),
-        "client_private_key": read(args.client_key),
-    }
+    add_pool_args(p, timeout=120.0)
 
 
 def check_generate_args(args: argparse.Namespace) -> None:
@@ -197,7 +158,6 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 raise SystemExit(f"--vram: {exc}") from None
             return []
         from .cache import EmbeddingCache
-        from .endpoints import EncoderPool, RetryPolicy
         from .generation import GenerationParams, generate_to_files
     except ImportError as exc:
         raise SystemExit(f"missing dependency {exc.name!r}: pip install 'flux2-split[client]'") from None
@@ -206,15 +166,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     from .planner import PlanError
 
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
-    retry = RetryPolicy(attempts=args.retries, deadline=args.deadline)
-    with EncoderPool(
-        args.server,
-        timeout=args.timeout,
-        expected_fingerprint=args.expect_fingerprint,
-        retry=retry,
-        cache=cache,
-        **client_options(args),
-    ) as pool:
+    with pool_from_args(args, cache=cache) as pool:
         try:
             return generate_to_files(
                 pool,

@@ -1,55 +1,28 @@
-"""Client for a flux2-split encoder server: prompts in, verified prompt embeddings out."""
+"""gRPC client of one encoder server: prompts in, verified prompt embeddings out (an `Encoder`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import grpc
-from flux2split_proto import codec
+from flux2split_proto import codec, shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 
-if TYPE_CHECKING:
-    import torch
+from .encoder import EncodeResult, EncoderInfo, FingerprintMismatchError, RemoteEncoderError, prompt_list
 
 # One FLUX.2-dev embedding is 15.7 MB; refuse announced payloads beyond 64 prompts' worth.
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 512 * 15360 * 2
 
-
-class RemoteEncoderError(RuntimeError):
-    """The server refused or failed the request; `code` is the gRPC status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-
-class FingerprintMismatchError(RemoteEncoderError):
-    """The server serves a different model than the one this client was pinned to."""
-
-    def __init__(self, message: str):
-        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
-
-
-@dataclass(frozen=True)
-class EncodedPrompts:
-    prompt_embeds: torch.Tensor
-    header: pb.TensorHeader
-
-    @property
-    def fingerprint(self) -> pb.ModelFingerprint:
-        return self.header.fingerprint
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "FingerprintMismatchError", "RemoteEncoderError", "RemoteTextEncoder"]
 
 
 class RemoteTextEncoder:
-    """Talks to one encoder server.
+    """Talks to one encoder server over gRPC.
 
     Args:
-        target: "host:port" of the server.
-        timeout: deadline in seconds for each call.
+        target: a gRPC target: "host:port", or any scheme gRPC resolves ("dns:///name:port", "unix:path").
+        timeout: default deadline in seconds of each call (a call's own `timeout=` overrides it).
         expected_fingerprint: digest of the model the caller expects; the server refuses other models
             with FAILED_PRECONDITION and the client re-checks every response header.
         max_payload_bytes: largest payload the client accepts.
@@ -89,6 +62,9 @@ class RemoteTextEncoder:
             self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.TextEncoderStub(self._channel)
 
+    def __repr__(self) -> str:
+        return f"RemoteTextEncoder({self.target!r})"
+
     def close(self) -> None:
         self._channel.close()
 
@@ -98,49 +74,69 @@ class RemoteTextEncoder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def info(self) -> pb.InfoResponse:
+    def info(self, *, timeout: float | None = None) -> EncoderInfo:
         try:
-            return self._stub.Info(pb.InfoRequest(), timeout=self.timeout, metadata=self._metadata)
+            reply = self._stub.Info(pb.InfoRequest(), timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
+        return EncoderInfo(
+            fingerprint=reply.fingerprint,
+            embedding_dim=reply.embedding_dim,
+            limits=reply.limits,
+            server_version=reply.server_version,
+            api_version=reply.api_version,
+            batching_mode=reply.batching_mode,
+        )
 
     def encode(
         self,
         prompts: str | Sequence[str],
         fmt: pb.TensorFormat = pb.TENSOR_FORMAT_RAW,
         *,
+        timeout: float | None = None,
         bypass_cache: bool = False,
         request_id: str = "",
-    ) -> EncodedPrompts:
+    ) -> EncodeResult:
         """Embeddings (B, L, D) for `prompts`, checked against the header's length and sha256."""
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         request = pb.EncodeRequest(
-            prompts=prompt_list,
+            prompts=prompts,
             format=fmt,
             expected_fingerprint=self.expected_fingerprint or "",
             bypass_cache=bypass_cache,
             request_id=request_id,
         )
         try:
-            header, tensor = codec.assemble(
-                self._stub.Encode(request, timeout=self.timeout, metadata=self._metadata),
-                max_bytes=self.max_payload_bytes,
-            )
+            stream = self._stub.Encode(request, timeout=self._timeout(timeout), metadata=self._metadata)
+            header, tensor = codec.assemble(stream, max_bytes=self.max_payload_bytes)
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
-        if self.expected_fingerprint and header.fingerprint.digest != self.expected_fingerprint:
+        fp = header.fingerprint
+        if self.expected_fingerprint and fp.digest != self.expected_fingerprint:
             raise FingerprintMismatchError(
-                f"server answered with model digest {header.fingerprint.digest[:16]}…, "
-                f"expected {self.expected_fingerprint[:16]}…"
+                shared.fingerprint_mismatch_message(self.expected_fingerprint, fp.digest, fp.weights_id)
             )
-        if tensor.shape[0] != len(prompt_list):
-            raise codec.WireError(f"server returned {tensor.shape[0]} rows for {len(prompt_list)} prompts")
-        return EncodedPrompts(tensor, header)
+        if tensor.shape[0] != len(prompts):
+            raise codec.WireError(f"server returned {tensor.shape[0]} rows for {len(prompts)} prompts")
+        hits = list(header.cache_hit)[: len(prompts)]
+        hits += [False] * (len(prompts) - len(hits))
+        return EncodeResult(
+            prompt_embeds=tensor,
+            cache_hit=tuple(hits),
+            fingerprint=fp,
+            sha256=header.sha256,
+            served_by=self.target,
+            header=header,
+        )
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
 
 def _as_error(exc: grpc.RpcError) -> RemoteEncoderError:
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if not isinstance(exc, grpc.Call):
+        return RemoteEncoderError(grpc.StatusCode.UNKNOWN, str(exc))
+    code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FingerprintMismatchError(details or "")
-    return RemoteEncoderError(code, details or "")
+        return FingerprintMismatchError(details)
+    return RemoteEncoderError(code, details, retry_after=shared.retry_delay_from_call(exc))

@@ -1,0 +1,95 @@
+"""What an encoder client is: the `Encoder` protocol, the `EncodeResult` and `EncoderInfo` it returns, and
+its errors.
+
+Three classes implement it: `RemoteTextEncoder` (one gRPC server), `HttpTextEncoder` (one server over the
+HTTP `/predict` contract) and `EncoderPool` (any mix of them, with failover, retries and a client cache).
+Training, bulk encoding and generation take an `Encoder`, so any of the three works there.
+
+Errors carry a `grpc.StatusCode` whatever the transport (the HTTP client maps its statuses once, at its
+edge), and the delay the server suggested before a retry, when it sent one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import grpc
+from flux2split_proto.v1 import encoder_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+
+class RemoteEncoderError(RuntimeError):
+    """The server refused or failed the request, or could not be reached.
+
+    `code`: the gRPC status code (HTTP statuses are mapped to one); `retry_after`: seconds the server asked
+    the client to wait before retrying (`google.rpc.RetryInfo` on gRPC, `Retry-After` on HTTP), else None.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, retry_after: float | None = None):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class FingerprintMismatchError(RemoteEncoderError):
+    """The server serves a different model than the one this client was pinned to."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a server says about itself (gRPC `Info`, HTTP `GET /info`); fields a server does not report
+    keep their protobuf default (0, "", UNSPECIFIED)."""
+
+    fingerprint: pb.ModelFingerprint
+    embedding_dim: int
+    limits: pb.ServerLimits
+    server_version: str = ""
+    api_version: str = ""
+    batching_mode: pb.BatchingMode = pb.BATCHING_MODE_UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Embeddings of a list of prompts, and only claims that are true of them.
+
+    prompt_embeds: (B, L, D), rows in prompt order.
+    cache_hit: per row, True when the row came from a cache (this client's or the server's) instead of
+        the model. An HTTP response does not say, so its rows read False.
+    fingerprint: the model the rows were made by (every row: a pool refuses to mix models).
+    sha256: the checksum the server sent and the client verified, only when the whole tensor is one gRPC
+        response's payload (for the RAW format: sha256 of `prompt_embeds`' bytes); None otherwise.
+    served_by: the target that answered; None when every row came from the client cache.
+    header: the server's gRPC response header (batching mode, request id, format), under the same rule
+        as `sha256`; None otherwise.
+    """
+
+    prompt_embeds: torch.Tensor
+    cache_hit: tuple[bool, ...]
+    fingerprint: pb.ModelFingerprint
+    sha256: bytes | None = None
+    served_by: str | None = None
+    header: pb.TensorHeader | None = None
+
+
+class Encoder(Protocol):
+    """Prompts in, embeddings out. `timeout`: seconds this one call may take (None: the client's
+    default); a per-call value never changes the client's settings."""
+
+    def info(self, *, timeout: float | None = None) -> EncoderInfo: ...
+
+    def encode(self, prompts: str | Sequence[str], *, timeout: float | None = None) -> EncodeResult: ...
+
+    def close(self) -> None: ...
+
+
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """A prompt or a sequence of prompts, as a list."""
+    return [prompts] if isinstance(prompts, str) else list(prompts)
