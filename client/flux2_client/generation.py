@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from ._quantization import load_nf4_transformer
+from .lora import LoraSpec, load_loras
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
 
 
@@ -56,6 +57,7 @@ def load_pipeline(
     workload: Workload | None = None,
     num_slots: int = 2,
     revision: str | None = None,
+    loras: Sequence[str | tuple[str, float] | LoraSpec] = (),
     verbose: bool = False,
 ):
     """A ready `Flux2Pipeline` with the NF4 DiT and the VAE, no text encoder; call it with
@@ -73,6 +75,9 @@ def load_pipeline(
         workload: the largest call planned for (size, reference images, batch); default 1024x1024,
             no references, one image. A bigger call later is refused by `generate` with a clear error.
         num_slots: device slots streamed blocks rotate through (2 = double buffering).
+        loras: LoRAs as `(path_or_repo, scale)` (or `"PATH_OR_REPO[:SCALE]"`), loaded with diffusers'
+            `load_lora_weights` as adapters `lora_0`, `lora_1`, ... and all active; the plan counts them and
+            they stay resident while base blocks stream. Switch later with `pipe.set_adapters(...)`.
 
     With `offload="plan"` the plan and its streamer sit in a named hook on `pipe.transformer`:
     `flux2_client.get_memory_plan(pipe)` returns the plan (printable with `.describe()`),
@@ -95,6 +100,8 @@ def load_pipeline(
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
     pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    # Before offloading is set up: the plan counts the adapters, and the streamer lays them out resident.
+    load_loras(pipe, loras)
     if offload == "plan":
         from .offload import apply_memory_plan, plan_for
 
