@@ -41,43 +41,67 @@ def server(tiny: TinyPaths, engine: EncoderEngine) -> Iterator[ServerThread]:
 # --- client pipelines: the client's streamed path and diffusers' resident NF4 reference ----------------
 
 
-@pytest.fixture(scope="session")
-def streamed_pipe(tiny: TinyPaths):
-    """The client's pipeline on the planner's path, on the CPU: the NF4 DiT loaded from disk under a
-    budget that holds the fixed costs plus 2.5 blocks, so some parts stay resident and the others
-    stream from the host buffer through two slots (the block streamer's copies between two buffers)."""
+def streaming_budget(tiny: TinyPaths, workload, extra_resident: int = 0) -> int:
+    """A CPU budget (no CUDA overhead) that holds the fixed costs (plus `extra_resident` bytes, e.g. LoRA
+    adapters) and 2.5 blocks of the tiny NF4 DiT, so a plan keeps some parts resident and streams the others
+    through two slots."""
     from diffusers import AutoencoderKLFlux2
     from flux2_client._quantization import load_nf4_transformer
-    from flux2_client.generation import load_pipeline
     from flux2_client.offload import spec_from_module
-    from flux2_client.planner import Workload, _group_units, activation_bytes, vae_decode_bytes
+    from flux2_client.planner import _group_units, activation_bytes, vae_decode_bytes
 
-    # The largest call the generation tests make: 64x64, two reference images, two images per call.
-    workload = Workload(64, 64, reference_sizes=((64, 64), (64, 96)), batch=2)
     spec = spec_from_module(
         load_nf4_transformer(str(tiny.nf4_repo), device="cpu"),
         AutoencoderKLFlux2.from_pretrained(str(tiny.pipeline), subfolder="vae", dtype=torch.bfloat16),
     )
     work = max(activation_bytes(spec, workload), vae_decode_bytes(spec, workload, tiled=False))
     block = max(n for _, n in _group_units(spec, "block"))
-    vram = int((spec.other_bytes + spec.vae_bytes + work + 2.5 * block) / 0.94)  # the planner keeps a 6% margin
+    fixed = spec.other_bytes + extra_resident + spec.vae_bytes
+    return int((fixed + work + 2.5 * block) / 0.94)  # the planner keeps a 6% margin
+
+
+@pytest.fixture(scope="session")
+def streamed_pipe(tiny: TinyPaths):
+    """The client's pipeline on the planner's path, on the CPU: the NF4 DiT loaded from disk under a
+    budget that holds the fixed costs plus 2.5 blocks, so some parts stay resident and the others
+    stream from the host buffer through two slots (the block streamer's copies between two buffers)."""
+    from flux2_client.generation import load_pipeline
+    from flux2_client.planner import Workload
+
+    # The largest call the generation tests make: 64x64, two reference images, two images per call.
+    workload = Workload(64, 64, reference_sizes=((64, 64), (64, 96)), batch=2)
+    vram = streaming_budget(tiny, workload)
     return load_pipeline(
         str(tiny.pipeline), dit=str(tiny.nf4_repo), device="cpu", offload="plan", vram=vram, workload=workload
     )
+
+
+def diffusers_nf4_transformer(tiny: TinyPaths):
+    """The tiny pre-quantized NF4 DiT loaded by diffusers itself (past its "No GPU found" check only).
+
+    bitsandbytes' avx512_bf16 CPU repack is switched off, as the client does: its in-place inverse in
+    `state_dict()` is lossy (docs/design.md, "LoRA"), so a reference that took that path would change under
+    `load_lora_weights`; with it off the reference computes with bitsandbytes' canonical NF4 kernels."""
+    from diffusers import Flux2Transformer2DModel
+    from flux2_client._quantization import allow_bnb_on_cpu, keep_canonical_nf4_layout
+
+    with allow_bnb_on_cpu():
+        transformer = Flux2Transformer2DModel.from_pretrained(
+            str(tiny.nf4_repo), subfolder="transformer", dtype=torch.bfloat16, device_map="cpu"
+        )
+    keep_canonical_nf4_layout(transformer)
+    return transformer
 
 
 @pytest.fixture(scope="session")
 def resident_nf4_pipe(tiny: TinyPaths):
     """The reference: diffusers' own Flux2Pipeline (its own text encoder) with the same pre-quantized NF4
     DiT, loaded by diffusers and kept whole in memory: no offloading, no hooks."""
-    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
-    from flux2_client._quantization import allow_bnb_on_cpu
+    from diffusers import Flux2Pipeline
 
-    with allow_bnb_on_cpu():
-        transformer = Flux2Transformer2DModel.from_pretrained(
-            str(tiny.nf4_repo), subfolder="transformer", dtype=torch.bfloat16, device_map="cpu"
-        )
-    return Flux2Pipeline.from_pretrained(str(tiny.pipeline), transformer=transformer, dtype=torch.bfloat16)
+    return Flux2Pipeline.from_pretrained(
+        str(tiny.pipeline), transformer=diffusers_nf4_transformer(tiny), dtype=torch.bfloat16
+    )
 
 
 @pytest.fixture(scope="session")

@@ -52,9 +52,11 @@ def _quant_state_refs(state: Any) -> Iterator[tuple[Any, str, torch.Tensor]]:
         yield from _quant_state_refs(nested)
 
 
-def tensor_refs(modules: list[torch.nn.Module], recurse: bool = True) -> list[TensorRef]:
+def tensor_refs(
+    modules: list[torch.nn.Module], recurse: bool = True, skip: frozenset[int] = frozenset()
+) -> list[TensorRef]:
     """Every tensor the modules (with their children if `recurse`) compute with: parameters, buffers and
-    bitsandbytes quant_state tensors, each once."""
+    bitsandbytes quant_state tensors, each once; modules whose `id` is in `skip` are left out."""
     refs: list[TensorRef] = []
     seen: set[int] = set()
 
@@ -66,6 +68,8 @@ def tensor_refs(modules: list[torch.nn.Module], recurse: bool = True) -> list[Te
 
     for root in modules:
         for module in root.modules() if recurse else [root]:
+            if id(module) in skip:
+                continue
             for name, param in module._parameters.items():
                 if param is None:
                     continue
@@ -115,10 +119,41 @@ def modules_outside_atoms(transformer: torch.nn.Module) -> list[torch.nn.Module]
     return [m for m in transformer.modules() if id(m) not in atom_ids]
 
 
+def adapter_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that hold LoRA weights: every child of a peft tuner layer but the wrapped `base_layer`,
+    with its children. They are small; the streamer keeps them resident, wherever they sit, so switching
+    adapters never touches a streamed slab. Gather their tensors with `tensor_refs(..., recurse=False)`."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    found: dict[int, torch.nn.Module] = {}
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name, child in module.named_children():
+                if name != "base_layer":
+                    found.update((id(m), m) for m in child.modules())
+    return list(found.values())
+
+
+def _adapter_out_features(transformer: torch.nn.Module) -> int:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return 0
+    layers = [m.get_base_layer() for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+    return max((getattr(layer, "out_features", 0) for layer in layers), default=0)
+
+
 def spec_from_module(transformer: Any, vae: Any = None) -> ModelSpec:
-    """Byte counts of a loaded DiT (as the slabs will hold them) for the planner."""
-    atoms = tuple(Atom(name, block, slab_layout(tensor_refs([m]))) for name, block, m in atoms_of(transformer))
-    other_refs = tensor_refs(modules_outside_atoms(transformer), recurse=False)
+    """Byte counts of a loaded DiT (as the slabs will hold them) for the planner; LoRA adapters are counted
+    apart (`adapter_bytes`), as the streamer keeps them resident."""
+    adapters = adapter_modules(transformer)
+    skip = frozenset(id(m) for m in adapters)
+    atoms = tuple(
+        Atom(name, block, slab_layout(tensor_refs([m], skip=skip))) for name, block, m in atoms_of(transformer)
+    )
+    other_refs = tensor_refs(modules_outside_atoms(transformer), recurse=False, skip=skip)
     largest = 0
     for m in transformer.modules():
         if isinstance(m, torch.nn.Linear) and getattr(m.weight, "quant_state", None) is not None:
@@ -133,6 +168,8 @@ def spec_from_module(transformer: Any, vae: Any = None) -> ModelSpec:
     return ModelSpec(
         atoms=atoms,
         other_bytes=slab_layout(other_refs),
+        adapter_bytes=slab_layout(tensor_refs(adapters, recurse=False)),
+        adapter_out_features=_adapter_out_features(transformer),
         hidden=d,
         mlp_hidden=int(d * cfg.mlp_ratio),
         largest_dequantized_bytes=largest,

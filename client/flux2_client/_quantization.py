@@ -35,6 +35,32 @@ def allow_bnb_on_cpu() -> Iterator[None]:
         BnB4BitDiffusersQuantizer.validate_environment = original  # type: ignore[method-assign]
 
 
+def keep_canonical_nf4_layout(model: Any) -> None:
+    """Keep every bitsandbytes NF4 weight of `model` in the layout it was quantized in, on any device.
+
+    On CPUs with avx512_bf16, bitsandbytes 0.50 rewrites an NF4 weight into a CPU-only layout in its first
+    forward (a new `weight.data`; absmax as a transposed bf16 copy) and `state_dict()` rewrites it back, in
+    place and lossily: a non-nested absmax stays transposed, so the next forward's repack scrambles the
+    scales of every Linear wider than one quantization block, and every new `weight.data` stops viewing
+    the streamer's slab. diffusers' `load_lora_adapter` calls `state_dict()`, so a LoRA loaded after a
+    first forward (or into the streamed DiT, whose slabs held the repacked layout) changed every later
+    image (docs/design.md, "LoRA"). With the repack off, a weight only changes by the bytes copied into
+    it, and CPU images are those of bitsandbytes' canonical NF4 dequantization.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(
+                f"transformer: {name} already ran a CPU forward that repacked its NF4 weight (bitsandbytes "
+                "avx512_bf16 path); load the DiT again and set up offloading or LoRAs before the first forward"
+            )
+        module.support_avx512bf16_for_cpu = False
+
+
 def _is_prequantized(repo: str, subfolder: str) -> bool:
     config_path = Path(repo) / subfolder / "config.json"
     if config_path.is_file():
@@ -77,4 +103,5 @@ def load_nf4_transformer(
             model = Flux2Transformer2DModel.from_pretrained(repo, device_map="cpu", **kwargs)
     else:
         model = Flux2Transformer2DModel.from_pretrained(repo, device_map=str(device), **kwargs)
+    keep_canonical_nf4_layout(model)
     return model.eval()

@@ -14,6 +14,10 @@ NF4 weight, its `quant_state` (absmax, code, nested state), norm scales — is a
 - the device side is fixed at setup: resident units in one buffer, streamed unit i permanently viewing
   slot i mod K. Nothing is re-pointed or allocated while generating; a copy only refills a slot.
 
+LoRA adapters (peft layers inside the blocks) are not streamed: they go to the resident buffer, counted by
+the plan, so switching adapters never touches a slab. The NF4 layers keep bitsandbytes' canonical layout
+(`keep_canonical_nf4_layout`): a streamed weight only ever changes by the bytes copied into its slot.
+
 The hooks are diffusers' `ModelHook`s (named `STREAM_HOOK`) on the blocks' parts; only the transfer
 logic is ours. `quant_state` lives in the same slab as its weight, so it is on the GPU whenever the weight
 is (the bitsandbytes + group offloading trap of docs/design.md cannot happen).
@@ -27,7 +31,8 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ._introspection import atoms_of, modules_outside_atoms, slab_layout, slab_view, tensor_refs
+from ._introspection import adapter_modules, atoms_of, modules_outside_atoms, slab_layout, slab_view, tensor_refs
+from ._quantization import keep_canonical_nf4_layout
 from .planner import MemoryPlan
 
 STREAM_HOOK = "flux2_split_stream"
@@ -62,34 +67,6 @@ class _UnitHook(ModelHook):
         return output
 
 
-def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:
-    """bitsandbytes on avx512_bf16 CPUs repacks an NF4 weight into another layout at its first forward
-    and replaces `weight.data` (docs/design.md, "Client"); a slot-backed weight would then stop seeing its
-    slot and the streamed copies would feed nothing. Repacking once, before the slabs are laid out, gives
-    the layout every forward (and the unoffloaded model) uses. Where bitsandbytes' repack function cannot
-    be found, that CPU path is switched off for these layers instead, so the forward never re-points a
-    weight (and a comparison with an unoffloaded model then shows any difference of kernels)."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return  # no NF4 layers to repack
-    try:
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu  # type: ignore[attr-defined]
-    except ImportError:
-        _convert_weight_packed_for_cpu = None
-    for root in modules:
-        for m in root.modules():
-            if not isinstance(m, Linear4bit) or not getattr(m, "support_avx512bf16_for_cpu", False):
-                continue
-            state = m.weight.quant_state
-            if state is None or getattr(state, "packing_format_for_cpu", False):
-                continue
-            if _convert_weight_packed_for_cpu is None:
-                m.support_avx512bf16_for_cpu = False
-                continue
-            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, state)
-
-
 def _pin(buffer: torch.Tensor) -> bool:
     """Page-lock `buffer` in place with cudaHostRegister: exact size, unlike `pin_memory()` whose
     allocator rounds every block up to a power of two."""
@@ -113,14 +90,16 @@ class BlockStreamer:
         self.stats = StreamStats()
         cuda = self.device.type == "cuda"
         atoms = {name: m for name, _, m in atoms_of(transformer)}
-        if not cuda:
-            _prepack_for_cpu([transformer])
+        keep_canonical_nf4_layout(transformer)
+        adapters = adapter_modules(transformer)
+        skip = frozenset(id(m) for m in adapters)
 
-        # Resident: the top-level layers and resident units, one device buffer.
-        resident_refs = tensor_refs(modules_outside_atoms(transformer), recurse=False)
+        # Resident: the top-level layers, the LoRA adapters and resident units, one device buffer.
+        resident_refs = tensor_refs(modules_outside_atoms(transformer), recurse=False, skip=skip)
+        resident_refs += tensor_refs(adapters, recurse=False)
         for unit in plan.units:
             if unit.resident:
-                resident_refs += tensor_refs([atoms[a] for a in unit.atoms])
+                resident_refs += tensor_refs([atoms[a] for a in unit.atoms], skip=skip)
         self.resident_buffer = torch.empty(slab_layout(resident_refs), dtype=torch.uint8, device=self.device)
         for ref in resident_refs:
             view = slab_view(self.resident_buffer, ref)
@@ -129,7 +108,7 @@ class BlockStreamer:
 
         # Streamed: a host slab per unit inside one host buffer, device views into rotating slots.
         streamed = [u for u in plan.units if not u.resident]
-        unit_refs = [tensor_refs([atoms[a] for a in u.atoms]) for u in streamed]
+        unit_refs = [tensor_refs([atoms[a] for a in u.atoms], skip=skip) for u in streamed]
         sizes = [slab_layout(refs) for refs in unit_refs]
         self.slot_bytes = max(sizes, default=0)
         self.num_slots = plan.num_slots if streamed else 0

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from ._quantization import load_nf4_transformer
+from .lora import LoraSpec, load_loras
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
 
 
@@ -56,6 +57,7 @@ def load_pipeline(
     workload: Workload | None = None,
     num_slots: int = 2,
     revision: str | None = None,
+    loras: Sequence[str | tuple[str, float] | LoraSpec] = (),
     verbose: bool = False,
     embedding_dim: int | None = None,
 ):
@@ -76,6 +78,9 @@ def load_pipeline(
         num_slots: device slots streamed blocks rotate through (2 = double buffering).
         embedding_dim: width of the embeddings the pipeline will get (the encoder's); checked against the
             DiT's joint_attention_dim before anything is loaded (`families.EmbeddingWidthError`).
+        loras: LoRAs as `(path_or_repo, scale)` (or `"PATH_OR_REPO[:SCALE]"`), loaded with diffusers'
+            `load_lora_weights` as adapters `lora_0`, `lora_1`, ... and all active; the plan counts them and
+            they stay resident while base blocks stream. Switch later with `pipe.set_adapters(...)`.
 
     The pipeline class follows `model`'s model_index.json: `Flux2Pipeline` for FLUX.2-dev,
     `Flux2KleinPipeline` for FLUX.2 [klein] (see `families`).
@@ -106,6 +111,8 @@ def load_pipeline(
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
     pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer)
+    # Before offloading is set up: the plan counts the adapters, and the streamer lays them out resident.
+    load_loras(pipe, loras)
     if offload == "plan":
         from .offload import apply_memory_plan, plan_for
 

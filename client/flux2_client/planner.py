@@ -93,6 +93,8 @@ class ModelSpec:
     mlp_hidden: int  # F
     largest_dequantized_bytes: int  # biggest bf16 weight bitsandbytes materialises in a forward
     vae_bytes: int = 0
+    adapter_bytes: int = 0  # LoRA weights: resident beside the embedders while base blocks stream
+    adapter_out_features: int = 0  # widest Linear output that carries a LoRA (0: none)
     # VAE decode memory; the defaults are the FLUX.2 VAE's, a narrower VAE scales them down.
     vae_untiled_bytes_per_mpixel: int = VAE_UNTILED_BYTES_PER_MPIXEL
     vae_tiled_bytes: int = VAE_TILED_BYTES
@@ -178,10 +180,11 @@ class MemoryPlan:
     workload: Workload
     spec_other_bytes: int
     notes: tuple[str, ...] = field(default=())
+    spec_adapter_bytes: int = 0
 
     @property
     def resident_bytes(self) -> int:
-        return self.spec_other_bytes + sum(u.nbytes for u in self.units if u.resident)
+        return self.spec_other_bytes + self.spec_adapter_bytes + sum(u.nbytes for u in self.units if u.resident)
 
     @property
     def streamed_units(self) -> list[Unit]:
@@ -207,6 +210,8 @@ class MemoryPlan:
             f"({fmt_bytes(self.spec_other_bytes)}) + {sum(1 for u in self.units if u.resident)} of "
             f"{len(self.units)} units",
         ]
+        if self.spec_adapter_bytes:
+            lines.append(f"  LoRA adapters   {fmt_bytes(self.spec_adapter_bytes)} resident")
         if self.mode == "stream":
             lines += [
                 f"  streamed        {len(streamed)} units ({self.granularity} granularity), "
@@ -234,6 +239,7 @@ class MemoryPlan:
             "num_slots": self.num_slots,
             "slot_bytes": self.slot_bytes,
             "resident_bytes": self.resident_bytes,
+            "adapter_bytes": self.spec_adapter_bytes,
             "allocator_limit": self.allocator_limit,
             "activation_bytes": self.activation_bytes,
             "vae_tiled": self.vae_tiled,
@@ -318,7 +324,10 @@ def activation_bytes(spec: ModelSpec, workload: Workload) -> int:
     tokens = workload.batch * workload.tokens
     fused = spec.largest_dequantized_bytes + tokens * (3 * d + 2 * f + 3 * d) * 2
     after_attention = (d + f) * d * 2 + tokens * (3 * d + 2 * f + 4 * d + 3 * f + 3 * d) * 2
-    return max(fused, after_attention)
+    # A Linear with a LoRA (peft) holds its base output, the scaled adapter output and their sum at once,
+    # beside the block's input, residual and normed copy.
+    lora = tokens * (3 * spec.adapter_out_features + 3 * d) * 2 if spec.adapter_out_features else 0
+    return max(fused, after_attention, lora)
 
 
 def vae_decode_bytes(spec: ModelSpec, workload: Workload, tiled: bool) -> int:
@@ -409,7 +418,7 @@ def plan_memory(
         raise PlanError(f"vram budget {fmt_bytes(budget.vram)} is below the CUDA overhead {fmt_bytes(overhead)}")
     notes: list[str] = []
     act = activation_bytes(spec, workload)
-    fixed = spec.other_bytes + spec.vae_bytes + int(margin * allocator_limit)
+    fixed = spec.other_bytes + spec.adapter_bytes + spec.vae_bytes + int(margin * allocator_limit)
     vae_untiled = vae_decode_bytes(spec, workload, tiled=False)
     vae_tiled_bytes = vae_decode_bytes(spec, workload, tiled=True)
 
@@ -437,6 +446,7 @@ def plan_memory(
             workload=workload,
             spec_other_bytes=spec.other_bytes,
             notes=tuple(notes),
+            spec_adapter_bytes=spec.adapter_bytes,
         )
 
     # Streaming. Tile the VAE when its untiled decode would take more than the DiT's work area: that
@@ -472,7 +482,8 @@ def plan_memory(
             f"vram budget {fmt_bytes(budget.vram)} is too small for {workload.width}x{workload.height} with "
             f"{len(workload.reference_sizes)} reference image(s), batch {workload.batch}: the smallest plan needs "
             f"{fmt_bytes(need)} ({fmt_bytes(work)} activations/VAE, {num_slots} x {fmt_bytes(part_slot)} slots, "
-            f"{fmt_bytes(spec.other_bytes)} resident layers, {fmt_bytes(overhead)} CUDA overhead)"
+            f"{fmt_bytes(spec.other_bytes + spec.adapter_bytes)} resident layers and LoRA adapters, "
+            f"{fmt_bytes(overhead)} CUDA overhead)"
         )
     granularity, grouped, slot_bytes, num_slots, resident_idx = chosen
     if num_slots > 2:
@@ -500,4 +511,5 @@ def plan_memory(
         workload=workload,
         spec_other_bytes=spec.other_bytes,
         notes=tuple(notes),
+        spec_adapter_bytes=spec.adapter_bytes,
     )
