@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from _servers import InstrumentedEngine, ServerThread, test_settings
 from flux2_client.demo import start_server, wait_serving
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
 from flux2_encoder_server.cache import EmbeddingCache, MemoryLRU
 from flux2_encoder_server.settings import ENV_PREFIX, Settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 from flux2split_proto import codec
 
 # -- SIGTERM ---------------------------------------------------------------------------------------------
@@ -99,8 +99,8 @@ def counted(tiny, engine):
     servers = []
 
     def make(**overrides):
-        wrapped = InstrumentedEngine(engine)
-        thread = ServerThread(test_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
+        wrapped = FakeEngine(engine)
+        thread = ServerThread(local_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
         servers.append(thread)
         return thread, wrapped
 
@@ -217,7 +217,7 @@ def test_serve_sets_the_gil_switch_interval_of_its_process(tiny, interval_ms, ex
     from flux2_encoder_server.server import serve
 
     before = sys.getswitchinterval()
-    settings = test_settings(str(tiny.pipeline), gil_switch_interval_ms=interval_ms)
+    settings = local_settings(str(tiny.pipeline), gil_switch_interval_ms=interval_ms)
 
     def failing_load(_settings: Settings):
         raise RuntimeError("no model in this test")

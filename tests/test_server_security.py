@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from _servers import InstrumentedEngine, ServerThread, test_settings, wait_until
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
 from flux2_encoder_server.security import TokenAuthenticator, bearer_token, parse_token_lines
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings, wait_until
 from flux2split_proto import SERVICE_NAME
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -34,7 +34,7 @@ def token_file(tmp_path_factory) -> Path:
 def authed(tiny, engine, token_file):
     # One token from the file, one from the inline/env setting.
     thread = ServerThread(
-        test_settings(str(tiny.pipeline), auth_tokens_file=str(token_file), auth_tokens=f"bob:{BOB}"),
+        local_settings(str(tiny.pipeline), auth_tokens_file=str(token_file), auth_tokens=f"bob:{BOB}"),
         lambda _s: engine,
     ).start()
     yield thread
@@ -109,7 +109,7 @@ def test_token_parsing():
 
 
 def test_per_token_rate_limit(tiny, engine):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         auth_tokens=f"alice:{ALICE},bob:{BOB}",
         rate_limit_prompts_per_s=0.001,
@@ -133,8 +133,8 @@ def test_per_token_rate_limit(tiny, engine):
 
 
 def test_per_token_concurrency_limit(tiny, engine):
-    wrapped = InstrumentedEngine(engine)
-    settings = test_settings(
+    wrapped = FakeEngine(engine)
+    settings = local_settings(
         str(tiny.pipeline), auth_tokens=f"alice:{ALICE},bob:{BOB}", max_concurrent_requests_per_token=1, cache_bytes=0
     )
     thread = ServerThread(settings, lambda _s: wrapped).start()
@@ -148,14 +148,14 @@ def test_per_token_concurrency_limit(tiny, engine):
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_concurrent_requests_per_token=1" in err.value.message
             other = pool.submit(RemoteTextEncoder(thread.target, token=BOB).encode, "bob meanwhile")
-            wait_until(lambda: thread.core.batcher.queued == 1, what="bob's request to be admitted")
-            wrapped.gate.set()
+            wait_until(lambda: thread.core.queued_requests == 1, what="bob's request to be admitted")
+            wrapped.release()
             first.result(30)
             other.result(30)
         with RemoteTextEncoder(thread.target, token=ALICE) as alice:
             alice.encode("alice again")
     finally:
-        wrapped.gate.set()
+        wrapped.release_all()
         thread.stop()
 
 
@@ -231,7 +231,7 @@ def certs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_tls(tiny, engine, certs):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),
@@ -250,7 +250,7 @@ def test_tls(tiny, engine, certs):
 
 
 def test_mutual_tls(tiny, engine, certs):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),
