@@ -21,6 +21,7 @@ from diffusers import Flux2Pipeline
 from flux2_client.remote import RemoteTextEncoder
 from flux2_client.training import HttpEncoderError, HttpTextEncoder, compute_remote_text_embeddings
 from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
+from flux2split_proto import shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -338,6 +339,8 @@ def test_per_token_rate_limit_gets_429(tiny, engine):
         limited = requests.post(url, json={"prompt": "one more"}, headers=headers, timeout=60)
         assert limited.status_code == 429
         assert limited.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+        # The time one prompt needs to refill at 0.001 prompts/s, in whole seconds.
+        assert 900 < shared.retry_delay_from_header(limited.headers["retry-after"]) <= 1000
         assert "rate" in limited.json()["error"]["message"]
     finally:
         thread.stop()

@@ -10,7 +10,9 @@ import grpc
 import pytest
 import torch
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
+from flux2_encoder_server.errors import DEFAULT_RETRY_AFTER_S
 from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings, wait_until
+from flux2split_proto import shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 
@@ -51,11 +53,17 @@ def test_full_queue_is_resource_exhausted_at_once(make_server):
             enc.encode("one too many")
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_queued_requests=2" in err.value.message
+        # Next to the message, the suggested delay as a structured google.rpc.RetryInfo detail.
+        with grpc.insecure_channel(thread.target) as channel, pytest.raises(grpc.RpcError) as raw:
+            list(pb_grpc.TextEncoderStub(channel).Encode(pb.EncodeRequest(prompts=["and another"]), timeout=30))
+        assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued_requests=2" in raw.value.details()
+        assert shared.retry_delay_from_call(raw.value) == DEFAULT_RETRY_AFTER_S
         wrapped.release()
         assert blocker.result(30).prompt_embeds.shape == (1, 512, 192)
         for f in queued:
             f.result(30)
-    assert thread.server.metrics.value("flux2_encoder_rejected_total", {"limit": "max_queued_requests"}) == 1
+    assert thread.server.metrics.value("flux2_encoder_rejected_total", {"limit": "max_queued_requests"}) == 2
     with RemoteTextEncoder(thread.target) as enc:  # the queue drained; the server serves again
         enc.encode("after overload")
 
