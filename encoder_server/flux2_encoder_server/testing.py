@@ -92,8 +92,9 @@ class ServerThread:
             self.run(self.server.load())
         return self
 
-    def stop(self, grace: float = 0.0) -> None:
-        """Drain for up to `grace` seconds, stop, end the loop thread. Stopping twice is harmless."""
+    def stop(self, grace: float | None = 0.0) -> None:
+        """Drain for up to `grace` seconds (None: the settings' grace period), stop, end the loop thread.
+        Stopping twice is harmless."""
         if not self._thread.is_alive():
             return
         self.run(self.server.stop(grace))
