@@ -268,7 +268,10 @@ def test_reproducible_mode_always_masks_so_full_length_prompts_run_one_attention
     seen: list[torch.Tensor | None] = []
     for mode in BATCHING_MODES:
         eng = EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer, batching_mode=mode)
-        monkeypatch.setattr(eng, "_run_decoder", lambda ids, mask, out: seen.append(mask))
+        # The mask the decoder is called with (the engine's decoder is its own view: the hook stays on it).
+        eng.decoder.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+        )
         long_prompt = "un café à Paris " * 200  # truncated to 512 tokens: nothing padded
         assert bool(eng.tokenize([long_prompt])["attention_mask"].all())
         eng.forward(**eng.tokenize([long_prompt]))

@@ -118,6 +118,10 @@ class BatchRecord:
     finished_at: float | None = None
 
 
+def _answered() -> torch.Tensor:
+    raise RuntimeError("this batch was already answered")
+
+
 class FakeBatch:
     """What `FakeEngine.launch` returns: the handle whose `result()` the batcher's answering thread waits
     on, as it waits on a real engine's `PendingEmbeds`."""
@@ -154,7 +158,7 @@ class FakeBatch:
             time.sleep(remaining)
         if self._fail:
             raise RuntimeError("injected failure")
-        rows = self._rows()
+        rows, self._rows = self._rows(), _answered  # the handle keeps no rows once answered
         self._record.finished_at = time.perf_counter()
         if self._engine.on_rows is not None:
             self._engine.on_rows(self._record.prompts, rows)
