@@ -6,8 +6,8 @@ engine (flux2_client.bulk.encode_captions): many requests in flight, several cap
 written as they fill; over HTTP and over gRPC. All modes encode the same distinct captions (no duplicates,
 so deduplication does not flatter bulk), alternating modes over --reps rounds.
 
-    python bench/bulk_encode.py                       # tiny random models, in-process server, CPU
-    python bench/bulk_encode.py --server HOST:50051 --url http://HOST:8080/predict --token T --captions 512
+    python -m bench.bulk_encode                       # tiny random models, in-process server, CPU
+    python -m bench.bulk_encode --server HOST:50051 --url http://HOST:8080/predict --token T --captions 512
 
 With the tiny models the numbers measure the serving path (batching, serialization, transport), not a
 real encoder's compute: label them as such.
@@ -16,7 +16,6 @@ real encoder's compute: label them as such.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
@@ -25,53 +24,14 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import requests
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-for sub in ("proto", "client", "encoder_server"):
-    sys.path.insert(0, str(ROOT / sub))
-
-from flux2_client.bulk import encode_captions  # noqa: E402
-from flux2_client.http_encoder import HttpTextEncoder  # noqa: E402
-from flux2_client.remote import RemoteTextEncoder  # noqa: E402
-
-
-class InProcessServer:
-    """The real EncoderServer (gRPC + HTTP) on free localhost ports, on its own event loop thread."""
-
-    def __init__(self, model: str, max_batch_prompts: int):
-        from flux2_encoder_server import EncoderServer, Settings
-
-        settings = Settings(
-            model=model,
-            host="127.0.0.1",
-            port=0,
-            http_port=0,
-            device="cpu",
-            warmup=True,
-            max_batch_prompts=max_batch_prompts,
-        )
-        self.server = EncoderServer(settings)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        port = self._run(self.server.start())
-        self._run(self.server.load())
-        self.target = f"127.0.0.1:{port}"
-        self.url = f"http://127.0.0.1:{self.server.http_port}/predict"
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(600)
-
-    def stop(self) -> None:
-        self._run(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+from flux2_client.bulk import encode_captions
+from flux2_client.http_encoder import HttpTextEncoder
+from flux2_client.remote import RemoteTextEncoder
 
 
 def training_script_pattern(url: str, token: str, captions: list[str]) -> float:
@@ -131,8 +91,11 @@ def main() -> int:
 
             workdir = Path(tempfile.mkdtemp(prefix="bulk-bench-models-"))
             model = str(make_tiny_flux2(workdir).pipeline)
-        server = InProcessServer(model, args.max_batch_prompts)
-        target, url = server.target, server.url
+        from flux2_encoder_server.testing import ServerThread, local_settings
+
+        settings = local_settings(model, http_port=0, warmup=True, max_batch_prompts=args.max_batch_prompts)
+        server = ServerThread(settings).start()  # the real loader: the server as `serve` runs it
+        target, url = server.target, server.http_url + "/predict"
     else:
         target, url = args.server, args.url
 

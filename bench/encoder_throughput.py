@@ -14,8 +14,11 @@ on the GPU, then measures in one process, on one card:
   tiers      bf16 / fp8 / int8 / nf4 copies of the 30 layers: memory, prompts/s, fidelity vs bf16, and the
              relative change of a reduced-depth FLUX.2 DiT's output for one step fed with each embedding
 
-    python bench/encoder_throughput.py --out results/            # on the GPU machine
-    python bench/encoder_throughput.py --tiny --device cpu        # quick check of the script itself
+    python -m bench.encoder_throughput --out results/            # on the GPU machine
+    python -m bench.encoder_throughput --tiny --device cpu        # quick check of the script itself
+
+(from the repository root; the server in `served` is `flux2_encoder_server.testing.ServerThread` over the
+engine wrapped in `FakeEngine`, which times every batch the server runs)
 
 Tokens come from a byte-level tokenizer with Tekken's special ids (flux2_client.tiny): every prompt is
 padded to 512 tokens, so the work per prompt is the real one whatever the vocabulary.
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import statistics
@@ -34,92 +36,24 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import build_dit, build_encoder, prompts
-from serving_cpu import NullEngine  # the same no-model engine as the CPU serving benchmark
+from ._measure import GIB, Report, compare, log, measure, process_cpu_s, row_sha, sync
+from ._models import build_dit, build_encoder, prompts
 
-RESULTS: dict[str, Any] = {}
-OUT: Path = Path(".")
-GIB = 1 << 30
-
-
-def log(*args: Any) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
-
-
-def save() -> None:
-    (OUT / "encoder_throughput.json").write_text(json.dumps(RESULTS, indent=1, default=str))
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def measure(fn: Callable[[], Any], batch: int, device: str, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of fn() (host synchronised), prompts/s, and the peak device memory it added."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    gc.collect()
-    base = 0
-    if device.startswith("cuda"):
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    row = {"batch": batch, "latency_s": med, "prompts_per_s": batch / med, "min_s": min(times), "max_s": max(times)}
-    if device.startswith("cuda"):
-        row["peak_activation_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
-    return row
-
-
-def compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
-    g, w = got.double().flatten(), want.double().flatten()
-    return {
-        "identical": bool(torch.equal(got, want)),
-        "rel_err": float((g - w).norm() / w.norm()),
-        "cosine": float(torch.nn.functional.cosine_similarity(g, w, dim=0)),
-        "frac_elements_differ": float((got != want).float().mean()),
-        "max_abs": float((g - w).abs().max()),
-    }
-
-
-def row_sha(row: torch.Tensor) -> str:
-    return hashlib.sha256(row.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-@contextlib.contextmanager
-def section(name: str):
-    log(f"== {name}")
-    t0 = time.time()
-    try:
-        yield
-    except Exception as exc:
-        RESULTS.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    finally:
-        RESULTS.setdefault("section_seconds", {})[name] = round(time.time() - t0, 1)
-        save()
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- sections --------------------------------------------------------------------------------------------
 
 
-def bench_reference(full: Any, tok: Any, pool: list[str], args: argparse.Namespace) -> dict[int, torch.Tensor]:
+def bench_reference(
+    report: Report, full: Any, tok: Any, pool: list[str], args: argparse.Namespace
+) -> dict[int, torch.Tensor]:
     from diffusers import Flux2Pipeline
 
     dev = torch.device(args.device)
@@ -134,20 +68,22 @@ def bench_reference(full: Any, tok: Any, pool: list[str], args: argparse.Namespa
     for b in args.batches:
         rows.append(measure(lambda b=b: call(pool[:b]), b, args.device, args.reps))
         log("reference", rows[-1])
-    RESULTS["reference"] = rows
+    report["reference"] = rows
     # diffusers' own single-prompt calls for the probes: the bytes a user of Flux2Pipeline gets.
     return {i: call([pool[i]]) for i in args.probes}
 
 
-def bench_engine(engine: Any, pool: list[str], args: argparse.Namespace, key: str) -> None:
+def bench_engine(report: Report, engine: Any, pool: list[str], args: argparse.Namespace, key: str) -> None:
     rows = []
     for b in args.batches:
         rows.append(measure(lambda b=b: engine.encode(pool[:b]), b, args.device, args.reps))
         log(key, rows[-1])
-    RESULTS[key] = rows
+    report[key] = rows
 
 
-def invariance(engine: Any, pool: list[str], diffusers_single: dict[int, torch.Tensor], key: str) -> None:
+def invariance(
+    report: Report, engine: Any, pool: list[str], diffusers_single: dict[int, torch.Tensor], key: str
+) -> None:
     """A probe prompt alone vs inside batches of 2..32 at several slots, and vs diffusers' single call."""
     out: dict[str, Any] = {}
     for probe in diffusers_single:
@@ -173,10 +109,11 @@ def invariance(engine: Any, pool: list[str], diffusers_single: dict[int, torch.T
         }
         log(key, f"probe{probe}", {k: v["identical"] for k, v in cases.items()})
         log(key, "alone vs diffusers", out[f"probe{probe}"]["alone_vs_diffusers_single"])
-    RESULTS[key] = out
+    report[key] = out
 
 
 def serve(
+    report: Report,
     engine: Any,
     pool: list[str],
     args: argparse.Namespace,
@@ -184,25 +121,20 @@ def serve(
     patterns: list[tuple[int, float]],
     switch_interval_s: float | None = None,
     chunk_bytes: int = 1 << 20,
-    legacy_chunks: bool = False,
     pipeline_depth: int = 2,
     max_batch: int | None = None,
+    threads_per_process: int | None = None,
 ) -> None:
-    """Real gRPC server in this process; clients in `ceil(N/8)` processes; one prompt per request.
-    `legacy_chunks`: stream chunks the way the server did before pre-serialized chunk bytes (A/B runs)."""
-    import asyncio
-    import contextlib
-    import threading
+    """Real gRPC server in this process; clients in `ceil(N / threads_per_process)` processes; one prompt
+    per request. Every model batch the server runs is timed by the FakeEngine around `engine` (launch,
+    answer, host time spent launching): a batch that takes longer served than alone means the device
+    waited for the host (e.g. the GIL)."""
+    from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 
-    from _serving_variants import legacy_chunks as legacy_chunk_path
-    from flux2_encoder_server import EncoderServer, Settings
-
-    settings = Settings(
-        model="random-init",
-        host="127.0.0.1",
-        port=0,
+    per_proc = threads_per_process or args.threads_per_process
+    settings = local_settings(
+        "random-init",
         device=args.device,
-        warmup=False,
         max_batch_prompts=max_batch or args.max_batch,
         max_wait_ms=args.max_wait_ms,
         pipeline_depth=pipeline_depth,
@@ -213,93 +145,66 @@ def serve(
     previous_switch = sys.getswitchinterval()
     if switch_interval_s is not None:
         sys.setswitchinterval(switch_interval_s)
-    # Time every model batch the server runs: (prompts, launched, done, seconds spent launching). A batch
-    # that takes longer served than alone means the device waited for the host (e.g. the GIL).
-    batch_times: list[tuple[int, float, float, float]] = []
-    plain_launch = engine.launch
-
     # With --keep-model-rows: every distinct row the model produced per prompt (up to 3), to tell whether
     # two hashes seen by clients were two different model outputs, and how they differ.
     model_rows: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
-    class TimedHandle:
-        def __init__(self, handle: Any, prompts: list[str], t0: float, launch_s: float):
-            self.handle, self.prompts, self.t0, self.launch_s = handle, prompts, t0, launch_s
+    def keep_rows(prompts: list[str], rows: torch.Tensor) -> None:
+        for prompt, row in zip(prompts, rows, strict=True):
+            seen = model_rows[prompt]
+            sha = row_sha(row)
+            if sha not in seen and len(seen) < 3:
+                seen[sha] = row.clone()
 
-        def result(self) -> Any:
-            rows = self.handle if isinstance(self.handle, torch.Tensor) else self.handle.result()
-            batch_times.append((len(self.prompts), self.t0, time.perf_counter(), self.launch_s))
-            if args.keep_model_rows:
-                for prompt, row in zip(self.prompts, rows, strict=True):
-                    seen = model_rows[prompt]
-                    sha = row_sha(row)
-                    if sha not in seen and len(seen) < 3:
-                        seen[sha] = row.clone()
-            return rows
-
-    def timed_launch(prompts: list[str]) -> Any:
-        t0 = time.perf_counter()
-        handle = plain_launch(prompts)
-        return TimedHandle(handle, list(prompts), t0, time.perf_counter() - t0)
+    timed = FakeEngine(engine, on_rows=keep_rows if args.keep_model_rows else None)
 
     def model_seconds() -> list[float]:
         # A pipelined batch's model time starts when the one before it finished, not when it was launched.
         spans, previous_end = [], 0.0
-        for _, t0, t1, _ in sorted(batch_times, key=lambda t: t[2]):
-            spans.append(t1 - max(t0, previous_end))
-            previous_end = t1
+        done = sorted((r for r in timed.records if r.finished_at is not None), key=lambda r: r.finished_at or 0.0)
+        for record in done:
+            assert record.finished_at is not None
+            spans.append(record.finished_at - max(record.launched_at, previous_end))
+            previous_end = record.finished_at
         return spans
 
-    engine.launch = timed_launch
-    server = EncoderServer(settings, lambda _s: engine)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(600)
-
-    port = run(server.start())
-    run(server.load())
+    server = ServerThread(settings, lambda _s: timed).start()
     # The same model call alone (no serving running), through the same wrapper, for comparison.
     alone = []
     for _ in range(3):
-        batch_times.clear()
-        engine.launch(pool[:16]).result()
-        alone.append(batch_times[0][2] - batch_times[0][1])
-    target = f"127.0.0.1:{port}"
+        timed.reset_counts()
+        timed.encode(pool[:16])
+        (record,) = timed.records
+        assert record.finished_at is not None
+        alone.append(record.finished_at - record.launched_at)
     pool_file = Path(tempfile.mkdtemp()) / "pool.json"
     pool_file.write_text(json.dumps(pool))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     results: dict[str, Any] = {}
     hashes_all: dict[int, set[str]] = defaultdict(set)
-    variant = legacy_chunk_path() if legacy_chunks else contextlib.nullcontext()
-    variant.__enter__()
     try:
         for clients, seconds in patterns:
-            engine.batch_sizes.clear()
-            batch_times.clear()
+            timed.reset_counts()
             start_at = time.time() + args.client_startup_s
             stop_at = start_at + seconds
-            per_proc = args.threads_per_process
             procs = []
             for first in range(0, clients, per_proc):
                 n = min(per_proc, clients - first)
-                cmd = [sys.executable, str(Path(__file__).parent / "_load_clients.py"), "--target", target,
+                cmd = [sys.executable, "-m", "bench._load_clients", "--target", server.target,
                        "--threads", str(n), "--prompts", str(pool_file), "--start-at", str(start_at),
                        "--stop-at", str(stop_at), "--first-thread", str(first)]  # fmt: skip
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env))
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT))
             records, errors = [], 0
             while time.time() < start_at:
                 time.sleep(0.01)
-            t0, cpu0 = time.time(), _process_cpu_s()
+            t0, cpu0 = time.time(), process_cpu_s()
             for p in procs:
                 data = json.loads(p.communicate(timeout=seconds + args.client_startup_s + 300)[0])
                 records += data["records"]
                 errors += data["error_count"]
                 if data["errors"]:
                     log("client errors", data["errors"][:3])
-            cpu_used = _process_cpu_s() - cpu0
+            cpu_used = process_cpu_s() - cpu0
             # Steady state: requests that started after the first second and ended before stop_at.
             lo = start_at + min(2.0, seconds / 4)
             window = [r for r in records if r[0] >= lo and r[1] <= stop_at]
@@ -309,6 +214,8 @@ def serve(
             for r in records:
                 per_prompt[r[2]].add(r[3])
                 hashes_all[r[2]].add(r[3])
+            spans = model_seconds()
+            served_prompts = sum(len(r.prompts) for r in timed.records if r.finished_at is not None)
             row = {
                 "clients": clients,
                 "seconds": seconds,
@@ -324,17 +231,15 @@ def serve(
                 ),
                 "latency_median_s": lat[len(lat) // 2] if lat else None,
                 "latency_p90_s": lat[int(len(lat) * 0.9)] if lat else None,
-                "model_batch_sizes": dict(sorted(engine.batch_sizes.items())),
+                "model_batch_sizes": dict(sorted(timed.batch_sizes.items())),
                 "prompts_with_more_than_one_hash": sum(len(h) > 1 for h in per_prompt.values()),
                 "distinct_prompts": len(per_prompt),
                 "batching_mode_in_header": sorted({r[4] for r in records}),
                 # Served model calls: ms per prompt inside the batch (compare with the engine rows).
-                "model_ms_per_prompt_served": round(
-                    1000 * sum(model_seconds()) / max(1, sum(n for n, *_ in batch_times)), 2
-                ),
-                "model_busy_fraction": round(sum(model_seconds()) / seconds, 3),
-                "launch_ms_per_batch": round(1000 * statistics.mean(t[3] for t in batch_times), 1)
-                if batch_times
+                "model_ms_per_prompt_served": round(1000 * sum(spans) / max(1, served_prompts), 2),
+                "model_busy_fraction": round(sum(spans) / seconds, 3),
+                "launch_ms_per_batch": round(1000 * statistics.mean(r.launch_seconds for r in timed.records), 1)
+                if timed.records
                 else None,
             }
             if args.keep_model_rows:
@@ -343,10 +248,7 @@ def serve(
             results[f"{clients}_clients"] = row
             log(key, row)
     finally:
-        vars(engine).pop("launch", None)
-        variant.__exit__(None, None, None)
-        run(server.stop(0))
-        loop.call_soon_threadsafe(loop.stop)
+        server.stop()
         sys.setswitchinterval(previous_switch)
     # The served bytes against the engine's own output for the same prompts (reproducible: batches >= 2).
     seen = sorted(hashes_all)
@@ -361,12 +263,11 @@ def serve(
     results["switch_interval_s"] = switch_interval_s or previous_switch
     results["chunk_bytes"] = chunk_bytes
     results["model_ms_per_prompt_alone_b16"] = round(1000 * statistics.median(alone) / 16, 2)
-    results["chunks"] = "legacy protobuf-built" if legacy_chunks else "pre-serialized"
-    results["threads_per_process"] = args.threads_per_process
+    results["threads_per_process"] = per_proc
     results["pipeline_depth"] = pipeline_depth
     results["max_batch_prompts"] = max_batch or args.max_batch
-    results["cuda_graph_sizes"] = list(engine._graphs.batch_sizes) if getattr(engine, "_graphs", None) else []
-    RESULTS[key] = results
+    results["cuda_graph_sizes"] = list(getattr(engine, "cuda_graph_sizes", ()))
+    report[key] = results
 
 
 def model_row_report(
@@ -396,35 +297,7 @@ def model_row_report(
     return report
 
 
-def _process_cpu_s() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def ab_sweep(engine: Any, pool: list[str], args: argparse.Namespace, key: str, one: list[tuple[int, float]]) -> None:
-    """Before/after in one run: the legacy chunk path at 1 ms, then pre-serialized chunks at each
-    `--ab-switch-ms` GIL switch interval, then pre-serialized with 3 MiB chunks at the first of them."""
-    # An untimed 4 s of the same load first (its row is overwritten): batch sizes not seen yet
-    # would otherwise trigger torch.compile work inside the first measured window.
-    warm = [(args.clients, 4.0)]
-    serve(engine, pool, args, f"{key}_legacy_switch1ms", [*warm, *one], 0.001, legacy_chunks=True)
-    for ms in args.ab_switch_ms:
-        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms", one, ms / 1000)
-    if args.ab_3mib:
-        ms = args.ab_switch_ms[0]
-        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms_chunk3MiB", one, ms / 1000, 3 << 20)
-    if args.ab_load:  # is it the closed loop of 32 clients, or the clients' own processes?
-        ms = args.ab_switch_ms[-1]
-        twice = [(2 * args.clients, args.served_seconds)]
-        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms_x2clients", twice, ms / 1000)
-        per_proc, args.threads_per_process = args.threads_per_process, 2
-        serve(engine, pool, args, f"{key}_preserialized_switch{ms:g}ms_2threads_per_process", one, ms / 1000)
-        args.threads_per_process = per_proc
-
-
-def pipeline_ab(full: Any, tok: Any, pool: list[str], args: argparse.Namespace) -> None:
+def pipeline_ab(report: Report, full: Any, tok: Any, pool: list[str], args: argparse.Namespace) -> None:
     """Served throughput, same run, one row per `--pipeline-rows` spec PRECISION/PATH/DEPTH/MAXBATCH/CLIENTS/TPP
     (PATH eager or graphs; DEPTH 1 = one batch at a time, 2 = next batch launched while one runs; TPP =
     client threads per load process), e.g. bf16/graphs/2/16/32/8. Rows of one precision share its engine;
@@ -436,38 +309,37 @@ def pipeline_ab(full: Any, tok: Any, pool: list[str], args: argparse.Namespace) 
     for precision in dict.fromkeys(spec[0] for spec in specs):
         engine = EncoderEngine.from_model(full, tok, precision=precision, compile=True)
         engine.encode(pool[:2])
-        bench_engine(engine, pool, args, f"engine_compiled_{precision}")
+        bench_engine(report, engine, pool, args, f"engine_compiled_{precision}")
         if args.slot_sweep:
-            slot_invariance(engine, pool, f"slot_invariance_compiled_eager_{precision}")
+            slot_invariance(report, engine, pool, f"slot_invariance_compiled_eager_{precision}")
         warmed: set[str] = set()
         for _, path, depth, max_batch, clients, tpp in (s for s in specs if s[0] == precision):
-            if path == "graphs" and engine._graphs is None:
+            if path == "graphs" and not engine.cuda_graph_sizes:
                 t0 = time.time()
                 sizes = engine.capture_cuda_graphs(graph_batch_sizes(32, engine.min_batch))
-                RESULTS[f"graphs_capture_s_{precision}"] = {"seconds": round(time.time() - t0, 1), "sizes": sizes}
-                bench_engine(engine, pool, args, f"engine_compiled_graphs_{precision}")
-                graph_invariance(engine, pool, f"graph_buckets_invariance_{precision}")
+                report[f"graphs_capture_s_{precision}"] = {"seconds": round(time.time() - t0, 1), "sizes": sizes}
+                bench_engine(report, engine, pool, args, f"engine_compiled_graphs_{precision}")
+                graph_invariance(report, engine, pool, f"graph_buckets_invariance_{precision}")
                 if args.slot_sweep:
-                    slot_invariance(engine, pool, f"slot_invariance_compiled_graphs_{precision}")
+                    slot_invariance(report, engine, pool, f"slot_invariance_compiled_graphs_{precision}")
             if path == "eager":
-                engine._graphs = None
+                engine.release_cuda_graphs()
             load = [(int(clients), args.served_seconds)]
             if path not in warmed:
                 load.insert(0, (int(clients), 4.0))
                 warmed.add(path)
-            per_proc, args.threads_per_process = args.threads_per_process, int(tpp)
             key = f"served_{precision}_compiled_{path}_depth{depth}_mb{max_batch}_{clients}clients_{tpp}tpp"
-            serve(engine, pool, args, key, load, 0.001, pipeline_depth=int(depth), max_batch=int(max_batch))
-            args.threads_per_process = per_proc
-        engine._graphs = None
-        for layer in engine.decoder.layers:  # bf16 layers are shared with `full`: give back the eager forward
-            vars(layer).pop("forward", None)
+            serve(report, engine, pool, args, key, load, 0.001, pipeline_depth=int(depth), max_batch=int(max_batch),
+                  threads_per_process=int(tpp))  # fmt: skip
+        engine.uncompile()  # bf16 layers are shared with `full`: they get their eager forward back
         del engine
         gc.collect()
         torch.cuda.empty_cache()
 
 
-def slot_invariance(engine: Any, pool: list[str], key: str, sizes: tuple[int, ...] = (2, 4, 8, 16, 24, 32)) -> None:
+def slot_invariance(
+    report: Report, engine: Any, pool: list[str], key: str, sizes: tuple[int, ...] = (2, 4, 8, 16, 24, 32)
+) -> None:
     """The probe prompt at every slot of batches of each size (other rows from the pool) vs alone."""
     probe = pool[0]
     alone = row_sha(engine.encode([probe])[0])
@@ -480,37 +352,35 @@ def slot_invariance(engine: Any, pool: list[str], key: str, sizes: tuple[int, ..
             if row_sha(engine.encode(batch)[slot]) != alone:
                 bad.append(slot)
         differ[str(size)] = bad
-    RESULTS[key] = {"slots_differing_from_alone": differ, "cases": sum(sizes),
-                    "identical_cases": sum(sizes) - sum(len(v) for v in differ.values())}  # fmt: skip
-    log(key, RESULTS[key])
+    report[key] = {"slots_differing_from_alone": differ, "cases": sum(sizes),
+                   "identical_cases": sum(sizes) - sum(len(v) for v in differ.values())}  # fmt: skip
+    log(key, report[key])
 
 
-def graph_invariance(engine: Any, pool: list[str], key: str) -> None:
+def graph_invariance(report: Report, engine: Any, pool: list[str], key: str) -> None:
     """A probe prompt alone (bucket 2) and inside a full batch of every captured size: same bytes?"""
     probe = pool[0]
     alone = row_sha(engine.encode([probe])[0])
-    RESULTS[key] = {
-        str(size): row_sha(engine.encode([probe, *pool[1:size]])[0]) == alone for size in engine._graphs.batch_sizes
+    report[key] = {
+        str(size): row_sha(engine.encode([probe, *pool[1:size]])[0]) == alone for size in engine.cuda_graph_sizes
     }
-    log(key, RESULTS[key])
+    log(key, report[key])
 
 
-def ceiling(tok: Any, pool: list[str], args: argparse.Namespace) -> None:
-    """The serving path alone: a null engine that answers at once."""
-    with section("ceiling"):
-        null = NullEngine(192 if args.tiny else 15360)
+def ceiling(report: Report, pool: list[str], args: argparse.Namespace) -> None:
+    """The serving path alone: a fake engine that answers at once with rows of the real width."""
+    from flux2_encoder_server.testing import FakeEngine
+
+    with report.section("ceiling"):
+        null = FakeEngine(width=192 if args.tiny else 15360)
         one = [(args.clients, args.served_seconds)]
-        if args.ab:
-            ab_sweep(null, pool, args, "served_null", one)
-            return
-        serve(null, pool, args, "served_null_engine_switch1ms", one, switch_interval_s=0.001)
-        per_proc, args.threads_per_process = args.threads_per_process, 2
-        serve(null, pool, args, "served_null_engine_switch1ms_2threads_per_process", one, 0.001)
-        args.threads_per_process = per_proc
+        serve(report, null, pool, args, "served_null_engine_switch1ms", one, switch_interval_s=0.001)
+        serve(report, null, pool, args, "served_null_engine_switch1ms_2threads_per_process", one, 0.001,
+              threads_per_process=2)  # fmt: skip
 
 
 def bench_tiers(
-    full: Any, tok: Any, pool: list[str], args: argparse.Namespace, bf16_engine: Any
+    report: Report, full: Any, tok: Any, pool: list[str], args: argparse.Namespace, bf16_engine: Any
 ) -> dict[str, torch.Tensor]:
     from flux2_encoder_server import EncoderEngine
     from flux2_encoder_server.precision import module_bytes
@@ -549,11 +419,11 @@ def bench_tiers(
         finally:
             if engine is not bf16_engine:
                 del engine
-    RESULTS["tiers"] = rows
+    report["tiers"] = rows
     return embeds_for_dit
 
 
-def dit_fidelity(embeds: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+def dit_fidelity(report: Report, embeds: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
     from diffusers import Flux2Pipeline
 
     dit = build_dit(args.tiny, args.device)
@@ -584,12 +454,11 @@ def dit_fidelity(embeds: dict[str, torch.Tensor], args: argparse.Namespace) -> N
         out = step(e)
         rows[name] = {"dit_rel_change": float((out - base).norm() / base.norm())}
     rows["_note"] = "FLUX.2 DiT, real width, 2 double + 4 single blocks (real: 8 + 48), random weights, 1024 px, t=0.5"
-    RESULTS["dit_one_step"] = rows
+    report["dit_one_step"] = rows
     log("dit", rows)
 
 
 def main() -> None:
-    global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy shapes, for checking the script on a CPU")
     parser.add_argument("--device", default="cuda")
@@ -606,12 +475,6 @@ def main() -> None:
     parser.add_argument("--tiers", nargs="+", default=["bf16", "fp8", "int8", "nf4"])
     parser.add_argument("--tier-batch", type=int, default=16)
     parser.add_argument("--serve-compiled", action="store_true", help="serve the torch.compile'd engine")
-    parser.add_argument(
-        "--ab", action="store_true", help="served rows twice: legacy protobuf-built chunks, then pre-serialized"
-    )
-    parser.add_argument("--ab-switch-ms", type=float, nargs="+", default=[1.0, 0.2, 0.05])
-    parser.add_argument("--ab-3mib", action="store_true", help="with --ab: also 3 MiB chunks")
-    parser.add_argument("--ab-load", action="store_true", help="with --ab: also 2x clients, 2 threads/process")
     parser.add_argument("--keep-model-rows", action="store_true", help="served rows: keep and compare model outputs")
     parser.add_argument("--slot-sweep", action="store_true", help="pipeline section: probe at every slot")
     parser.add_argument(
@@ -622,8 +485,7 @@ def main() -> None:
     )
     parser.add_argument("--threads-per-process", type=int, default=8, help="client threads per load process")
     args = parser.parse_args()
-    OUT = Path(args.out)
-    OUT.mkdir(parents=True, exist_ok=True)
+    report = Report(Path(args.out), "encoder_throughput")
     sections = set(args.sections.split(","))
 
     from flux2_client.tiny import build_tiny_tokenizer
@@ -639,7 +501,7 @@ def main() -> None:
 
     env["transformers"] = transformers.__version__
     env["diffusers"] = diffusers.__version__
-    RESULTS["env"] = env
+    report["env"] = env
     log(env)
 
     tok = build_tiny_tokenizer()
@@ -649,95 +511,88 @@ def main() -> None:
           {"role": "user", "content": [{"type": "text", "text": p}]}] for p in pool],
         tokenize=True, return_dict=True, return_tensors="pt", padding="max_length", truncation=True,
         max_length=512)["attention_mask"]]  # fmt: skip
-    RESULTS["prompt_tokens"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
+    report["prompt_tokens"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
 
     if sections == {"ceiling"}:
-        ceiling(tok, pool, args)
-        print_tables()
+        ceiling(report, pool, args)
+        print_tables(report)
         return
 
     t0 = time.time()
     full = build_encoder(args.tiny, args.device)
     sync(args.device)
-    RESULTS["model"] = {
+    report["model"] = {
         "build_s": round(time.time() - t0, 1),
         "full_model_gib": module_bytes(full) / GIB,
         "attn_implementation": getattr(full.config.text_config, "_attn_implementation", None),
     }
-    log("model", RESULTS["model"])
-    save()
+    log("model", report["model"])
+    report.save()
 
     diffusers_single: dict[int, torch.Tensor] = {}
     if "reference" in sections:
-        with section("reference"):
-            diffusers_single = bench_reference(full, tok, pool, args)
+        with report.section("reference"):
+            diffusers_single = bench_reference(report, full, tok, pool, args)
 
     repro = EncoderEngine.from_model(full, tok, batching_mode="reproducible")
     dynamic = EncoderEngine.from_model(full, tok, batching_mode="dynamic")
-    RESULTS["model"]["engine_weights_gib"] = module_bytes(repro.decoder) / GIB
+    report["model"]["engine_weights_gib"] = module_bytes(repro.decoder) / GIB
     if "engine" in sections:
-        with section("engine"):
-            bench_engine(dynamic, pool, args, "engine_eager_dynamic")
-            bench_engine(repro, pool, args, "engine_eager_reproducible")
+        with report.section("engine"):
+            bench_engine(report, dynamic, pool, args, "engine_eager_dynamic")
+            bench_engine(report, repro, pool, args, "engine_eager_reproducible")
     if "invariance" in sections and diffusers_single:
-        with section("invariance"):
-            invariance(dynamic, pool, diffusers_single, "invariance_eager_dynamic")
-            invariance(repro, pool, diffusers_single, "invariance_eager_reproducible")
+        with report.section("invariance"):
+            invariance(report, dynamic, pool, diffusers_single, "invariance_eager_dynamic")
+            invariance(report, repro, pool, diffusers_single, "invariance_eager_reproducible")
     if "served" in sections and not args.serve_compiled:
-        with section("served"):
+        with report.section("served"):
             patterns = [(args.clients, args.served_seconds), (1, 4.0), (5, 4.0)]
-            serve(repro, pool, args, "served_eager_reproducible", patterns)
-            serve(dynamic, pool, args, "served_eager_dynamic", [(args.clients, 8.0), (1, 4.0)])
+            serve(report, repro, pool, args, "served_eager_reproducible", patterns)
+            serve(report, dynamic, pool, args, "served_eager_dynamic", [(args.clients, 8.0), (1, 4.0)])
     embeds_for_dit: dict[str, torch.Tensor] = {}
     if "tiers" in sections:
-        with section("tiers"):
-            embeds_for_dit = bench_tiers(full, tok, pool, args, repro)
+        with report.section("tiers"):
+            embeds_for_dit = bench_tiers(report, full, tok, pool, args, repro)
     if "compile" in sections:
-        with section("compile"):
+        with report.section("compile"):
             eager_embeds = repro.encode(pool[:8])  # before compiling: the layers are shared
             t0 = time.time()
             compiled = EncoderEngine.from_model(full, tok, batching_mode="reproducible", compile=True)
             compiled.encode(pool[:2])
             sync(args.device)
-            RESULTS["compile_first_call_s"] = round(time.time() - t0, 1)
-            log("compiled first call", RESULTS["compile_first_call_s"])
-            bench_engine(compiled, pool, args, "engine_compiled_reproducible")
+            report["compile_first_call_s"] = round(time.time() - t0, 1)
+            log("compiled first call", report["compile_first_call_s"])
+            bench_engine(report, compiled, pool, args, "engine_compiled_reproducible")
             if diffusers_single:
-                invariance(compiled, pool, diffusers_single, "invariance_compiled_reproducible")
+                invariance(report, compiled, pool, diffusers_single, "invariance_compiled_reproducible")
             embeds_for_dit["bf16_compiled"] = compiled.encode(pool[:8])[:1].clone()
-            RESULTS["compiled_vs_eager"] = compare(compiled.encode(pool[:8]), eager_embeds)
+            report["compiled_vs_eager"] = compare(compiled.encode(pool[:8]), eager_embeds)
             if "served" in sections and args.serve_compiled:
                 one = [(args.clients, args.served_seconds)]
-                if args.ab:  # before/after of the chunk path, same engine, same run
-                    ab_sweep(compiled, pool, args, "served_compiled", one)
-                else:
-                    serve(compiled, pool, args, "served_compiled_reproducible", [*one, (1, 4.0)])
-                    serve(compiled, pool, args, "served_compiled_switch1ms", one, switch_interval_s=0.001)
-                    serve(compiled, pool, args, "served_compiled_switch1ms_chunk3MiB", one, 0.001, 3 << 20)
+                serve(report, compiled, pool, args, "served_compiled_reproducible", [*one, (1, 4.0)])
+                serve(report, compiled, pool, args, "served_compiled_switch1ms", one, switch_interval_s=0.001)
+                serve(report, compiled, pool, args, "served_compiled_switch1ms_chunk3MiB", one, 0.001, 3 << 20)
     if "pipeline" in sections:
-        with section("pipeline"):
-            pipeline_ab(full, tok, pool, args)
+        with report.section("pipeline"):
+            pipeline_ab(report, full, tok, pool, args)
     if "fp8" in sections:
-        with section("fp8"):
+        with report.section("fp8"):
             with contextlib.suppress(NameError):
-                for layer in compiled.decoder.layers:  # give the shared bf16 layers their eager forward back
-                    vars(layer).pop("forward", None)
+                compiled.uncompile()  # the shared bf16 layers get their eager forward back
             fp8 = EncoderEngine.from_model(full, tok, precision="fp8", compile=True)
             fp8.encode(pool[:2])
-            bench_engine(fp8, pool, args, "engine_compiled_fp8_reproducible")
+            bench_engine(report, fp8, pool, args, "engine_compiled_fp8_reproducible")
             if "served" in sections:
                 one = [(args.clients, args.served_seconds)]
-                if args.ab:
-                    ab_sweep(fp8, pool, args, "served_compiled_fp8", one)
-                else:
-                    serve(fp8, pool, args, "served_compiled_fp8_switch1ms", one, 0.001)
+                serve(report, fp8, pool, args, "served_compiled_fp8_switch1ms", one, 0.001)
             del fp8
     if "ceiling" in sections:  # after the model rows, which matter more if the call runs out of time
-        ceiling(tok, pool, args)
+        ceiling(report, pool, args)
     if diffusers_single and embeds_for_dit:
         embeds_for_dit["diffusers_single_B1"] = diffusers_single[args.probes[0]]
     if "dit" in sections and embeds_for_dit:
-        with section("dit"):
+        with report.section("dit"):
             # Free the encoder first: the DiT needs the room.
             del repro, dynamic, full
             with contextlib.suppress(NameError):
@@ -745,13 +600,12 @@ def main() -> None:
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            dit_fidelity(embeds_for_dit, args)
-    save()
-    print_tables()
+            dit_fidelity(report, embeds_for_dit, args)
+    report.save()
+    print_tables(report)
 
 
-def print_tables() -> None:
-    r = RESULTS
+def print_tables(r: Report) -> None:
     print("\n### results (" + str(r["env"].get("gpu", "cpu")) + ")")
     for key in [k for k in r if k == "reference" or k.startswith("engine_")]:
         if key in r:

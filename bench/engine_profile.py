@@ -11,13 +11,12 @@ graphs    the same engine with CUDA graphs captured: prompts/s, capture time, an
           the compiled eager forward's (same prompts, same batch) and a padded bucket's
 autotune  torch.compile mode max-autotune-no-cudagraphs at one fixed batch (compile time, prompts/s)
 
-  python bench/engine_profile.py --out results/ --batches 16 32
+  python -m bench.engine_profile --out results/ --batches 16 32       # from the repository root, on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -26,16 +25,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import build_encoder, prompts
-from encoder_throughput import compare, log, measure, row_sha
+from ._measure import Report, compare, log, measure, row_sha
+from ._models import build_encoder, prompts
 
-RESULTS: dict[str, Any] = {}
 LAYERS = 30
-
-
-def save(out: Path) -> None:
-    (out / "engine_profile.json").write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 def cuda_ms(fn: Any, reps: int = 10, warmup: int = 2) -> float:
@@ -51,15 +44,15 @@ def cuda_ms(fn: Any, reps: int = 10, warmup: int = 2) -> float:
     return start.elapsed_time(end) / reps
 
 
-def peak() -> None:
+def peak(report: Report) -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = cuda_ms(lambda: a @ b, reps=50, warmup=10)
-    RESULTS["peak_bf16_tflops_8192"] = round(2 * 8192**3 / ms / 1e9, 1)
-    log("peak", RESULTS["peak_bf16_tflops_8192"])
+    report["peak_bf16_tflops_8192"] = round(2 * 8192**3 / ms / 1e9, 1)
+    log("peak", report["peak_bf16_tflops_8192"])
 
 
-def gemm(layer: Any, batches: list[int]) -> None:
+def gemm(report: Report, layer: Any, batches: list[int]) -> None:
     attn, mlp = layer.self_attn, layer.mlp
     weights = {name: getattr(mod, name).weight for mod, names in
                ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
@@ -95,7 +88,7 @@ def gemm(layer: Any, batches: list[int]) -> None:
             "fused_gemm_only_prompts_per_s": round(b / (LAYERS * fused_ms / 1000), 1),
         }
         log("gemm", b, {k: v for k, v in rows[b].items() if k != "per_gemm"})
-    RESULTS["gemm"] = rows
+    report["gemm"] = rows
 
 
 def kind_of(name: str) -> str:
@@ -111,7 +104,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile(engine: Any, pool: list[str], batch: int) -> None:
+def profile(report: Report, engine: Any, pool: list[str], batch: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -131,7 +124,7 @@ def profile(engine: Any, pool: list[str], batch: int) -> None:
             by_kind[kind_of(evt.key)] += device_us / 1000
             top[evt.key[:90]] += device_us / 1000
     busy = sum(by_kind.values())
-    RESULTS["profile"] = {
+    report["profile"] = {
         "batch": batch,
         "wall_ms_profiled": round(wall_ms, 1),
         "device_busy_ms": round(busy, 1),
@@ -139,7 +132,7 @@ def profile(engine: Any, pool: list[str], batch: int) -> None:
         "by_kind_share": {k: round(v / busy, 3) for k, v in by_kind.items()},
         "top_kernels_ms": {k: round(v, 1) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]},
     }
-    log("profile", {k: v for k, v in RESULTS["profile"].items() if k != "top_kernels_ms"})
+    log("profile", {k: v for k, v in report["profile"].items() if k != "top_kernels_ms"})
 
 
 def main() -> None:
@@ -149,50 +142,49 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sections", default="peak,gemm,engine,profile,graphs,autotune")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    report = Report(Path(args.out), "engine_profile")
     sections = set(args.sections.split(","))
     import transformers
     from flux2_client.tiny import build_tiny_tokenizer
     from flux2_encoder_server import EncoderEngine
 
-    RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    report["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
                       "transformers": transformers.__version__, "argv": sys.argv,
                       "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    log(RESULTS["env"])
+    log(report["env"])
     tok = build_tiny_tokenizer()
     pool = prompts(64)
     full = build_encoder(False, "cuda")
     decoder = full.model.language_model
     if "peak" in sections:
-        peak()
+        peak(report)
     if "gemm" in sections:
         with torch.inference_mode():
-            gemm(decoder.layers[0], args.batches)
-    save(out)
+            gemm(report, decoder.layers[0], args.batches)
+    report.save()
     engine = EncoderEngine.from_model(full, tok, compile=True)
     t0 = time.time()
     engine.encode(pool[:2])
-    RESULTS["compile_first_call_s"] = round(time.time() - t0, 1)
+    report["compile_first_call_s"] = round(time.time() - t0, 1)
     eager_rows = {b: engine.encode(pool[:b]) for b in args.batches}
     if "engine" in sections:
-        RESULTS["engine_compiled"] = {
+        report["engine_compiled"] = {
             b: measure(lambda b=b: engine.encode(pool[:b]), b, "cuda", args.reps) for b in args.batches
         }
-        log("engine", RESULTS["engine_compiled"])
-    save(out)
+        log("engine", report["engine_compiled"])
+    report.save()
     if "profile" in sections:
-        profile(engine, pool, max(args.batches))
-        save(out)
+        profile(report, engine, pool, max(args.batches))
+        report.save()
     if "graphs" in sections:
         t0 = time.time()
         sizes = engine.capture_cuda_graphs([2, *args.batches])
-        RESULTS["graphs_capture_s"] = round(time.time() - t0, 1)
-        RESULTS["graph_sizes"] = sizes
-        RESULTS["engine_compiled_graphs"] = {
+        report["graphs_capture_s"] = round(time.time() - t0, 1)
+        report["graph_sizes"] = sizes
+        report["engine_compiled_graphs"] = {
             b: measure(lambda b=b: engine.encode(pool[:b]), b, "cuda", args.reps) for b in args.batches
         }
-        log("graphs", RESULTS["graphs_capture_s"], RESULTS["engine_compiled_graphs"])
+        log("graphs", report["graphs_capture_s"], report["engine_compiled_graphs"])
         same = {}
         for b in args.batches:
             same[f"batch{b}_vs_compiled_eager"] = compare(engine.encode(pool[:b]), eager_rows[b])
@@ -202,23 +194,22 @@ def main() -> None:
         alone = engine.encode(pool[:1])
         same["alone_vs_eager_batch_row0"] = compare(alone, eager_rows[args.batches[0]][:1])
         same["row0_sha_alone_eq_batch"] = row_sha(alone[0]) == row_sha(eager_rows[args.batches[0]][0])
-        RESULTS["graphs_bytes"] = same
+        report["graphs_bytes"] = same
         log("graphs bytes", {k: (v["identical"] if isinstance(v, dict) else v) for k, v in same.items()})
-        engine._graphs = None
-    save(out)
+        engine.release_cuda_graphs()
+    report.save()
     if "autotune" in sections:
         b = max(args.batches)
+        engine.uncompile()  # the layers are shared with `full` and `tuned`
         tuned = EncoderEngine.from_model(full, tok)
-        for layer in tuned.decoder.layers:
-            vars(layer).pop("forward", None)
-            layer.forward = torch.compile(layer.forward, mode="max-autotune-no-cudagraphs", dynamic=False)
+        tuned.compile(mode="max-autotune-no-cudagraphs", dynamic=False)
         t0 = time.time()
         tuned.encode(pool[:b])
-        RESULTS["autotune_compile_s"] = round(time.time() - t0, 1)
-        RESULTS["engine_autotuned"] = {b: measure(lambda: tuned.encode(pool[:b]), b, "cuda", args.reps)}
-        RESULTS["autotuned_vs_compiled"] = compare(tuned.encode(pool[:b]), eager_rows[b])
-        log("autotune", RESULTS["autotune_compile_s"], RESULTS["engine_autotuned"])
-    save(out)
+        report["autotune_compile_s"] = round(time.time() - t0, 1)
+        report["engine_autotuned"] = {b: measure(lambda: tuned.encode(pool[:b]), b, "cuda", args.reps)}
+        report["autotuned_vs_compiled"] = compare(tuned.encode(pool[:b]), eager_rows[b])
+        log("autotune", report["autotune_compile_s"], report["engine_autotuned"])
+    report.save()
 
 
 if __name__ == "__main__":

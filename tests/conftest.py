@@ -4,10 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from _servers import ServerThread, test_settings
 from flux2_client.tiny import TinyPaths, make_tiny_flux2
 from flux2_client.tiny_klein import TinyKleinPaths, make_tiny_klein
 from flux2_encoder_server import EncoderEngine
+from flux2_encoder_server.testing import ServerThread, local_settings
 
 # Two CPU cores: keep torch from oversubscribing them when a server thread and the test both compute.
 torch.set_num_threads(2)
@@ -33,7 +33,7 @@ def reference_pipe(tiny: TinyPaths):
 
 @pytest.fixture(scope="module")
 def server(tiny: TinyPaths, engine: EncoderEngine) -> Iterator[ServerThread]:
-    thread = ServerThread(test_settings(str(tiny.pipeline)), lambda _s: engine).start()
+    thread = ServerThread(local_settings(str(tiny.pipeline)), lambda _s: engine).start()
     yield thread
     thread.stop()
 

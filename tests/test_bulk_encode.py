@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _servers import ServerThread, test_settings
 from diffusers import Flux2Pipeline
 from flux2_client.bulk import encode_captions
 from flux2_client.captions import read_captions
 from flux2_client.http_encoder import HttpTextEncoder
 from flux2_client.shards import EmbeddingShards, ShardFingerprintError, ShardWriter
 from flux2_client.training import open_encoder
+from flux2_encoder_server.testing import ServerThread, local_settings
 from flux2split_proto.v1 import encoder_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def interrupted_then_resumed(tmp_path, tiny, engine, *, unique, duplicates, shar
     counting = CountingEngine(engine, block_after=block_after)
     # No server cache: a caption the client sent twice must reach the model twice, so the counts below
     # measure the client's resume logic rather than the server's cache.
-    server = ServerThread(test_settings(str(tiny.pipeline), cache_bytes=0), lambda _s: counting).start()
+    server = ServerThread(local_settings(str(tiny.pipeline), cache_bytes=0), lambda _s: counting).start()
     captions = make_captions(unique, duplicates)
     source = tmp_path / "captions.txt"
     source.write_text("\n".join(captions) + "\n", encoding="utf-8")
@@ -156,7 +156,7 @@ def test_bulk_encode_killed_hard_resumes_from_complete_shards(tmp_path, tiny, en
 
 def test_bulk_encode_over_http_and_the_loader(tmp_path, tiny, engine):
     counting = CountingEngine(engine)
-    server = ServerThread(test_settings(str(tiny.pipeline), http_port=0, cache_bytes=0), lambda _s: counting).start()
+    server = ServerThread(local_settings(str(tiny.pipeline), http_port=0, cache_bytes=0), lambda _s: counting).start()
     captions = make_captions(12, 6)
     try:
         with HttpTextEncoder(server.http_url) as encoder:
@@ -241,7 +241,7 @@ def test_bulk_encode_survives_a_killed_server_when_another_is_in_the_pool(tmp_pa
     from flux2_client.endpoints import EncoderPool, RetryPolicy
 
     doomed_engine, survivor_engine = HeldEngine(engine), CountingEngine(engine)
-    settings = test_settings(str(tiny.pipeline), cache_bytes=0)
+    settings = local_settings(str(tiny.pipeline), cache_bytes=0)
     doomed = ServerThread(settings, lambda _s: doomed_engine).start()
     survivor = ServerThread(settings, lambda _s: survivor_engine).start()
     captions = make_captions(12, 4)

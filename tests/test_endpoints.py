@@ -8,10 +8,10 @@ import socket
 import grpc
 import pytest
 import torch
-from _servers import ServerThread, test_settings
 from flux2_client.cache import EmbeddingCache
 from flux2_client.endpoints import EncoderPool, RetryPolicy
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
+from flux2_encoder_server.testing import ServerThread, local_settings
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk"]
 FAST = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05, cooldown=30.0, deadline=60.0)
@@ -26,7 +26,7 @@ def closed_port() -> str:
 
 @pytest.fixture
 def two_servers(tiny, engine):
-    servers = [ServerThread(test_settings(str(tiny.pipeline)), lambda _s: engine).start() for _ in range(2)]
+    servers = [ServerThread(local_settings(str(tiny.pipeline)), lambda _s: engine).start() for _ in range(2)]
     yield servers
     for s in servers:
         if not getattr(s, "killed", False):
@@ -106,7 +106,7 @@ def test_cache_returns_identical_tensors_without_a_server(two_servers, tmp_path)
 
 
 def test_pool_sends_the_token_and_does_not_retry_a_refused_one(tiny, engine):
-    settings = test_settings(str(tiny.pipeline), auth_tokens="alice:s3cret-s3cret-s3cret")
+    settings = local_settings(str(tiny.pipeline), auth_tokens="alice:s3cret-s3cret-s3cret")
     server = ServerThread(settings, lambda _s: engine).start()
     try:
         with EncoderPool([server.target], token="s3cret-s3cret-s3cret") as pool:

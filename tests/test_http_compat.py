@@ -17,11 +17,12 @@ import httpx
 import pytest
 import requests
 import torch
-from _servers import ServerThread, test_settings
 from diffusers import Flux2Pipeline
 from flux2_client.http_encoder import HttpEncoderError, HttpTextEncoder
 from flux2_client.remote import RemoteTextEncoder
 from flux2_client.training import compute_remote_text_embeddings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
+from flux2split_proto import shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,7 @@ PROMPTS = ["a red fox sleeping in fresh snow", "[IMG]a cat next to a dog", "un c
 
 @pytest.fixture(scope="module")
 def http_server(tiny, engine):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         http_port=0,
         http_max_body_bytes=MAX_BODY,
@@ -243,25 +244,6 @@ def test_fuzzed_requests_never_get_a_500(http_server, body, token):
 
 
 # -- readiness, overload and drain ------------------------------------------------------------------------
-class GatedEngine:
-    """The real engine, but each model batch waits for `gate`: lets a test hold requests in flight."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def encode(self, prompts):
-        self.entered.set()
-        self.gate.wait(30)
-        return self._engine.encode(prompts)
-
-    launch = encode  # the server launches batches; this one answers at once
-
-
 def in_background(fn, *args, **kwargs):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args, **kwargs)), daemon=True)
@@ -270,7 +252,7 @@ def in_background(fn, *args, **kwargs):
 
 
 def test_health_mirrors_readiness_before_load(tiny, engine):
-    thread = ServerThread(test_settings(str(tiny.pipeline), http_port=0), lambda _s: engine).start(load=False)
+    thread = ServerThread(local_settings(str(tiny.pipeline), http_port=0), lambda _s: engine).start(load=False)
     try:
         health = httpx.get(thread.http_url + "/health")
         assert health.status_code == 503
@@ -286,8 +268,11 @@ def test_health_mirrors_readiness_before_load(tiny, engine):
 
 
 def test_overload_gets_503_and_the_server_recovers(tiny, engine):
-    gated = GatedEngine(engine)
-    settings = test_settings(str(tiny.pipeline), http_port=0, max_batch_prompts=1, max_queued_requests=1, max_wait_ms=0)
+    gated = FakeEngine(engine)
+    gated.hold()
+    settings = local_settings(
+        str(tiny.pipeline), http_port=0, max_batch_prompts=1, max_queued_requests=1, max_wait_ms=0
+    )
     thread = ServerThread(settings, lambda _s: gated).start()
     url = thread.http_url + "/predict"
     try:
@@ -295,7 +280,7 @@ def test_overload_gets_503_and_the_server_recovers(tiny, engine):
         assert gated.entered.wait(30)  # the worker holds "first" inside the model
         second, second_result = in_background(httpx.post, url, json={"prompt": "second"}, timeout=60)
         deadline = time.monotonic() + 30
-        while thread.server.batcher.queued < 1 and time.monotonic() < deadline:
+        while thread.core.queued_requests < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         refused = httpx.post(url, json={"prompt": "third"}, timeout=60)
         assert refused.status_code == 503
@@ -303,20 +288,21 @@ def test_overload_gets_503_and_the_server_recovers(tiny, engine):
         error = error_of(refused)
         assert error["code"] == "RESOURCE_EXHAUSTED"
         assert "max_queued_requests=1" in error["message"]
-        gated.gate.set()
+        gated.release()
         first.join(30)
         second.join(30)
         assert first_result["value"].status_code == 200
         assert second_result["value"].status_code == 200
         assert httpx.post(url, json={"prompt": "after"}, timeout=60).status_code == 200
     finally:
-        gated.gate.set()
+        gated.release()
         thread.stop()
 
 
 def test_drain_finishes_in_flight_http_requests_then_stops_listening(tiny, engine):
-    gated = GatedEngine(engine)
-    thread = ServerThread(test_settings(str(tiny.pipeline), http_port=0), lambda _s: gated).start()
+    gated = FakeEngine(engine)
+    gated.hold()
+    thread = ServerThread(local_settings(str(tiny.pipeline), http_port=0), lambda _s: gated).start()
     url = thread.http_url + "/predict"
     try:
         request, result = in_background(httpx.post, url, json={"prompt": "in flight"}, timeout=60)
@@ -326,7 +312,7 @@ def test_drain_finishes_in_flight_http_requests_then_stops_listening(tiny, engin
         while thread.server.serving() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not thread.server.serving()
-        gated.gate.set()
+        gated.release()
         request.join(30)
         assert result["value"].status_code == 200
         assert torch.equal(torch.load(io.BytesIO(result["value"].content)), engine.encode(["in flight"]))
@@ -334,12 +320,12 @@ def test_drain_finishes_in_flight_http_requests_then_stops_listening(tiny, engin
         with pytest.raises(httpx.ConnectError):
             httpx.post(url, json={"prompt": "after the drain"}, timeout=5)
     finally:
-        gated.gate.set()
+        gated.release()
         thread.stop()  # stopping twice is harmless; this also ends the loop thread
 
 
 def test_per_token_rate_limit_gets_429(tiny, engine):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         http_port=0,
         auth_tokens=f"tester:{TOKEN}",
@@ -354,6 +340,8 @@ def test_per_token_rate_limit_gets_429(tiny, engine):
         limited = requests.post(url, json={"prompt": "one more"}, headers=headers, timeout=60)
         assert limited.status_code == 429
         assert limited.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+        # The time one prompt needs to refill at 0.001 prompts/s, in whole seconds.
+        assert 900 < shared.retry_delay_from_header(limited.headers["retry-after"]) <= 1000
         assert "rate" in limited.json()["error"]["message"]
     finally:
         thread.stop()

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from _servers import ServerThread, test_settings
 from flux2_client._quantization import load_nf4_transformer
 from flux2_client.families import EmbeddingWidthError, check_embedding_width, default_dit, detect_family
 from flux2_client.generation import GenerationParams, generate, load_pipeline
@@ -23,6 +22,7 @@ from flux2_client.offload import get_block_streamer, get_memory_plan
 from flux2_client.remote import RemoteTextEncoder
 from flux2_client.tiny_klein import QWEN3_ADDED_TOKENS, TinyKleinPaths
 from flux2_encoder_server import EncoderEngine
+from flux2_encoder_server.testing import ServerThread, local_settings
 from flux2split_proto.v1 import encoder_pb2 as pb
 from PIL import Image
 from test_embeddings_exact import LONG, PROMPTS
@@ -48,7 +48,7 @@ def klein_reference(tiny_klein: TinyKleinPaths):
 
 @pytest.fixture(scope="module")
 def klein_server(tiny_klein: TinyKleinPaths, klein_engine: EncoderEngine) -> Iterator[ServerThread]:
-    thread = ServerThread(test_settings(str(tiny_klein.distilled)), lambda _s: klein_engine).start()
+    thread = ServerThread(local_settings(str(tiny_klein.distilled)), lambda _s: klein_engine).start()
     yield thread
     thread.stop()
 

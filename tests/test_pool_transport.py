@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 import torch
-from _servers import ServerThread, test_settings
 from flux2_client.endpoints import EncoderPool, RetryPolicy
 from flux2_client.remote import RemoteEncoderError
+from flux2_encoder_server.testing import ServerThread, local_settings
 from flux2split_proto import codec, shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
@@ -164,7 +164,7 @@ def test_other_servers_serve_while_one_asks_for_a_delay(scripted_grpc):
 
 @pytest.fixture(scope="module")
 def grpc_and_http_server(tiny, engine):
-    thread = ServerThread(test_settings(str(tiny.pipeline), http_port=0), lambda _s: engine).start()
+    thread = ServerThread(local_settings(str(tiny.pipeline), http_port=0), lambda _s: engine).start()
     yield thread
     thread.stop()
 

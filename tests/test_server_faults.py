@@ -1,17 +1,18 @@
 """Faults and backpressure on a real in-process gRPC server: overload, in-flight bytes, deadlines,
-cancellation, a failing batch. The model is the real tiny encoder behind `InstrumentedEngine`, which
+cancellation, a failing batch. The model is the real tiny encoder behind `FakeEngine`, which
 can hold the worker at a gate so that requests pile up in a known state."""
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
-from _servers import InstrumentedEngine, ServerThread, test_settings, wait_until
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
+from flux2_encoder_server.errors import DEFAULT_RETRY_AFTER_S
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings, wait_until
+from flux2split_proto import shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 
@@ -20,27 +21,21 @@ PER_PROMPT = 512 * 192 * 2  # bytes of one tiny embedding
 
 @pytest.fixture
 def make_server(tiny, engine):
-    started: list[tuple[ServerThread, InstrumentedEngine]] = []
+    started: list[tuple[ServerThread, FakeEngine]] = []
 
     def make(**overrides):
-        wrapped = InstrumentedEngine(engine)
-        thread = ServerThread(test_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
+        wrapped = FakeEngine(engine)
+        thread = ServerThread(local_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
         started.append((thread, wrapped))
         return thread, wrapped
 
     yield make
     for thread, wrapped in started:
-        wrapped.gate.set()
+        wrapped.release_all()
         thread.stop()
 
 
-def _code(fn) -> grpc.StatusCode:
-    with pytest.raises(RemoteEncoderError) as err:
-        fn()
-    return err.value.code
-
-
-def _hold_worker(thread: ServerThread, wrapped: InstrumentedEngine, pool: ThreadPoolExecutor):
+def _hold_worker(thread: ServerThread, wrapped: FakeEngine, pool: ThreadPoolExecutor):
     """Send a request and wait until its batch is inside the model, held at the gate."""
     wrapped.hold()
     future = pool.submit(lambda: RemoteTextEncoder(thread.target).encode("blocker", bypass_cache=True))
@@ -53,16 +48,22 @@ def test_full_queue_is_resource_exhausted_at_once(make_server):
     with ThreadPoolExecutor(4) as pool:
         blocker = _hold_worker(thread, wrapped, pool)
         queued = [pool.submit(RemoteTextEncoder(thread.target).encode, f"queued {i}") for i in range(2)]
-        wait_until(lambda: thread.core.batcher.queued == 2, what="two queued requests")
+        wait_until(lambda: thread.core.queued_requests == 2, what="two queued requests")
         with RemoteTextEncoder(thread.target) as enc, pytest.raises(RemoteEncoderError) as err:
             enc.encode("one too many")
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_queued_requests=2" in err.value.message
-        wrapped.gate.set()
+        # Next to the message, the suggested delay as a structured google.rpc.RetryInfo detail.
+        with grpc.insecure_channel(thread.target) as channel, pytest.raises(grpc.RpcError) as raw:
+            list(pb_grpc.TextEncoderStub(channel).Encode(pb.EncodeRequest(prompts=["and another"]), timeout=30))
+        assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued_requests=2" in raw.value.details()
+        assert shared.retry_delay_from_call(raw.value) == DEFAULT_RETRY_AFTER_S
+        wrapped.release()
         assert blocker.result(30).prompt_embeds.shape == (1, 512, 192)
         for f in queued:
             f.result(30)
-    assert thread.server.metrics.value("flux2_encoder_rejected_total", {"limit": "max_queued_requests"}) == 1
+    assert thread.server.metrics.value("flux2_encoder_rejected_total", {"limit": "max_queued_requests"}) == 2
     with RemoteTextEncoder(thread.target) as enc:  # the queue drained; the server serves again
         enc.encode("after overload")
 
@@ -83,7 +84,7 @@ def test_inflight_bytes_limit(make_server):
                 enc.encode(["a", "b", "c", "d"])
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert "max_inflight_bytes" in err.value.message
-        wrapped.gate.set()
+        wrapped.release()
         blocker.result(30)
         second.result(30)
     wait_until(lambda: thread.core.inflight_bytes == 0, what="reservations released")
@@ -99,8 +100,8 @@ def test_expired_deadlines_never_reach_the_model(make_server):
             enc.encode(["late one", "late two"])
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_until(lambda: thread.core.inflight_requests == 1, what="the late request to be dropped")
-        assert thread.core.batcher.queued == 0
-        wrapped.gate.set()
+        assert thread.core.queued_requests == 0
+        wrapped.release()
         blocker.result(30)
     with RemoteTextEncoder(thread.target) as enc:
         enc.encode("next one")
@@ -116,9 +117,9 @@ def test_batcher_drops_a_job_whose_deadline_passed_in_the_queue(engine):
     from flux2_encoder_server.batcher import Batcher
     from flux2_encoder_server.errors import DeadlineExceeded
 
-    wrapped = InstrumentedEngine(engine)
+    wrapped = FakeEngine(engine)
     drops: list[str] = []
-    batcher = Batcher(wrapped.encode, max_batch_prompts=4, max_wait_s=0.0, on_drop=drops.append)
+    batcher = Batcher(wrapped.launch, max_batch_prompts=4, max_wait_s=0.0, on_drop=drops.append)
 
     async def scenario():
         wrapped.hold()
@@ -129,7 +130,7 @@ def test_batcher_drops_a_job_whose_deadline_passed_in_the_queue(engine):
         await asyncio.sleep(0)
         with batcher._cond:
             batcher._queue[-1].deadline = 0.0  # already past
-        wrapped.gate.set()
+        wrapped.release()
         await first
         with pytest.raises(DeadlineExceeded):
             await late
@@ -169,12 +170,12 @@ def test_cancel_while_queued_frees_the_slot(make_server):
     with ThreadPoolExecutor(2) as pool, grpc.insecure_channel(thread.target) as channel:
         blocker = _hold_worker(thread, wrapped, pool)
         call = pb_grpc.TextEncoderStub(channel).Encode(pb.EncodeRequest(prompts=["queued then cancelled"]), timeout=30)
-        wait_until(lambda: thread.core.batcher.queued == 1, what="the request to queue")
+        wait_until(lambda: thread.core.queued_requests == 1, what="the request to queue")
         call.cancel()
-        wait_until(lambda: thread.core.batcher.queued == 0, what="the cancelled request to leave the queue")
+        wait_until(lambda: thread.core.queued_requests == 0, what="the cancelled request to leave the queue")
         queued_again = pool.submit(RemoteTextEncoder(thread.target).encode, "takes the freed slot")
-        wait_until(lambda: thread.core.batcher.queued == 1, what="the next request to queue")
-        wrapped.gate.set()
+        wait_until(lambda: thread.core.queued_requests == 1, what="the next request to queue")
+        wrapped.release()
         blocker.result(30)
         queued_again.result(30)
     assert "queued then cancelled" not in wrapped.prompts_seen
@@ -186,10 +187,10 @@ def test_a_failing_batch_fails_only_its_requests(make_server, engine):
     with ThreadPoolExecutor(3) as pool:
         blocker = _hold_worker(thread, wrapped, pool)
         bad = pool.submit(RemoteTextEncoder(thread.target).encode, poison)
-        wait_until(lambda: thread.core.batcher.queued == 1, what="the poisoned request to queue")
+        wait_until(lambda: thread.core.queued_requests == 1, what="the poisoned request to queue")
         good = pool.submit(RemoteTextEncoder(thread.target).encode, "innocent bystander")
-        wait_until(lambda: thread.core.batcher.queued == 2, what="the good request to queue")
-        wrapped.gate.set()
+        wait_until(lambda: thread.core.queued_requests == 2, what="the good request to queue")
+        wrapped.release()
         blocker.result(30)
         with pytest.raises(RemoteEncoderError) as err:
             bad.result(30)
@@ -206,36 +207,31 @@ def test_a_failing_batch_fails_only_its_requests(make_server, engine):
 def test_each_request_is_answered_when_its_own_batches_are_done(engine):
     """A request does not wait for later batches; one spread over several batches is reassembled exactly."""
     import asyncio
-    import threading
 
     from flux2_encoder_server.batcher import Batcher
 
-    batches: list[list[str]] = []
-    release = threading.Event()
-
-    def encode(prompts: list[str]) -> torch.Tensor:
-        batches.append(list(prompts))
-        if len(batches) == 2:
-            assert release.wait(30)
-        return engine.encode(prompts)
-
-    batcher = Batcher(encode, max_batch_prompts=2, max_wait_s=0.05)
+    fake = FakeEngine(engine, hold_results=True)
+    batcher = Batcher(fake.launch, max_batch_prompts=2, max_wait_s=0.05)
 
     async def scenario():
         first = asyncio.ensure_future(batcher.submit(["a", "b"]))
         spread = asyncio.ensure_future(batcher.submit(["c", "d", "e"]))
+        await asyncio.to_thread(wait_until, lambda: len(fake.launched) == 2, 30, "two launches")
+        fake.launched[0].release()
         done = await first  # answered while the next batch is still held in the model
-        assert not spread.done() and len(batches) == 2
-        release.set()
+        assert not spread.done()
+        fake.release_all()
+        await asyncio.to_thread(wait_until, lambda: len(fake.launched) == 3, 30, "the third launch")
+        fake.release_all()
         return done, await spread
 
     try:
         first, spread = asyncio.run(scenario())
     finally:
-        release.set()
+        fake.release_all()
         batcher.close()
         batcher.join(5)
-    assert batches == [["a", "b"], ["c", "d"], ["e"]]
+    assert fake.batches == [["a", "b"], ["c", "d"], ["e"]]
     assert torch.equal(first.embeds, engine.encode(["a", "b"]))
     assert torch.equal(spread.embeds, engine.encode(["c", "d", "e"]))
 
@@ -256,10 +252,10 @@ def test_http_client_disconnect_drops_its_queued_request(make_server):
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        wait_until(lambda: thread.core.batcher.queued == 1, what="the HTTP request to queue")
+        wait_until(lambda: thread.core.queued_requests == 1, what="the HTTP request to queue")
         sock.close()
-        wait_until(lambda: thread.core.batcher.queued == 0, what="the abandoned request to leave the queue")
-        wrapped.gate.set()
+        wait_until(lambda: thread.core.queued_requests == 0, what="the abandoned request to leave the queue")
+        wrapped.release()
         blocker.result(30)
     assert "queued then abandoned" not in wrapped.prompts_seen
     wait_until(
@@ -270,20 +266,6 @@ def test_http_client_disconnect_drops_its_queued_request(make_server):
     )
 
 
-class _HeldBatch:
-    """A launched batch whose rows arrive only when the test lets them (a stand-in for the device)."""
-
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
-        self.done = threading.Event()
-
-    def result(self) -> torch.Tensor:
-        assert self.done.wait(30), "the test never released this batch"
-        if self.rows is None:
-            raise RuntimeError("device fault")
-        return self.rows
-
-
 def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
     """Depth 2: the next batch is formed and launched while the first is still on the device, never a third;
     each caller gets its own rows; a batch whose device work fails fails only its callers."""
@@ -292,16 +274,9 @@ def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
     from flux2_encoder_server.batcher import Batcher
     from flux2_encoder_server.errors import EncodeFailed
 
-    launched: list[tuple[list[str], _HeldBatch]] = []
-    lock = threading.Lock()
-
-    def launch(prompts: list[str]) -> _HeldBatch:
-        held = _HeldBatch(None if "poison" in prompts else engine.encode(prompts))
-        with lock:
-            launched.append((list(prompts), held))
-        return held
-
-    batcher = Batcher(launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=2)
+    fake = FakeEngine(engine, hold_results=True, poison="poison", fail_in="result")
+    launched = fake.launched
+    batcher = Batcher(fake.launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=2)
 
     async def scenario():
         first = asyncio.ensure_future(batcher.submit(["a"]))
@@ -312,25 +287,24 @@ def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
         await asyncio.to_thread(wait_until, lambda: len(launched) == 2, 30, "the second launch")
         await asyncio.sleep(0.2)
         assert len(launched) == 2 and not first.done()
-        launched[1][1].done.set()  # the second batch's device work ends first; answers stay in order
+        launched[1].release()  # the second batch's device work ends first; answers stay in order
         await asyncio.sleep(0.1)
         assert not second.done()
-        launched[0][1].done.set()
+        launched[0].release()
         assert torch.equal((await first).embeds, engine.encode(["a"]))
-        with pytest.raises(EncodeFailed, match="device fault"):
+        with pytest.raises(EncodeFailed, match="injected failure"):
             await second
         await asyncio.to_thread(wait_until, lambda: len(launched) == 3, 30, "the third launch")
-        launched[2][1].done.set()
+        launched[2].release()
         assert torch.equal((await third).embeds, engine.encode(["c"]))
 
     try:
         asyncio.run(scenario())
     finally:
-        for _, held in launched:
-            held.done.set()
+        fake.release_all()
         batcher.close()
         batcher.join(5)
-    assert [prompts for prompts, _ in launched] == [["a"], ["poison"], ["c"]]
+    assert fake.batches == [["a"], ["poison"], ["c"]]
 
 
 def test_pipeline_depth_one_runs_one_batch_at_a_time(engine):
@@ -338,31 +312,26 @@ def test_pipeline_depth_one_runs_one_batch_at_a_time(engine):
 
     from flux2_encoder_server.batcher import Batcher
 
-    launched: list[_HeldBatch] = []
-
-    def launch(prompts: list[str]) -> _HeldBatch:
-        launched.append(_HeldBatch(engine.encode(prompts)))
-        return launched[-1]
-
-    batcher = Batcher(launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=1)
+    fake = FakeEngine(engine, hold_results=True)
+    launched = fake.launched
+    batcher = Batcher(fake.launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=1)
 
     async def scenario():
         jobs = [asyncio.ensure_future(batcher.submit([p])) for p in ("a", "b")]
         await asyncio.to_thread(wait_until, lambda: len(launched) == 1, 30, "the first launch")
         await asyncio.sleep(0.2)
         assert len(launched) == 1  # the second waits until the first is answered
-        launched[0].done.set()
+        launched[0].release()
         await asyncio.to_thread(wait_until, lambda: len(launched) == 2, 30, "the second launch")
-        launched[1].done.set()
+        launched[1].release()
         return [await job for job in jobs]
 
     try:
         results = asyncio.run(scenario())
     finally:
-        for held in launched:
-            held.done.set()
+        fake.release_all()
         batcher.close()
         batcher.join(5)
     assert [torch.equal(r.embeds, engine.encode([p])) for r, p in zip(results, "ab", strict=True)] == [True, True]
     with pytest.raises(ValueError, match="pipeline_depth must be at least 1"):
-        Batcher(launch, pipeline_depth=0)
+        Batcher(fake.launch, pipeline_depth=0)

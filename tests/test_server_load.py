@@ -12,7 +12,7 @@ import random
 
 import grpc
 import torch
-from _servers import InstrumentedEngine, ServerThread, test_settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 from flux2split_proto import codec
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
@@ -24,8 +24,8 @@ POOL = [f"load prompt {i}: a {['red', 'green', 'blue'][i % 3]} {i * 7919 % 1000}
 
 
 def test_concurrent_load_is_exact_and_batched(tiny, engine):
-    wrapped = InstrumentedEngine(engine)
-    settings = test_settings(str(tiny.pipeline), max_batch_prompts=16, max_wait_ms=20, metrics_port=0)
+    wrapped = FakeEngine(engine)
+    settings = local_settings(str(tiny.pipeline), max_batch_prompts=16, max_wait_ms=20, metrics_port=0)
     thread = ServerThread(settings, lambda _s: wrapped).start()
     alone = {p: engine.encode([p])[0] for p in POOL}  # each prompt encoded by itself, batch of one
     rng = random.Random(20261126)

@@ -12,12 +12,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from _servers import InstrumentedEngine, ServerThread, test_settings
 from flux2_client.demo import start_server, wait_serving
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
 from flux2_encoder_server.cache import EmbeddingCache, MemoryLRU
-from flux2_encoder_server.settings import ENV_PREFIX, Settings
+from flux2_encoder_server.settings import ENV_PREFIX, SecretStr, Settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 from flux2split_proto import codec
+from flux2split_proto.v1 import encoder_pb2 as pb
+from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 
 # -- SIGTERM ---------------------------------------------------------------------------------------------
 
@@ -99,8 +101,8 @@ def counted(tiny, engine):
     servers = []
 
     def make(**overrides):
-        wrapped = InstrumentedEngine(engine)
-        thread = ServerThread(test_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
+        wrapped = FakeEngine(engine)
+        thread = ServerThread(local_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
         servers.append(thread)
         return thread, wrapped
 
@@ -171,13 +173,184 @@ def test_cache_is_keyed_by_model_and_bounded_in_bytes():
 # -- settings -------------------------------------------------------------------------------------------
 
 
-def test_help_explains_every_setting():
-    text = Settings.parser().format_help()
-    for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        assert flag in text, flag
-        assert f.metadata["help"], f.name
-    assert ENV_PREFIX in text
+#: A value other than the default for every setting (a setting added without one here fails the tests
+#: below). Only `dtype` has a single choice, so its value is its default.
+NON_DEFAULT: dict[str, object] = {
+    "model": "some-org/some-model",
+    "revision": "0123abc",
+    "text_encoder_subfolder": "te",
+    "tokenizer_subfolder": "tok",
+    "device": "cuda:1",
+    "dtype": "bfloat16",
+    "precision": "nf4",
+    "batching_mode": "dynamic",
+    "compile": True,
+    "cuda_graphs": True,
+    "host": "127.0.0.2",
+    "port": 50111,
+    "http_port": 8088,
+    "http_max_body_bytes": 5000,
+    "max_batch_prompts": 7,
+    "max_wait_ms": 2.5,
+    "pipeline_depth": 1,
+    "max_prompts_per_request": 9,
+    "max_prompt_chars": 99,
+    "max_queued_requests": 5,
+    "max_inflight_bytes": 123456789,
+    "default_timeout_s": 7.5,
+    "chunk_bytes": 4096,
+    "gil_switch_interval_ms": 0.5,
+    "auth_tokens_file": "/etc/flux2/tokens",
+    "auth_tokens": "ops:ops-token-0123456789abcdef",
+    "rate_limit_prompts_per_s": 2.0,
+    "rate_limit_burst_prompts": 200,
+    "max_concurrent_requests_per_token": 3,
+    "tls_cert": "/etc/flux2/tls.crt",
+    "tls_key": "/etc/flux2/tls.key",
+    "tls_client_ca": "/etc/flux2/ca.crt",
+    "reflection": False,
+    "cache_bytes": 1000,
+    "cache_dir": "/var/cache/flux2",
+    "cache_dir_bytes": 5000,
+    "metrics_port": 9100,
+    "metrics_host": "127.0.0.3",
+    "grace_period_s": 3.0,
+    "warmup": False,
+    "log_level": "DEBUG",
+    "log_format": "text",
+}
+
+
+def _plain(value: object) -> object:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _flag_args(values: dict[str, object]) -> list[str]:
+    args: list[str] = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.mark.parametrize("source", ["flags", "environment"])
+def test_every_setting_reaches_serve_from_its_flag_and_its_environment_variable(source, monkeypatch):
+    """`flux2-encoder-server serve` hands `serve()` exactly what each flag / variable says, and applies the
+    logging settings itself."""
+    import logging
+
+    from flux2_encoder_server import cli, server
+    from flux2_encoder_server.logs import TextFormatter
+
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    assert set(NON_DEFAULT) == set(fields), "every setting needs a non-default value in NON_DEFAULT"
+    for name, value in NON_DEFAULT.items():
+        assert value != fields[name].default or len(fields[name].metadata.get("choices", ())) == 1, name
+    for name in fields:
+        monkeypatch.delenv(ENV_PREFIX + name.upper(), raising=False)
+    argv = ["serve"]
+    if source == "flags":
+        argv += _flag_args(NON_DEFAULT)
+    else:
+        for name, value in NON_DEFAULT.items():
+            monkeypatch.setenv(ENV_PREFIX + name.upper(), str(value).lower() if isinstance(value, bool) else str(value))
+    received: list[Settings] = []
+
+    async def fake_serve(settings: Settings) -> None:
+        received.append(settings)
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        assert cli.main(argv) == 0
+        assert root.level == logging.DEBUG and isinstance(root.handlers[0].formatter, TextFormatter)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    (settings,) = received
+    for name, value in NON_DEFAULT.items():
+        assert _plain(getattr(settings, name)) == value, name
+
+
+def test_the_running_server_reads_every_setting_and_obeys_flags_and_environment(tiny):
+    """One server built from a mix of flags and variables: every setting is read by the running server
+    (start, load, a request over each front-end, stop) and a few observable ones change its behaviour."""
+    import httpx
+    from flux2_encoder_server.server import load_engine
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    token = "ops-token-0123456789abcdef"
+    flags = ["--model", str(tiny.pipeline), "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--http-port", "0"]
+    flags += ["--max-prompts-per-request", "5", "--max-batch-prompts", "2", "--no-reflection"]
+    env = {
+        f"{ENV_PREFIX}AUTH_TOKENS": f"ops:{token}",
+        f"{ENV_PREFIX}MAX_PROMPT_CHARS": "50",
+        f"{ENV_PREFIX}CHUNK_BYTES": "4096",
+        f"{ENV_PREFIX}CACHE_BYTES": "0",
+        f"{ENV_PREFIX}METRICS_PORT": "0",
+        f"{ENV_PREFIX}METRICS_HOST": "127.0.0.1",
+    }
+    parsed = Settings.from_cli(flags, env)
+    read: set[str] = set()
+    names = {f.name for f in dataclasses.fields(Settings)}
+
+    class RecordingSettings(Settings):
+        def __getattribute__(self, name: str):
+            if name in names:
+                read.add(name)
+            return super().__getattribute__(name)
+
+    settings = RecordingSettings(**{name: getattr(parsed, name) for name in names})
+    read.clear()  # construction reads every field once
+    loaded: list[FakeEngine] = []
+
+    def load_and_count(s: Settings) -> FakeEngine:  # the real loader, so the model settings are read too
+        loaded.append(FakeEngine(load_engine(s)))
+        return loaded[0]
+
+    auth = (("authorization", f"Bearer {token}"),)
+    with ServerThread(settings, load_and_count) as server:
+        (fake,) = loaded
+        fake.reset_counts()  # the warm-up batch
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextEncoderStub(channel)
+            with pytest.raises(grpc.RpcError) as err:  # FLUX2_ENCODER_AUTH_TOKENS: a token is required
+                list(stub.Encode(pb.EncodeRequest(prompts=["a"]), timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            info = stub.Info(pb.InfoRequest(), metadata=auth, timeout=30)
+            assert (info.limits.max_prompts_per_request, info.limits.max_prompt_chars) == (5, 50)
+            assert (info.limits.chunk_bytes, info.limits.max_batch_prompts) == (4096, 2)
+            for prompts, needle in ((["p"] * 6, "max_prompts_per_request=5"), (["x" * 51], "max_prompt_chars=50")):
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Encode(pb.EncodeRequest(prompts=prompts), metadata=auth, timeout=30))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+            five = [f"prompt {i}" for i in range(5)]
+            for _ in range(2):  # --cache-bytes 0: the second time runs the model again
+                responses = list(stub.Encode(pb.EncodeRequest(prompts=five), metadata=auth, timeout=60))
+                assert max(len(r.chunk.data) for r in responses[1:]) == 4096
+            with pytest.raises(grpc.RpcError) as err:  # --no-reflection
+                list(
+                    reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=auth, timeout=10
+                    )
+                )
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert max(len(batch) for batch in fake.batches) == 2 and fake.prompts_seen == five + five
+        answer = httpx.post(
+            server.http_url + "/predict", json={"prompt": "over http"}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert answer.status_code == 200
+        scraped = httpx.get(f"http://127.0.0.1:{server.server.metrics_port}/metrics").text
+        assert 'flux2_encoder_requests_total{code="OK",frontend="http"} 1.0' in scraped
+        server.stop(grace=None)  # the drain of SIGTERM: --grace-period-s
+    # Read by `serve` and the CLI, not by the server object (the test above covers them); the key and the
+    # client CA only with --tls-cert (test_server_security's TLS tests serve with them).
+    unread = {"gil_switch_interval_ms", "log_level", "log_format", "tls_key", "tls_client_ca"}
+    assert names - read == unread, names - read
 
 
 def test_settings_from_flags_and_environment(tmp_path: Path):
@@ -190,7 +363,9 @@ def test_settings_from_flags_and_environment(tmp_path: Path):
 
 
 def test_operations_doc_covers_every_setting_and_metric():
-    from flux2_encoder_server.errors import ServiceError
+    from flux2_encoder_server.errors import service_errors
+    from flux2_encoder_server.grpc_service import GRPC_STATUS
+    from flux2_encoder_server.http_app import HTTP_STATUS
     from flux2_encoder_server.metrics import Metrics
 
     doc = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
@@ -199,14 +374,8 @@ def test_operations_doc_covers_every_setting_and_metric():
     for family in Metrics().registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{name}`" in doc, name
-
-    def subclasses(cls):
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from subclasses(sub)
-
-    for error in subclasses(ServiceError):
-        assert f"`{error.grpc_code.name}` | {error.http_status} |" in doc, error.__name__
+    for error in service_errors():
+        assert f"`{GRPC_STATUS[error].name}` | {HTTP_STATUS[error]} |" in doc, error.__name__
 
 
 @pytest.mark.parametrize("interval_ms, expected_s", [(0.5, 0.0005), (0.0, None)])
@@ -217,7 +386,7 @@ def test_serve_sets_the_gil_switch_interval_of_its_process(tiny, interval_ms, ex
     from flux2_encoder_server.server import serve
 
     before = sys.getswitchinterval()
-    settings = test_settings(str(tiny.pipeline), gil_switch_interval_ms=interval_ms)
+    settings = local_settings(str(tiny.pipeline), gil_switch_interval_ms=interval_ms)
 
     def failing_load(_settings: Settings):
         raise RuntimeError("no model in this test")

@@ -12,10 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from _servers import InstrumentedEngine, ServerThread, test_settings, wait_until
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
 from flux2_encoder_server.security import TokenAuthenticator, bearer_token, parse_token_lines
-from flux2split_proto import SERVICE_NAME
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings, wait_until
+from flux2split_proto import SERVICE_NAME, shared
+from flux2split_proto.v1 import encoder_pb2 as pb
+from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -34,7 +36,7 @@ def token_file(tmp_path_factory) -> Path:
 def authed(tiny, engine, token_file):
     # One token from the file, one from the inline/env setting.
     thread = ServerThread(
-        test_settings(str(tiny.pipeline), auth_tokens_file=str(token_file), auth_tokens=f"bob:{BOB}"),
+        local_settings(str(tiny.pipeline), auth_tokens_file=str(token_file), auth_tokens=f"bob:{BOB}"),
         lambda _s: engine,
     ).start()
     yield thread
@@ -108,8 +110,82 @@ def test_token_parsing():
     assert TokenAuthenticator({}).authenticate(None).name == "anonymous"  # auth off
 
 
+# -- secrets are never printed -----------------------------------------------------------------------------
+def test_tokens_never_appear_in_help_repr_or_settings_errors(capsys, monkeypatch):
+    from flux2_encoder_server import cli
+    from flux2_encoder_server.settings import SecretStr, Settings
+
+    env = {"FLUX2_ENCODER_AUTH_TOKENS": f"alice:{ALICE}"}
+    monkeypatch.setenv("FLUX2_ENCODER_AUTH_TOKENS", env["FLUX2_ENCODER_AUTH_TOKENS"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["serve", "--help"])
+    assert stopped.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--auth-tokens" in shown and "FLUX2_ENCODER_AUTH_TOKENS" in shown
+    assert ALICE not in shown
+
+    for settings in (
+        Settings.from_cli([], env),
+        Settings.from_cli(["--auth-tokens", f"bob:{BOB}"], {}),
+        local_settings("m", auth_tokens=f"bob:{BOB}"),  # a plain str is wrapped too
+    ):
+        assert isinstance(settings.auth_tokens, SecretStr)
+        for text in (repr(settings), str(settings), f"{settings.auth_tokens}", repr(settings.auth_tokens)):
+            assert ALICE not in text and BOB not in text
+    assert Settings.from_cli([], env).auth_tokens.get_secret_value() == f"alice:{ALICE}"
+
+    # Unusable token settings are refused with a message naming the entry, never the token.
+    short = "short-secret-15"
+    for bad in (f"alice:{short}", f"alice:{ALICE},alice:{BOB}", ALICE, f"alice:{ALICE},,bob"):
+        for argv, environ in ((["--auth-tokens", bad], {}), ([], {"FLUX2_ENCODER_AUTH_TOKENS": bad})):
+            with pytest.raises(SystemExit):
+                Settings.from_cli(argv, environ)
+            refused = capsys.readouterr()
+            assert "auth-tokens" in refused.err, refused.err
+            for secret in (short, ALICE, BOB):
+                assert secret not in refused.err + refused.out
+
+
+def test_tokens_never_appear_in_logs_or_answers(tiny, engine, token_file, caplog):
+    """A server configured with tokens from the file and the environment: its start-up and access logs,
+    and every error it sends over gRPC and HTTP (including for near-miss tokens), never hold a token."""
+    import httpx
+    from flux2_encoder_server.settings import Settings
+
+    near_misses = [ALICE[:-1], ALICE + "x", BOB.upper()]
+    caplog.set_level(logging.DEBUG)
+    settings = Settings.from_cli(
+        ["--model", str(tiny.pipeline), "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--no-warmup"],
+        {"FLUX2_ENCODER_AUTH_TOKENS_FILE": str(token_file), "FLUX2_ENCODER_AUTH_TOKENS": f"bob:{BOB}"},
+    )
+    answers: list[str] = []
+    with ServerThread(settings, lambda _s: engine) as server:
+        for token in (None, *near_misses):
+            with RemoteTextEncoder(server.target, token=token) as enc:
+                for call in (lambda enc=enc: enc.encode("hello"), enc.info):
+                    with pytest.raises(RemoteEncoderError) as err:
+                        call()
+                    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+                    answers.append(str(err.value))
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            refused = httpx.post(server.http_url + "/predict", json={"prompt": "hello"}, headers=headers)
+            assert refused.status_code == 401
+            answers.append(refused.text + str(refused.headers))
+        with RemoteTextEncoder(server.target, token=ALICE) as enc:
+            enc.encode("ok")
+            with pytest.raises(RemoteEncoderError) as err:
+                enc.encode(["x" * 30000])
+            answers.append(str(err.value))
+    logged = [record.getMessage() + str(getattr(record, "fields", "")) for record in caplog.records]
+    assert any("alice" in line and "bob" in line for line in logged)  # the start-up line names the labels
+    assert any('"principal": "alice"' in line or "'principal': 'alice'" in line for line in logged)
+    for text in answers + logged:
+        for secret in (ALICE, BOB, *near_misses):
+            assert secret not in text, text
+
+
 def test_per_token_rate_limit(tiny, engine):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         auth_tokens=f"alice:{ALICE},bob:{BOB}",
         rate_limit_prompts_per_s=0.001,
@@ -126,15 +202,24 @@ def test_per_token_rate_limit(tiny, engine):
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "rate_limit_prompts_per_s=0.001" in err.value.message and "'alice'" in err.value.message
             bob.encode(["bob has his own bucket"])
+        # The suggested delay travels as google.rpc.RetryInfo: the time the bucket needs to refill.
+        with grpc.insecure_channel(thread.target) as channel:
+            stub = pb_grpc.TextEncoderStub(channel)
+            call = stub.Encode(pb.EncodeRequest(prompts=["six"]), metadata=(("authorization", f"Bearer {ALICE}"),))
+            with pytest.raises(grpc.RpcError) as raw:
+                list(call)
+        assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "rate_limit_prompts_per_s" in raw.value.details()
+        assert 900 < shared.retry_delay_from_call(raw.value) <= 1000  # one prompt at 0.001/s
         metrics = thread.server.metrics
-        assert metrics.value("flux2_encoder_rejected_total", {"limit": "rate_limit_prompts_per_s"}) == 1
+        assert metrics.value("flux2_encoder_rejected_total", {"limit": "rate_limit_prompts_per_s"}) == 2
     finally:
         thread.stop()
 
 
 def test_per_token_concurrency_limit(tiny, engine):
-    wrapped = InstrumentedEngine(engine)
-    settings = test_settings(
+    wrapped = FakeEngine(engine)
+    settings = local_settings(
         str(tiny.pipeline), auth_tokens=f"alice:{ALICE},bob:{BOB}", max_concurrent_requests_per_token=1, cache_bytes=0
     )
     thread = ServerThread(settings, lambda _s: wrapped).start()
@@ -148,14 +233,14 @@ def test_per_token_concurrency_limit(tiny, engine):
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_concurrent_requests_per_token=1" in err.value.message
             other = pool.submit(RemoteTextEncoder(thread.target, token=BOB).encode, "bob meanwhile")
-            wait_until(lambda: thread.core.batcher.queued == 1, what="bob's request to be admitted")
-            wrapped.gate.set()
+            wait_until(lambda: thread.core.queued_requests == 1, what="bob's request to be admitted")
+            wrapped.release()
             first.result(30)
             other.result(30)
         with RemoteTextEncoder(thread.target, token=ALICE) as alice:
             alice.encode("alice again")
     finally:
-        wrapped.gate.set()
+        wrapped.release_all()
         thread.stop()
 
 
@@ -231,7 +316,7 @@ def certs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_tls(tiny, engine, certs):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),
@@ -250,7 +335,7 @@ def test_tls(tiny, engine, certs):
 
 
 def test_mutual_tls(tiny, engine, certs):
-    settings = test_settings(
+    settings = local_settings(
         str(tiny.pipeline),
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),

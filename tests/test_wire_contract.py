@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from _servers import ServerThread, test_settings
 from flux2_client.remote import FingerprintMismatchError, RemoteEncoderError, RemoteTextEncoder
+from flux2_encoder_server.testing import ServerThread, local_settings
 from flux2split_proto import SERVICE_NAME, codec, generate
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
@@ -57,7 +57,7 @@ def test_not_serving_until_loaded(tiny, engine):
         release.wait(30)
         return engine
 
-    thread = ServerThread(test_settings(str(tiny.pipeline)), slow_factory).start(load=False)
+    thread = ServerThread(local_settings(str(tiny.pipeline)), slow_factory).start(load=False)
     try:
         future = asyncio.run_coroutine_threadsafe(thread.server.load(), thread.loop)
         with grpc.insecure_channel(thread.target) as channel:
@@ -81,7 +81,7 @@ def test_fingerprint_pinning(server, engine):
         assert enc.encode("ok").fingerprint.digest == engine.fingerprint.digest
     with (
         RemoteTextEncoder(server.target, expected_fingerprint="0" * 64) as enc,
-        pytest.raises(FingerprintMismatchError, match="does not match this server's model"),
+        pytest.raises(FingerprintMismatchError, match="does not match the served model"),
     ):
         enc.encode("wrong model")
 
@@ -114,7 +114,7 @@ def test_corrupted_chunk_is_refused(tiny, engine, monkeypatch):
 
     original = server_module.TextEncoderService
     monkeypatch.setattr(server_module, "TextEncoderService", lambda core: _CorruptingService(original(core)))
-    thread = ServerThread(test_settings(str(tiny.pipeline), chunk_bytes=64 * 1024), lambda _s: engine).start()
+    thread = ServerThread(local_settings(str(tiny.pipeline), chunk_bytes=64 * 1024), lambda _s: engine).start()
     try:
         with RemoteTextEncoder(thread.target) as enc, pytest.raises(codec.ChecksumMismatchError):
             enc.encode("corrupt me")

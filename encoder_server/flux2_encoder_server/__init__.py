@@ -1,9 +1,36 @@
-"""flux2-split encoder server: FLUX.2 prompt embeddings over gRPC."""
+"""flux2-split encoder server: FLUX.2 prompt embeddings over gRPC and HTTP /predict.
+
+Heavy modules (torch, transformers, grpc) load on first use of the names that need them, so
+`import flux2_encoder_server` stays cheap and a missing `server` extra gives a clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .engine import EncoderEngine, Fingerprint
-from .server import EncoderServer
-from .settings import Settings
+_EXPORTS = {
+    "EncoderCore": "core",
+    "EncoderEngine": "engine",
+    "EncoderServer": "server",
+    "Fingerprint": "fingerprint",
+    "Settings": "settings",
+    "SecretStr": "settings",
+    "serve": "server",
+}
 
-__all__ = ["EncoderEngine", "EncoderServer", "Fingerprint", "Settings", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flux2_encoder_server' has no attribute {name!r}")
+    import importlib
+
+    try:
+        mod = importlib.import_module(f".{module}", __name__)
+    except ImportError as exc:
+        raise ImportError(f"{name} needs {exc.name!r}: pip install 'flux2-split[server]'") from exc
+    return getattr(mod, name)

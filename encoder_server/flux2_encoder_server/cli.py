@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 
-from .logs import configure_logging
-from .settings import Settings
+#: Modules of the `server` extra that `serve` needs; checked before anything else, `--help` included.
+_SERVER_EXTRA = ("torch", "transformers", "grpc_health", "grpc_reflection", "prometheus_client", "starlette", "uvicorn")
+
+
+def missing_server_dependency() -> str | None:
+    """The first module of the `server` extra that cannot be imported, else None."""
+    for name in _SERVER_EXTRA:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # a broken or blocked install
+            return name
+    try:
+        from . import server  # noqa: F401  (imports torch and the gRPC/HTTP stacks)
+    except ImportError as exc:
+        return exc.name or str(exc)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,13 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] != "serve":
         print(f"unknown command {argv[0]!r}; did you mean `serve`?", file=sys.stderr)
         return 2
+    missing = missing_server_dependency()
+    if missing is not None:  # the heavy deps live in the `server` extra
+        print(f"flux2-encoder-server needs {missing!r}: pip install 'flux2-split[server]'", file=sys.stderr)
+        return 1
+    from .logs import configure_logging
+    from .server import serve
+    from .settings import Settings
+
     settings = Settings.from_cli(argv[1:], os.environ)
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        from .server import serve
-    except ImportError as exc:  # the heavy deps live in the `server` extra
-        print(f"missing dependency {exc.name!r}: pip install 'flux2-split[server]'", file=sys.stderr)
-        return 1
     asyncio.run(serve(settings))
     return 0
 

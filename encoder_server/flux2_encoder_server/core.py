@@ -1,7 +1,11 @@
-"""The front-end-agnostic core: authentication, limits, validation, cache, batching, metrics, access log
-and drain. The gRPC service and the HTTP /predict front-end are thin layers over this.
+"""The transport-free core: authentication, limits, validation, cache, batching, metrics, access log and
+drain. The gRPC service and the HTTP /predict front-end are thin layers over it; nothing here knows
+either transport (errors are typed `ServiceError`s that each front-end maps in its own table).
 
-How a front-end serves one request (errors are typed ServiceErrors; errors.py maps them):
+Lifetimes: the core owns its batcher. `core.start(engine)` builds and starts it over the engine once the
+model is loaded (before that every request gets UNAVAILABLE); `core.close()` stops it.
+
+A request goes through one API, its scope:
 
     async with core.request("http", request_id=rid, bearer_token=token) as req:   # authenticates
         result = await req.encode(prompts, timeout=..., bypass_cache=...)           # limits, cache, model
@@ -10,10 +14,10 @@ How a front-end serves one request (errors are typed ServiceErrors; errors.py ma
         with req.stage("send"):
             ...; req.add_bytes_sent(len(body))
 
-Leaving the `async with` releases the request's in-flight bytes and per-token concurrency slot, records
-its status in the metrics and writes one access-log line. Any exception, including cancellation, goes
-through it unchanged. `core.authenticate()` and `core.encode()` remain usable on their own (then the
-reservation ends when `encode` returns).
+`req.encode` admits the request: its `Admission` (the response bytes it reserves and its per-token
+concurrency slot) is a context manager held by the scope. Leaving the `async with` gives the admission
+back, records the request's status in the metrics and writes one access-log line. Any exception,
+including cancellation, goes through it unchanged.
 """
 
 from __future__ import annotations
@@ -24,14 +28,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
 import torch
+from flux2split_proto import shared
 
-from .batcher import Batcher, BatchStats, EncodeFn
+from .batcher import Batcher, BatchStats, PendingBatch
 from .cache import EmbeddingCache
-from .engine import Fingerprint
 from .errors import (
     ClientGone,
     DeadlineExceeded,
@@ -42,14 +47,27 @@ from .errors import (
     ServiceError,
     Unavailable,
 )
+from .fingerprint import Fingerprint
 from .logs import access_log
 from .metrics import Metrics
 from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
 
-__all__ = ["ANONYMOUS", "EncodeResult", "EncoderCore", "Principal", "RequestScope"]
+__all__ = ["ANONYMOUS", "Admission", "EncodeResult", "EncoderCore", "Engine", "Principal", "RequestScope"]
 
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+class Engine(Protocol):
+    """What the core serves: `EncoderEngine`, or a stand-in such as `flux2_encoder_server.testing.FakeEngine`."""
+
+    @property
+    def fingerprint(self) -> Fingerprint: ...
+
+    @property
+    def embedding_dim(self) -> int: ...
+
+    def launch(self, prompts: list[str]) -> PendingBatch:
+        """Start encoding `prompts`; the handle's `result()` waits for the (len(prompts), L, D) rows."""
+        ...
 
 
 @dataclass
@@ -60,14 +78,21 @@ class EncodeResult:
     encode_seconds: float = 0.0
 
 
-class _Lease:
-    """What an admitted request holds: in-flight bytes, a per-token slot, an in-flight count."""
+class Admission:
+    """What an admitted request holds until it ends: its response bytes in flight and a per-token
+    concurrency slot. Leaving the context (or `release()`, idempotent) gives both back."""
 
     def __init__(self, core: EncoderCore, principal: Principal, nbytes: int):
         self._core = core
         self.principal = principal
         self.nbytes = nbytes
         self._released = False
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
     def release(self) -> None:
         if self._released:
@@ -76,31 +101,37 @@ class _Lease:
         self._core._release(self)
 
 
-@dataclass
 class RequestScope:
     """One request through a front-end; see the module docstring."""
 
-    core: EncoderCore
-    frontend: str
-    request_id: str
-    bearer_token: str | None = None
-    principal: Principal = ANONYMOUS
-    prompts: int = 0
-    cache_hits: int = 0
-    bytes_sent: int = 0
-    stages: dict[str, float] = field(default_factory=dict)
-    status: str = "OK"
-    error: str | None = None
-    _lease: _Lease | None = None
-    _started: float = field(default_factory=time.monotonic)
+    def __init__(self, core: EncoderCore, frontend: str, request_id: str, bearer_token: str | None):
+        self.core = core
+        self.frontend = frontend
+        self.request_id = request_id
+        self.principal = ANONYMOUS
+        self.prompts = 0
+        self.cache_hits = 0
+        self.bytes_sent = 0
+        self.stages: dict[str, float] = {}
+        self.status = "OK"
+        self.error: str | None = None
+        self._bearer_token = bearer_token
+        self._held = contextlib.ExitStack()  # what the request holds (its admission) until it ends
+        self._admission: Admission | None = None
+        self._started = time.monotonic()
+
+    def __repr__(self) -> str:  # never the bearer token
+        return f"RequestScope({self.frontend!r}, request_id={self.request_id!r}, principal={self.principal.name!r})"
 
     async def __aenter__(self) -> RequestScope:
         self.core._enter()
         try:
-            self.principal = self.core.authenticate(self.bearer_token)
+            self.principal = self.core.authenticate(self._bearer_token)
         except BaseException as exc:
             self._finish(exc)
             raise
+        finally:
+            self._bearer_token = None  # not kept past authentication
         return self
 
     async def __aexit__(
@@ -115,15 +146,25 @@ class RequestScope:
         expected_fingerprint: str = "",
         timeout: float | None = None,
         bypass_cache: bool = False,
+        field: str = "prompts",
     ) -> EncodeResult:
-        result = await self.core.encode(
-            prompts,
-            principal=self.principal,
-            expected_fingerprint=expected_fingerprint,
-            timeout=timeout,
-            bypass_cache=bypass_cache,
-            scope=self,
-        )
+        """Admit and encode `prompts` (`field` names them in error messages, as the front-end's request
+        spells it). Raises a ServiceError when the server refuses."""
+        if self._admission is not None:
+            raise RuntimeError("one request scope encodes once")
+        core = self.core
+        self.prompts = len(prompts)
+        fingerprint = core._serving_fingerprint()
+        valid = core.validate_prompts(prompts, field)
+        if expected_fingerprint and expected_fingerprint != fingerprint.digest:
+            raise FailedPrecondition(
+                shared.fingerprint_mismatch_message(expected_fingerprint, fingerprint.digest, fingerprint.weights_id)
+            )
+        timeout = core.settings.default_timeout_s if timeout is None else min(timeout, core.settings.default_timeout_s)
+        if timeout <= 0:
+            raise DeadlineExceeded("the request's deadline had passed when it arrived")
+        self._admission = self._held.enter_context(core.admit(self.principal, len(valid)))
+        result = await core._encode_admitted(valid, timeout, bypass_cache)
         self.cache_hits = sum(result.cache_hit)
         self.stages["queue"] = result.queue_seconds
         self.stages["encode"] = result.encode_seconds
@@ -146,18 +187,17 @@ class RequestScope:
 
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
-            self.status, self.error = exc.grpc_code.name, str(exc)
+            self.status, self.error = exc.code, str(exc)
         elif isinstance(exc, (asyncio.CancelledError, GeneratorExit, ClientGone)):
             self.status, self.error = "CANCELLED", "the client went away"
         elif exc is not None:
             self.status, self.error = "INTERNAL", f"{type(exc).__name__}: {exc}"
-        if self._lease is not None:
-            self._lease.release()
+        self._held.close()
         total = time.monotonic() - self._started
         metrics = self.core.metrics
         metrics.requests.labels(self.frontend, self.status).inc()
         metrics.request_seconds.labels(self.frontend).observe(total)
-        self.core._exit()
+        self.core._exit()  # after the metrics: a request no longer in flight has been counted
         fields: dict[str, object] = {
             "request_id": self.request_id,
             "frontend": self.frontend,
@@ -178,10 +218,10 @@ class EncoderCore:
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.batcher: Batcher | None = None
         self.fingerprint: Fingerprint | None = None
         self.embedding_dim = 0
-        self.authenticator = TokenAuthenticator.from_sources(settings.auth_tokens_file, settings.auth_tokens)
+        tokens = settings.auth_tokens.get_secret_value() if settings.auth_tokens is not None else None
+        self.authenticator = TokenAuthenticator.from_sources(settings.auth_tokens_file, tokens)
         self.limiter = PrincipalLimiter(
             settings.rate_limit_prompts_per_s,
             settings.rate_limit_burst_prompts,
@@ -194,20 +234,26 @@ class EncoderCore:
             on_lookup=lambda tier, hit: self.metrics.cache_lookups.labels(tier, "hit" if hit else "miss").inc(),
         )
         self.draining = False
+        self._batcher: Batcher | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._inflight_bytes = 0
         self._inflight_requests = 0
         self.metrics.track(self.metrics.inflight_bytes, lambda: self._inflight_bytes)
         self.metrics.track(self.metrics.inflight_requests, lambda: self._inflight_requests)
-        self.metrics.track(self.metrics.queue_depth, lambda: self.batcher.queued if self.batcher else 0)
+        self.metrics.track(self.metrics.queue_depth, lambda: self.queued_requests)
         memory = self.cache.memory
         self.metrics.track(self.metrics.cache_bytes, lambda: memory.bytes if memory is not None else 0)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
-    def make_batcher(self, encode: EncodeFn) -> Batcher:
-        """A Batcher over `encode` with this core's settings and metric callbacks."""
-        return Batcher(
-            encode,
+    def start(self, engine: Engine) -> None:
+        """Serve `engine` from now on: builds and starts the batcher (its worker threads) over it."""
+        if self._batcher is not None or self._closed:
+            raise RuntimeError("an EncoderCore serves one engine for its lifetime")
+        self.fingerprint = engine.fingerprint
+        self.embedding_dim = engine.embedding_dim
+        self._batcher = Batcher(
+            engine.launch,
             max_batch_prompts=self.settings.max_batch_prompts,
             max_wait_s=self.settings.max_wait_ms / 1000,
             max_queued_requests=self.settings.max_queued_requests,
@@ -216,15 +262,18 @@ class EncoderCore:
             on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
         )
 
-    def attach(self, batcher: Batcher, fingerprint: Fingerprint, embedding_dim: int) -> None:
-        """Called once the model is loaded; before that every request gets UNAVAILABLE."""
-        self.fingerprint = fingerprint
-        self.embedding_dim = embedding_dim
-        self.batcher = batcher
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop batching: queued requests get UNAVAILABLE, the batches on the device finish. Waits up to
+        `timeout` seconds for the batcher's threads (blocking: from a loop, run it in a thread)."""
+        self._closed = True
+        batcher = self._batcher
+        if batcher is not None:
+            batcher.close()
+            batcher.join(timeout)
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None and not self.draining
+        return self._batcher is not None and not self.draining and not self._closed
 
     def start_draining(self) -> None:
         """New requests get UNAVAILABLE from now on; admitted ones run to completion."""
@@ -238,6 +287,11 @@ class EncoderCore:
     def inflight_bytes(self) -> int:
         return self._inflight_bytes
 
+    @property
+    def queued_requests(self) -> int:
+        """Requests waiting for the model."""
+        return self._batcher.queued if self._batcher is not None else 0
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (or `timeout` passes); True when idle."""
         deadline = time.monotonic() + timeout
@@ -249,10 +303,12 @@ class EncoderCore:
 
     # -- requests -----------------------------------------------------------------------------------------
     def request(self, frontend: str, *, request_id: str | None = None, bearer_token: str | None = None) -> RequestScope:
+        """The scope of one request (see the module docstring); `bearer_token` is the raw token the request
+        carried, None when it carried none."""
         return RequestScope(self, frontend, request_id or uuid.uuid4().hex[:16], bearer_token)
 
     def authenticate(self, bearer_token: str | None) -> Principal:
-        """Front-ends pass the raw bearer token (None when the request carried none)."""
+        """For calls that are not encodes (Info, reflection): who sent `bearer_token`, or Unauthenticated."""
         return self.authenticator.authenticate(bearer_token)
 
     def validate_prompts(self, prompts: Sequence[object], field: str = "prompts") -> list[str]:
@@ -280,50 +336,43 @@ class EncoderCore:
 
     def response_bytes(self, prompts: int) -> int:
         """Bytes of the embeddings for `prompts` prompts: what admission reserves."""
-        assert self.fingerprint is not None
-        return prompts * self.fingerprint.max_length * self.embedding_dim * _ITEMSIZE[self.fingerprint.dtype]
+        fp = self._serving_fingerprint()
+        return prompts * fp.max_length * self.embedding_dim * fp.itemsize
 
-    async def encode(
-        self,
-        prompts: Sequence[object],
-        *,
-        principal: Principal = ANONYMOUS,
-        expected_fingerprint: str = "",
-        timeout: float | None = None,
-        bypass_cache: bool = False,
-        scope: RequestScope | None = None,
-    ) -> EncodeResult:
-        if self.draining:
-            raise Unavailable("the server is draining for shutdown; retry on another replica")
-        if self.batcher is None or self.fingerprint is None:
-            raise Unavailable("the model is still loading; retry shortly")
-        if scope is not None:
-            scope.prompts = len(prompts)
-        valid = self.validate_prompts(prompts)
-        if expected_fingerprint and expected_fingerprint != self.fingerprint.digest:
-            raise FailedPrecondition(
-                f"expected_fingerprint {expected_fingerprint[:16]}… does not match this server's model "
-                f"{self.fingerprint.weights_id} (digest {self.fingerprint.digest[:16]}…)"
+    def admit(self, principal: Principal, prompts: int) -> Admission:
+        """Reserve the response bytes of `prompts` prompts and a concurrency slot of `principal`, or raise
+        (InvalidArgument when the request could never fit, ResourceExhausted / RateLimited when full)."""
+        nbytes = self.response_bytes(prompts)
+        limit = self.settings.max_inflight_bytes
+        if nbytes > limit:
+            raise InvalidArgument(
+                f"prompts: {prompts} prompts need {nbytes} response bytes, more than max_inflight_bytes={limit}; "
+                "send fewer prompts per request"
             )
-        timeout = self.settings.default_timeout_s if timeout is None else min(timeout, self.settings.default_timeout_s)
-        if timeout <= 0:
-            raise DeadlineExceeded("the request's deadline had passed when it arrived")
-        if scope is not None and scope._lease is not None:
-            raise InvalidArgument("one request scope may encode only once")
-        lease = self._admit(principal, len(valid))
-        if scope is None:
-            self._enter()  # counted for drain like a scoped request
-        else:
-            scope._lease = lease
-        try:
-            return await self._encode_admitted(valid, timeout, bypass_cache)
-        finally:
-            if scope is None:
-                lease.release()
-                self._exit()
+        with self._lock:
+            if self._inflight_bytes + nbytes > limit:
+                self.metrics.rejected.labels("max_inflight_bytes").inc()
+                raise ResourceExhausted(
+                    f"server busy: {self._inflight_bytes} response bytes in flight, this request needs {nbytes} "
+                    f"more (max_inflight_bytes={limit})"
+                )
+            try:
+                self.limiter.acquire(principal, prompts)
+            except RateLimited as exc:
+                self.metrics.rejected.labels(exc.limit).inc()
+                raise
+            self._inflight_bytes += nbytes
+        return Admission(self, principal, nbytes)
+
+    def _serving_fingerprint(self) -> Fingerprint:
+        if self.draining or self._closed:
+            raise Unavailable("the server is draining for shutdown; retry on another replica")
+        if self._batcher is None or self.fingerprint is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self.fingerprint
 
     async def _encode_admitted(self, prompts: list[str], timeout: float, bypass_cache: bool) -> EncodeResult:
-        assert self.batcher is not None and self.fingerprint is not None
+        assert self._batcher is not None and self.fingerprint is not None
         digest = self.fingerprint.digest
         rows: list[torch.Tensor | None] = [None] * len(prompts)
         hits = [False] * len(prompts)
@@ -341,7 +390,7 @@ class EncoderCore:
         embeds: torch.Tensor | None = None
         if missing:
             try:
-                encoded = await self.batcher.submit(missing, timeout=timeout)
+                encoded = await self._batcher.submit(missing, timeout=timeout)
             except ResourceExhausted:  # the queue is full (requests answered from the cache never queue)
                 self.metrics.rejected.labels("max_queued_requests").inc()
                 raise
@@ -370,34 +419,11 @@ class EncoderCore:
         for prompt, row in zip(prompts, embeds, strict=True):
             self.cache.put(self.fingerprint.digest, prompt, row)
 
-    # -- admission ----------------------------------------------------------------------------------------
-    def _admit(self, principal: Principal, prompts: int) -> _Lease:
-        nbytes = self.response_bytes(prompts)
-        limit = self.settings.max_inflight_bytes
-        if nbytes > limit:
-            raise InvalidArgument(
-                f"prompts: {prompts} prompts need {nbytes} response bytes, more than max_inflight_bytes={limit}; "
-                "send fewer prompts per request"
-            )
+    # -- accounting ---------------------------------------------------------------------------------------
+    def _release(self, admission: Admission) -> None:
         with self._lock:
-            if self._inflight_bytes + nbytes > limit:
-                self.metrics.rejected.labels("max_inflight_bytes").inc()
-                raise ResourceExhausted(
-                    f"server busy: {self._inflight_bytes} response bytes in flight, this request needs {nbytes} "
-                    f"more (max_inflight_bytes={limit})"
-                )
-            try:
-                self.limiter.acquire(principal, prompts)
-            except RateLimited as exc:
-                self.metrics.rejected.labels(exc.limit).inc()
-                raise
-            self._inflight_bytes += nbytes
-        return _Lease(self, principal, nbytes)
-
-    def _release(self, lease: _Lease) -> None:
-        with self._lock:
-            self._inflight_bytes -= lease.nbytes
-        self.limiter.release(lease.principal)
+            self._inflight_bytes -= admission.nbytes
+        self.limiter.release(admission.principal)
 
     def _enter(self) -> None:
         with self._lock:

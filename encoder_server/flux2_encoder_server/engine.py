@@ -11,12 +11,10 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import json
 import logging
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from torch import nn
 
 from .cuda_graphs import DecoderGraphs, HostMaskBuilder
 from .families import FAMILIES, EncoderFamily, family_for_architectures
+from .fingerprint import Fingerprint, make_fingerprint
 from .precision import PRECISIONS, enable_compiled_fp8_quantization, quantize_linears_
 
 log = logging.getLogger(__name__)
@@ -37,50 +36,6 @@ _FULL_HASH_LIMIT = 64 << 20
 #: "reproducible": a prompt's bytes do not depend on the load (no batch of one ever runs; see EncoderEngine).
 #: "dynamic": every batch runs at the size the batcher formed.
 BATCHING_MODES = ("reproducible", "dynamic")
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    family: str
-    weights_id: str
-    revision: str
-    hidden_layers: tuple[int, ...]
-    max_length: int
-    dtype: str
-    precision: str
-    digest: str
-    # Not part of `digest`: the contract says equal digests give equal bytes "up to batching_mode".
-    batching_mode: str = "reproducible"
-
-
-def make_fingerprint(
-    family: EncoderFamily,
-    *,
-    weights_id: str,
-    revision: str,
-    dtype: torch.dtype,
-    precision: str,
-    batching_mode: str,
-) -> Fingerprint:
-    dtype_name = str(dtype).removeprefix("torch.")
-    digest_fields = {
-        "recipe": family.recipe_digest(),
-        "revision": revision,
-        "weights_id": weights_id,
-        "dtype": dtype_name,
-        "precision": precision,
-    }
-    return Fingerprint(
-        family=family.name,
-        weights_id=weights_id,
-        revision=revision,
-        hidden_layers=family.hidden_layers,
-        max_length=family.max_length,
-        dtype=dtype_name,
-        precision=precision,
-        digest=hashlib.sha256(json.dumps(digest_fields, sort_keys=True).encode()).hexdigest(),
-        batching_mode=batching_mode,
-    )
 
 
 def pruned_decoder_view(decoder: Any, depth: int) -> Any:
@@ -172,8 +127,9 @@ class EncoderEngine:
             decoder.layers[layer_index - 1].register_forward_hook(self._capture_hook(slot))
         if fingerprint.precision == "fp8" and device.type == "cuda":
             enable_compiled_fp8_quantization()  # one fused pass over the activations instead of five
+        self._compiled = False
         if compile:
-            self._compile_layers()
+            self.compile()
 
     @property
     def embedding_dim(self) -> int:
@@ -199,11 +155,45 @@ class EncoderEngine:
 
         return hook
 
-    def _compile_layers(self) -> None:
-        # Regional compilation: every decoder layer has the same code, so one compiled graph serves all
-        # of them. Hooks run outside the compiled region (only `forward` is compiled).
+    @property
+    def compiled(self) -> bool:
+        """Whether the decoder layers run torch.compile'd (see `compile` / `uncompile`)."""
+        return self._compiled
+
+    def compile(self, *, mode: str | None = None, dynamic: bool = True) -> None:
+        """torch.compile each decoder layer's forward (`mode`, `dynamic` as torch.compile takes them).
+
+        Regional compilation: every decoder layer has the same code, so one compiled graph serves all of
+        them; the capture hooks run outside the compiled region (only `forward` is compiled). Compiled
+        kernels differ from eager in the last bits, so the fingerprint's precision gains "+compiled" and
+        its digest changes. Layers shared with another model (`from_model` in bf16) run compiled there too
+        until `uncompile`. CUDA graphs captured from the eager forward are released.
+        """
+        self.uncompile()
         for layer in self.decoder.layers:
-            layer.forward = torch.compile(layer.forward, dynamic=True)
+            layer.forward = torch.compile(layer.forward, mode=mode, dynamic=dynamic)
+        self._set_compiled(True)
+
+    def uncompile(self) -> None:
+        """Give the decoder layers their eager forward back (and the eager fingerprint); releases CUDA
+        graphs captured from the compiled forward."""
+        for layer in self.decoder.layers:
+            vars(layer).pop("forward", None)  # the instance attribute `compile` set; the class's stays
+        self._set_compiled(False)
+
+    def _set_compiled(self, compiled: bool) -> None:
+        self.release_cuda_graphs()
+        self._compiled = compiled
+        fp = self.fingerprint
+        base = fp.precision.removesuffix("+compiled")
+        self.fingerprint = make_fingerprint(
+            self.family,
+            weights_id=fp.weights_id,
+            revision=fp.revision,
+            dtype=fp.dtype,
+            precision=base + ("+compiled" if compiled else ""),
+            batching_mode=fp.batching_mode,
+        )
 
     @classmethod
     def from_pretrained(
@@ -269,8 +259,7 @@ class EncoderEngine:
             weights_id=model,
             revision=_revision_of(model, [text_encoder_subfolder, tokenizer_subfolder], config),
             dtype=dtype,
-            # Compiled kernels differ from eager in the last bits: a different digest says so.
-            precision=precision + ("+compiled" if compile else ""),
+            precision=precision,  # `compile` adds "+compiled"
             batching_mode=batching_mode,
         )
         log.info("loaded %s (%s, layers %s, %s) on %s", model, fam.name, list(fam.hidden_layers), precision, device)
@@ -311,8 +300,7 @@ class EncoderEngine:
             weights_id=weights_id,
             revision=revision,
             dtype=param.dtype,
-            # Compiled kernels differ from eager in the last bits: a different digest says so.
-            precision=precision + ("+compiled" if compile else ""),
+            precision=precision,  # `compile` adds "+compiled"
             batching_mode=batching_mode,
         )
         return cls(fam, tokenizer, decoder, fingerprint, param.device, param.dtype, compile=compile)
@@ -345,6 +333,16 @@ class EncoderEngine:
                 self.dtype,
             )
         return self._graphs.batch_sizes
+
+    @property
+    def cuda_graph_sizes(self) -> tuple[int, ...]:
+        """The batch sizes captured as CUDA graphs (empty when none are)."""
+        return self._graphs.batch_sizes if self._graphs is not None else ()
+
+    def release_cuda_graphs(self) -> None:
+        """Run every batch eagerly again and free the graphs' memory."""
+        with self._forward_lock:
+            self._graphs = None
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """The gRPC front-end: the TextEncoder service over the core, plus health, reflection and the auth guard.
 
+Status codes are chosen here, in `GRPC_STATUS` (the core raises transport-free ServiceErrors). Errors a
+client should retry carry a `google.rpc.RetryInfo` detail with the suggested delay, next to the message.
+
 Auth: TextEncoder reads the `authorization` metadata itself (through EncoderCore, like every front-end)
 so failures are counted and logged per request. Every other service except grpc.health.v1.Health
 (reflection, anything added later) is guarded by `BearerAuthInterceptor`, which turns only an auth
@@ -14,34 +17,54 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from flux2split_proto import API_VERSION, SERVICE_NAME, codec
+from flux2split_proto import API_VERSION, SERVICE_NAME, codec, shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from google.protobuf.message import DecodeError
 
 from . import __version__
 from .core import EncoderCore
-from .engine import Fingerprint
-from .errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    EncodeFailed,
+    FailedPrecondition,
+    InvalidArgument,
+    RateLimited,
+    RequestTooLarge,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    status_for,
+)
+from .fingerprint import fingerprint_message
 from .security import bearer_token
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16, "float32": pb.DTYPE_FLOAT32}
 HEALTH_SERVICE = "grpc.health.v1.Health"
 _BATCHING_MODES = {"dynamic": pb.BATCHING_MODE_DYNAMIC, "reproducible": pb.BATCHING_MODE_REPRODUCIBLE}
 
+#: The gRPC status of each service error: the one place this front-end chooses codes.
+GRPC_STATUS: dict[type[ServiceError], grpc.StatusCode] = {
+    ServiceError: grpc.StatusCode.INTERNAL,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    EncodeFailed: grpc.StatusCode.INTERNAL,
+}
 
-def fingerprint_message(fp: Fingerprint) -> pb.ModelFingerprint:
-    return pb.ModelFingerprint(
-        family=fp.family,
-        weights_id=fp.weights_id,
-        revision=fp.revision,
-        hidden_layers=list(fp.hidden_layers),
-        max_length=fp.max_length,
-        dtype=_DTYPES[fp.dtype],
-        digest=fp.digest,
-        precision=fp.precision,
-    )
+
+async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
+    """End the call with `exc`'s status; a retryable one carries google.rpc.RetryInfo with its delay."""
+    code = status_for(exc, GRPC_STATUS)
+    if exc.retry_after_s is not None:
+        await context.abort_with_status(shared.retry_status(code, str(exc), exc.retry_after_s))
+    await context.abort(code, str(exc))
 
 
 class _Malformed:
@@ -117,7 +140,7 @@ class TextEncoderService:
                         yield codec.chunk_response_bytes(data, offset, end)
                         req.add_bytes_sent(end - offset)
         except ServiceError as exc:
-            await context.abort(exc.grpc_code, str(exc))
+            await abort(context, exc)
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
@@ -126,7 +149,7 @@ class TextEncoderService:
             if self.core.fingerprint is None:
                 raise Unavailable("the model is still loading; retry shortly")
         except ServiceError as exc:
-            await context.abort(exc.grpc_code, str(exc))
+            await abort(context, exc)
         s = self.core.settings
         assert self.core.fingerprint is not None
         return pb.InfoResponse(
@@ -192,25 +215,25 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.core.authenticate(token)
         except Unauthenticated as exc:
-            return _denied(handler, str(exc))
+            return _denied(handler, exc)
         return handler
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+def _denied(handler: grpc.RpcMethodHandler, exc: Unauthenticated) -> grpc.RpcMethodHandler:
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await abort(context, exc)
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
 
 
-__all__ = ["BearerAuthInterceptor", "TextEncoderService", "add_text_encoder_service", "fingerprint_message"]
+__all__ = ["GRPC_STATUS", "BearerAuthInterceptor", "TextEncoderService", "abort", "add_text_encoder_service"]

@@ -10,7 +10,8 @@ Scripts written for the hosted endpoint (the FLUX.2 docs snippet, diffusers'
 
 This is a thin layer over `EncoderCore`, the same core and batcher the gRPC service uses: one model,
 one queue, the same limits and the same authentication. Errors are JSON
-`{"error": {"code": "INVALID_ARGUMENT", "message": "..."}}` with the status that errors.py assigns.
+`{"error": {"code": "INVALID_ARGUMENT", "message": "..."}}` with the HTTP status chosen here, in
+`HTTP_STATUS`; an error a client should retry carries `Retry-After` (whole seconds).
 
 The response body is a pickle because that is what the existing clients `torch.load`; the server only
 ever pickles a tensor it built itself and never unpickles anything from the network.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import http
 import io
 import json
@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import torch
 import uvicorn
+from flux2split_proto.shared import FINGERPRINT_HEADER, fingerprint_to_dict
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -40,15 +41,42 @@ from starlette.routing import Route
 
 from . import __version__
 from .core import EncoderCore
-from .errors import ClientGone, InvalidArgument, RequestTooLarge, ServiceError, Unavailable
+from .errors import (
+    ClientGone,
+    DeadlineExceeded,
+    EncodeFailed,
+    FailedPrecondition,
+    InvalidArgument,
+    RateLimited,
+    RequestTooLarge,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    status_for,
+)
+from .fingerprint import fingerprint_message
 from .security import bearer_token
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Response headers that tell a client which model answered (the body itself carries no metadata).
-FINGERPRINT_HEADER = "X-Flux2-Fingerprint"
+#: Response header naming the model's weights (`FINGERPRINT_HEADER`, from the contract, carries its digest).
 MODEL_HEADER = "X-Flux2-Model"
+
+#: The HTTP status of each service error: the one place this front-end chooses statuses.
+HTTP_STATUS: dict[type[ServiceError], int] = {
+    ServiceError: 500,
+    InvalidArgument: 400,
+    RequestTooLarge: 413,
+    Unauthenticated: 401,
+    FailedPrecondition: 409,
+    ResourceExhausted: 503,
+    RateLimited: 429,
+    DeadlineExceeded: 504,
+    Unavailable: 503,
+    EncodeFailed: 500,
+}
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
@@ -125,12 +153,13 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def service_error_response(exc: ServiceError) -> JSONResponse:
+    status = status_for(exc, HTTP_STATUS)
     headers = {}
-    if exc.http_status == 401:
+    if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
-    if exc.http_status in (429, 503):
-        headers["Retry-After"] = "1"
-    return error_response(exc.http_status, exc.grpc_code.name, str(exc), headers)
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))  # whole seconds (RFC 9110)
+    return error_response(status, exc.code, str(exc), headers)
 
 
 def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
@@ -145,14 +174,13 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             # metrics and the access-log line, exactly as for gRPC.
             async with core.request("http", request_id=request_id, bearer_token=token) as req:
                 body = await read_body(request, max_body)
-                prompts = core.validate_prompts(parse_prompts(body), field="prompt")
-                result = await _unless_disconnected(request, req.encode(prompts))
+                result = await _unless_disconnected(request, req.encode(parse_prompts(body), field="prompt"))
                 with req.stage("serialize"):
                     # torch.save copies 15.7 MB per prompt: not on the event loop.
                     payload = await asyncio.to_thread(torch_save_bytes, result.embeds)
                 req.add_bytes_sent(len(payload))
         except ServiceError as exc:
-            log.info("POST /predict failed: %d %s %s", exc.http_status, exc.grpc_code.name, exc)
+            log.info("POST /predict failed: %d %s %s", status_for(exc, HTTP_STATUS), exc.code, exc)
             return service_error_response(exc)
         except ClientGone:
             # Nobody reads this answer; 499 is the conventional "client closed request" in access logs.
@@ -174,7 +202,10 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
         s = core.settings
         return JSONResponse(
             {
-                "fingerprint": dataclasses.asdict(core.fingerprint),
+                "fingerprint": {
+                    **fingerprint_to_dict(fingerprint_message(core.fingerprint)),
+                    "batching_mode": core.fingerprint.batching_mode,
+                },
                 "embedding_dim": core.embedding_dim,
                 "limits": {
                     "max_prompts_per_request": s.max_prompts_per_request,

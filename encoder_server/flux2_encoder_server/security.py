@@ -145,6 +145,7 @@ class PrincipalLimiter:
                         f"(rate_limit_prompts_per_s={self.prompts_per_s:g}, "
                         f"rate_limit_burst_prompts={self.burst_prompts}); retry in {wait:.1f}s",
                         limit="rate_limit_prompts_per_s",
+                        retry_after_s=wait,
                     )
                 bucket.level -= prompts
             self._active[principal.name] = active + 1

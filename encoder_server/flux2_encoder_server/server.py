@@ -16,8 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from .batcher import Batcher
-from .core import EncoderCore
+from .core import EncoderCore, Engine
 from .cuda_graphs import graph_batch_sizes
 from .engine import EncoderEngine
 from .grpc_service import BearerAuthInterceptor, TextEncoderService, add_text_encoder_service
@@ -26,7 +25,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings], EncoderEngine]
+#: Loads the engine to serve (blocking; runs in a worker thread): `load_engine`, or a test's stand-in.
+EngineFactory = Callable[[Settings], Engine]
 
 
 def load_engine(settings: Settings) -> EncoderEngine:
@@ -74,8 +74,7 @@ class EncoderServer:
         self.settings = settings
         self.core = EncoderCore(settings)
         self.metrics = self.core.metrics
-        self.engine: EncoderEngine | None = None
-        self.batcher: Batcher | None = None
+        self.engine: Engine | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
@@ -141,10 +140,9 @@ class EncoderServer:
     async def load(self) -> None:
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
         if self.settings.warmup:
-            await asyncio.to_thread(engine.encode, ["warm-up"])
+            await asyncio.to_thread(lambda: engine.launch(["warm-up"]).result())
         self.engine = engine
-        self.batcher = self.core.make_batcher(engine.launch)
-        self.core.attach(self.batcher, engine.fingerprint, engine.embedding_dim)
+        self.core.start(engine)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])
 
@@ -173,9 +171,7 @@ class EncoderServer:
         if self._http is not None:
             fronts.append(self._http.stop(remaining))
         await asyncio.gather(*fronts)
-        if self.batcher is not None:
-            self.batcher.close()
-            await asyncio.to_thread(self.batcher.join, 5.0)
+        await asyncio.to_thread(self.core.close, 5.0)
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()

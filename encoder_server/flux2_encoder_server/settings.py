@@ -3,21 +3,67 @@
 Every field is a flag (`--max-batch-prompts 32`) and an environment variable
 (`FLUX2_ENCODER_MAX_BATCH_PROMPTS=32`); a flag wins over the environment, the environment over the
 default. Nothing else in the server reads the environment.
+
+Secret settings (bearer tokens) are held as `SecretStr`: `repr(settings)`, `--help`, logs and error
+messages show a mask, never the value; only `get_secret_value()` gives it, where it is used.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .security import parse_token_lines
+
 ENV_PREFIX = "FLUX2_ENCODER_"
+
+
+class SecretStr:
+    """A string that does not print itself: str(), repr() and format() give a mask."""
+
+    __slots__ = ("_value",)
+    _MASK = "**********"
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"SecretStr({self._MASK!r})" if self._value else "SecretStr('')"
+
+    def __str__(self) -> str:
+        return self._MASK if self._value else ""
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SecretStr):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:  # pickling would write the value in clear; nothing needs it
+        raise TypeError("SecretStr is not picklable")
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _secret_setting(help: str) -> Any:
+    return field(default=None, metadata={"help": help, "secret": True})
 
 
 @dataclass(frozen=True)
@@ -97,8 +143,7 @@ class Settings:
         "file of bearer tokens, one `label:token` per line (# comments allowed); with no token from here "
         "or --auth-tokens, authentication is OFF (a warning is logged)",
     )
-    auth_tokens: str | None = _setting(
-        None,
+    auth_tokens: SecretStr | None = _secret_setting(  # noqa: RUF009 (a dataclasses.field, default None)
         "comma-separated `label:token` pairs; prefer the environment variable FLUX2_ENCODER_AUTH_TOKENS "
         "(or the file) over this flag, which other users can see in the process list",
     )
@@ -141,6 +186,13 @@ class Settings:
         choices=("json", "text"),
     )
 
+    def __post_init__(self) -> None:
+        # Normalised once, here: code that builds Settings directly may pass a secret as a plain str.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and isinstance(value, str):
+                object.__setattr__(self, f.name, SecretStr(value))
+
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
@@ -153,6 +205,8 @@ class Settings:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": f.default, "dest": f.name}
+            if f.metadata.get("secret"):
+                kwargs["metavar"] = "SECRET"
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             if f.type in ("bool", bool):
@@ -172,7 +226,8 @@ class Settings:
                 try:
                     env_defaults[f.name] = _converter(f)(raw)
                 except (TypeError, ValueError) as exc:
-                    parser.error(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}")
+                    shown = "(secret)" if f.metadata.get("secret") else repr(raw)
+                    parser.error(f"{ENV_PREFIX}{f.name.upper()}={shown}: {exc}")
         parser.set_defaults(**env_defaults)
         args = parser.parse_args(argv)
         settings = cls(**vars(args))
@@ -219,10 +274,24 @@ class Settings:
                 out.append(f"--{name.replace('_', '-')} must be a port number (0 picks a free one)")
         if self.http_max_body_bytes < 1024:
             out.append("--http-max-body-bytes must be at least 1 KiB")
+        out.extend(self._token_problems())
         return out
+
+    def _token_problems(self) -> list[str]:
+        """Inline bearer tokens that cannot be used, in messages that name the entry and never a token.
+        (The tokens file is read when the server starts: it may be mounted only where the server runs.)"""
+        if self.auth_tokens is None:
+            return []
+        try:
+            parse_token_lines(self.auth_tokens.get_secret_value().split(","), "--auth-tokens")
+        except ValueError as exc:
+            return [str(exc)]
+        return []
 
 
 def _converter(f: dataclasses.Field) -> Any:
+    if f.metadata.get("secret"):
+        return lambda raw: SecretStr(raw) if raw else None
     kind = str(f.type)
     if kind in ("bool", "<class 'bool'>"):
         return _parse_bool
@@ -232,8 +301,6 @@ def _converter(f: dataclasses.Field) -> Any:
         return int
     if kind.startswith("float"):
         return float
-    if kind.startswith("int | None"):
-        return lambda raw: int(raw) if raw not in ("", "none", "None") else None
     if kind.startswith("str | None"):
         return lambda raw: raw or None
     return str
