@@ -317,6 +317,7 @@ def _tight_vram(tiny_klein: TinyKleinPaths, workload) -> int:
 def test_distilled_images_streamed_equal_klein_pipeline(tiny_klein, klein_server, klein_reference):
     """Distilled Klein: embeddings from the server, the NF4 DiT streamed by the planner; the images equal
     Flux2KleinPipeline encoding the prompts itself with the full Qwen3 encoder."""
+    from diffusers import Flux2KleinPipeline
     from flux2_client.planner import Workload
 
     workload = Workload(PARAMS.height, PARAMS.width, batch=len(IMAGE_PROMPTS))
@@ -329,7 +330,7 @@ def test_distilled_images_streamed_equal_klein_pipeline(tiny_klein, klein_server
         workload=workload,
         embedding_dim=384,
     )
-    assert type(pipe).__name__ == "Flux2KleinPipeline" and pipe.config.is_distilled
+    assert isinstance(pipe, Flux2KleinPipeline) and pipe.config.is_distilled
     plan = get_memory_plan(pipe)
     assert plan.mode == "stream" and plan.streamed_units and any(u.resident for u in plan.units)
     with RemoteTextEncoder(klein_server.target) as enc:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -32,8 +32,10 @@ class _Encoded(Protocol):
     def fingerprint(self) -> _Fingerprint: ...
 
 
+@runtime_checkable
 class PromptEncoder(Protocol):
-    """What `generate_to_files` needs from an encoder: an `EncoderPool` or a `RemoteTextEncoder`."""
+    """What `generate_to_files` and the remote pipelines need from an encoder: an `EncoderPool` or a
+    `RemoteTextEncoder`."""
 
     def encode(self, prompts: Sequence[str]) -> _Encoded: ...
 
@@ -60,9 +62,11 @@ def load_pipeline(
     loras: Sequence[str | tuple[str, float] | LoraSpec] = (),
     verbose: bool = False,
     embedding_dim: int | None = None,
+    encoder: str | Sequence[str] | PromptEncoder | None = None,
 ):
-    """A ready `Flux2Pipeline` with the NF4 DiT and the VAE, no text encoder; call it with
-    `prompt_embeds=` (and `image=` for reference images) like any diffusers pipeline.
+    """A ready diffusers pipeline with the NF4 DiT and the VAE; its text encoder is `encoder`, on another
+    machine. Call it like any diffusers FLUX.2 pipeline: `pipe(prompt=...)` (with `image=` for reference
+    images, `num_images_per_prompt=`...), or `pipe(prompt_embeds=...)`.
 
     Args:
         model: repo id or folder with `vae/` and `scheduler/` (and `transformer/` if `dit` is unset).
@@ -77,13 +81,17 @@ def load_pipeline(
             no references, one image. A bigger call later is refused by `generate` with a clear error.
         num_slots: device slots streamed blocks rotate through (2 = double buffering).
         embedding_dim: width of the embeddings the pipeline will get (the encoder's); checked against the
-            DiT's joint_attention_dim before anything is loaded (`families.EmbeddingWidthError`).
+            DiT's joint_attention_dim before anything is loaded (`families.EmbeddingWidthError`);
+            default: the encoder's, asked from `encoder` when it has `info()`.
         loras: LoRAs as `(path_or_repo, scale)` (or `"PATH_OR_REPO[:SCALE]"`), loaded with diffusers'
             `load_lora_weights` as adapters `lora_0`, `lora_1`, ... and all active; the plan counts them and
             they stay resident while base blocks stream. Switch later with `pipe.set_adapters(...)`.
+        encoder: where prompts are encoded: "host:port" (or a list, for failover), an `EncoderPool`
+            (for tokens, TLS, cache, deadlines) or a `RemoteTextEncoder`. None: `prompt_embeds=` only.
 
-    The pipeline class follows `model`'s model_index.json: `Flux2Pipeline` for FLUX.2-dev,
-    `Flux2KleinPipeline` for FLUX.2 [klein] (see `families`).
+    The pipeline class follows `model`'s model_index.json: `Flux2RemotePipeline` (a `Flux2Pipeline`) for
+    FLUX.2-dev, `Flux2KleinRemotePipeline` (a `Flux2KleinPipeline`) for FLUX.2 [klein]; see
+    `remote_pipeline` and `families`.
 
     With `offload="plan"` the plan and its streamer sit in a named hook on `pipe.transformer`:
     `flux2_client.get_memory_plan(pipe)` returns the plan (printable with `.describe()`),
@@ -103,6 +111,12 @@ def load_pipeline(
     if offload == "plan" and vram is None and device.type != "cuda":
         raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
     family = detect_family(model, revision, dit=dit)
+    if encoder is not None:
+        from .remote_pipeline import as_prompt_encoder
+
+        encoder = as_prompt_encoder(encoder)
+        if embedding_dim is None and hasattr(encoder, "info"):
+            embedding_dim = encoder.info().embedding_dim  # a wrong encoder fails before any weight loads
     if embedding_dim is not None:
         check_embedding_width(embedding_dim, dit or model, revision=None if dit else revision)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
@@ -110,7 +124,7 @@ def load_pipeline(
     transformer = load_nf4_transformer(dit or model, device=load_device, revision=None if dit else revision)
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-    pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer)
+    pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer, encoder=encoder)
     # Before offloading is set up: the plan counts the adapters, and the streamer lays them out resident.
     load_loras(pipe, loras)
     if offload == "plan":
