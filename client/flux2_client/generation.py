@@ -205,15 +205,13 @@ def generate(
     return list(result.images)
 
 
-def save_png(image: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write `image` with its generation parameters as PNG text chunks (one per key, plus `flux2_split`
-    holding all of them as JSON)."""
-    from PIL.PngImagePlugin import PngInfo
+def save_png(image: Any, path: str | Path, metadata: dict[str, Any], parameters: str | None = None) -> Path:
+    """Write `image` with `metadata` as JSON in the `flux2_split` text chunk and, when given, `parameters`
+    (the A1111 infotext that Forge and Civitai read; `png_metadata.infotext`) in the `parameters` chunk.
+    No `prompt` chunk: ComfyUI reads that name as its workflow."""
+    from .png_metadata import png_info
 
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, str(value))
-    info.add_text("flux2_split", json.dumps(metadata, sort_keys=True))
+    info = png_info(metadata, parameters)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, pnginfo=info)
@@ -266,11 +264,13 @@ def generate_to_files(
     pipeline for this call's workload (`load_pipeline` with `model`, `dit`, `device`, `offload`, `vram`),
     generates (image k seeded with `params.seed + k`) and writes one PNG per image, named by
     `output_paths`, carrying prompt, seed, steps, guidance, size, reference image names, the encoder's
-    model and fingerprint, and the DiT. Returns the paths in prompt-major order.
+    model and fingerprint, the model and the DiT as JSON, and the A1111 `parameters` text that Forge and
+    Civitai read (`save_png`, `png_metadata`). Returns the paths in prompt-major order.
     FLUX.2 [klein] base models also get `negative_prompt` (default "") encoded on `encoder` for real
     classifier-free guidance (`families.PipelineFamily.negative_prompts`).
     """
     from .families import detect_family
+    from .png_metadata import SAMPLER, guidance_fields, infotext
 
     params = params or GenerationParams()
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -283,7 +283,8 @@ def generate_to_files(
     refs = load_reference_images(images)
 
     encoded = encoder.encode(prompt_list)
-    negatives = detect_family(model, dit=dit).negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
+    family = detect_family(model, dit=dit)
+    negatives = family.negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
     negative_embeds = encoder.encode(negatives).prompt_embeds if negatives else None
     fp = encoded.fingerprint
     if verbose:
@@ -313,9 +314,10 @@ def generate_to_files(
     paths = []
     targets = output_paths(out, len(prompt_list), num_images_per_prompt)
     for k, (image, path) in enumerate(zip(results, targets, strict=True)):
+        prompt, seed = prompt_list[k // num_images_per_prompt], params.seed + k
         meta = {
-            "prompt": prompt_list[k // num_images_per_prompt],
-            "seed": params.seed + k,
+            "prompt": prompt,
+            "seed": seed,
             "steps": params.num_inference_steps,
             "guidance": params.guidance_scale,
             "height": params.height,
@@ -323,9 +325,16 @@ def generate_to_files(
             "reference_images": json.dumps([Path(p).name for p in images]),
             "encoder_model": fp.weights_id,
             "encoder_fingerprint": fp.digest,
+            "model": model,
             "dit": dit or model,
         }
-        paths.append(save_png(image, path, meta))
+        if negatives:
+            meta["negative_prompt"] = negative_prompt
+        fields: dict[str, object] = {"Steps": params.num_inference_steps, "Sampler": SAMPLER}
+        fields |= guidance_fields(family, params.guidance_scale)
+        fields |= {"Seed": seed, "Size": f"{params.width}x{params.height}", "Model": Path(model).name}
+        parameters = infotext(prompt, fields, negative_prompt if negatives else "")
+        paths.append(save_png(image, path, meta, parameters))
         if verbose:
             print(f"wrote {path}")
     return paths
