@@ -112,11 +112,11 @@ def load_pipeline(
         raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
     family = detect_family(model, revision, dit=dit)
     if encoder is not None:
-        from .remote_pipeline import as_prompt_encoder
+        from .remote_pipeline import as_prompt_encoder, served_embedding_dim
 
         encoder = as_prompt_encoder(encoder)
-        if embedding_dim is None and hasattr(encoder, "info"):
-            embedding_dim = encoder.info().embedding_dim  # a wrong encoder fails before any weight loads
+        if embedding_dim is None:
+            embedding_dim = served_embedding_dim(encoder)  # a wrong encoder fails before any weight loads
     if embedding_dim is not None:
         check_embedding_width(embedding_dim, dit or model, revision=None if dit else revision)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.

@@ -86,7 +86,7 @@ class RemoteTextEncoderMixin(_Pipeline):
         # for a prompt do not depend on the rest of the batch (docs/design.md, invariant 4).
         unique = list(dict.fromkeys(prompts))
         encoded = self.encoder.encode(unique)
-        _check_recipe(encoded.fingerprint, max_sequence_length, out_layers)
+        _check_recipe(getattr(encoded, "fingerprint", None), max_sequence_length, out_layers)
         embeds = encoded.prompt_embeds
         if len(unique) < len(prompts):
             row = {p: i for i, p in enumerate(unique)}
@@ -205,6 +205,13 @@ def as_prompt_encoder(encoder: str | Sequence[str] | PromptEncoder, **pool_optio
     raise ValueError(f"encoder: expected 'host:port', a list of them, or an EncoderPool, got {type(encoder).__name__}")
 
 
+def served_embedding_dim(encoder: PromptEncoder) -> int | None:
+    """The embedding width `encoder` serves, from its `info()` when it has one (None when unknown)."""
+    info = getattr(encoder, "info", None)
+    dim = getattr(info(), "embedding_dim", None) if callable(info) else None
+    return int(dim) if dim else None
+
+
 def with_remote_text_encoder(pipe: Any, encoder: str | Sequence[str] | PromptEncoder) -> Any:
     """A `Flux2RemotePipeline` / `Flux2KleinRemotePipeline` sharing `pipe`'s scheduler, VAE and transformer
     (with any memory plan or offloading hooks on them), prompts encoded by `encoder`. `pipe`'s own text
@@ -230,5 +237,6 @@ __all__ = [
     "Flux2RemotePipeline",
     "RemoteTextEncoderMixin",
     "as_prompt_encoder",
+    "served_embedding_dim",
     "with_remote_text_encoder",
 ]
