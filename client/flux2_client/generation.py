@@ -86,8 +86,8 @@ def load_pipeline(
         loras: LoRAs as `(path_or_repo, scale)` (or `"PATH_OR_REPO[:SCALE]"`), loaded with diffusers'
             `load_lora_weights` as adapters `lora_0`, `lora_1`, ... and all active; the plan counts them and
             they stay resident while base blocks stream. Switch later with `pipe.set_adapters(...)`.
-        encoder: where prompts are encoded: "host:port" (or a list, for failover), an `EncoderPool`
-            (for tokens, TLS, cache, deadlines) or a `RemoteTextEncoder`. None: `prompt_embeds=` only.
+        encoder: where prompts are encoded: a target ("host:port", or "http(s)://…/predict") or a list of
+            them (failover), or an `EncoderPool` (for tokens, TLS, cache, deadlines). None: `prompt_embeds=` only.
 
     The pipeline class follows `model`'s model_index.json: `Flux2RemotePipeline` (a `Flux2Pipeline`) for
     FLUX.2-dev, `Flux2KleinRemotePipeline` (a `Flux2KleinPipeline`) for FLUX.2 [klein]; see

@@ -192,8 +192,9 @@ class Flux2KleinRemotePipeline(RemoteTextEncoderMixin, Flux2KleinPipeline):
 
 
 def as_prompt_encoder(encoder: str | Sequence[str] | PromptEncoder, **pool_options: Any) -> PromptEncoder:
-    """`encoder` as something with `encode(prompts)`: a "host:port" (or a list of them, for failover) becomes
-    an `EncoderPool(targets, **pool_options)`; an `EncoderPool` or `RemoteTextEncoder` is used as it is."""
+    """`encoder` as something with `encode(prompts)`: a target ("host:port" for gRPC, "http(s)://…/predict")
+    or a list of them (failover) becomes an `EncoderPool(targets, **pool_options)`; an `EncoderPool`,
+    `RemoteTextEncoder` or `HttpTextEncoder` is used as it is."""
     if isinstance(encoder, str) or (
         isinstance(encoder, Sequence) and encoder and all(isinstance(t, str) for t in encoder)
     ):
