@@ -4,6 +4,7 @@ embeddings, seed and steps, and equal diffusers encoding the prompts itself."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -108,14 +109,43 @@ def test_output_paths_are_prompt_major(tmp_path):
     assert output_paths(out, 2, 2)[1:3] == [tmp_path / "fox_0_1.png", tmp_path / "fox_1_0.png"]
 
 
-def test_png_metadata_round_trip(tmp_path):
+# The parameter-line pattern of AUTOMATIC1111's web UI (modules/infotext_utils.py, `re_param_code`), which
+# its "PNG Info" tab and Forge use to read the `parameters` chunk back.
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def read_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Prompt, negative prompt and fields, split the way A1111's `parse_generation_parameters` splits them."""
+    *lines, last = text.strip().split("\n")
+    fields = {k: (json.loads(v) if v.startswith('"') else v) for k, v in A1111_PARAM.findall(last)}
+    prompt = "\n".join(line for line in lines if not line.startswith("Negative prompt:"))
+    negative = next((line[len("Negative prompt:") :].strip() for line in lines if line.startswith("Negative")), "")
+    return prompt, negative, fields
+
+
+def test_png_metadata_has_a1111_parameters_and_json_and_no_comfyui_key(tmp_path):
+    from flux2_client.families import FLUX2_DEV, PipelineFamily
+    from flux2_client.png_metadata import guidance_fields, infotext
+
     image = Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))
-    meta = {"prompt": "a fox", "seed": 3, "steps": 4, "encoder_fingerprint": "abc"}
-    path = save_png(image, tmp_path / "x.png", meta)
+    meta = {"prompt": "a fox, at dusk: 東京", "seed": 3, "steps": 4, "encoder_fingerprint": "abc"}
+    fields = {"Steps": 4, "Sampler": "Euler", **guidance_fields(FLUX2_DEV, 4.0), "Seed": 3, "Size": "16x16"}
+    parameters = infotext(meta["prompt"], {**fields, "Model": "a, b", "Skipped": None}, negative_prompt="blurry")
+    assert parameters == (
+        "a fox, at dusk: 東京\nNegative prompt: blurry\nSteps: 4, Sampler: Euler, CFG scale: 1.0, "
+        'Distilled CFG Scale: 4.0, Seed: 3, Size: 16x16, Model: "a, b"'
+    )
+    path = save_png(image, tmp_path / "x.png", meta, parameters)
     with Image.open(path) as loaded:
-        assert loaded.text["prompt"] == "a fox"
-        assert loaded.text["seed"] == "3"
+        assert set(loaded.text) == {"parameters", "flux2_split"}  # no "prompt": ComfyUI's workflow key
         assert json.loads(loaded.text["flux2_split"]) == meta
+        prompt, negative, read = read_infotext(loaded.text["parameters"])
+    assert (prompt, negative) == (meta["prompt"], "blurry")
+    assert read == {**{k: str(v) for k, v in fields.items()}, "Model": "a, b"}
+    # FLUX.2 [klein]: base models run real CFG, step-distilled ones ignore the guidance.
+    assert guidance_fields(PipelineFamily("klein", "Flux2KleinPipeline"), 4.0) == {"CFG scale": 4.0}
+    assert guidance_fields(PipelineFamily("klein", "Flux2KleinPipeline", is_distilled=True), 4.0) == {"CFG scale": 1.0}
+    assert infotext("a fox", {"Steps": 4}) == "a fox\nSteps: 4"
 
 
 def test_generate_cli_rejects_bad_size():
@@ -154,7 +184,7 @@ def test_demo_command_runs(tmp_path):
     assert "random weights, so the image is noise" in proc.stdout
     with Image.open(tmp_path / "demo.png") as image:
         assert image.size == (128, 128)
-        assert image.text["encoder_fingerprint"]
+        assert json.loads(image.text["flux2_split"])["encoder_fingerprint"]
 
 
 class _FixedEncoder:
@@ -191,7 +221,12 @@ def test_generate_to_files_writes_one_png_per_image_with_its_parameters(tiny, tm
         with Image.open(path) as image:
             assert image.size == (32, 32)
             meta = json.loads(image.text["flux2_split"])
+            parameters = image.text["parameters"]
         assert meta["prompt"] == PROMPTS[k] and meta["seed"] == 5 + k and meta["steps"] == 1
+        assert parameters == (
+            f"{PROMPTS[k]}\nSteps: 1, Sampler: Euler, CFG scale: 1.0, Distilled CFG Scale: 4.0, Seed: {5 + k}, "
+            "Size: 32x32, Model: FLUX.2-dev-tiny"
+        )
         assert meta["encoder_fingerprint"] == "ab" * 32 and meta["dit"] == str(tiny.nf4_repo)
     with pytest.raises(ValueError, match="prompts: one or more non-empty prompts"):
         generate_to_files(encoder, ["ok", "  "], tmp_path / "x.png", model=str(tiny.pipeline))

@@ -1,8 +1,9 @@
 """The HTTP /predict compatibility front-end: the hosted endpoint's contract on the same core as gRPC.
 
-The request code of the FLUX.2 docs snippet and of diffusers' train_dreambooth_lora_flux2.py
-(`requests` + JSON + bearer + `torch.load`), pointed at our URL, must get tensors bit-identical to our gRPC
-answer and to diffusers' own encode; every client mistake must get a JSON 4xx, never a 500.
+The request code of the FLUX.2 docs snippet, of diffusers' train_dreambooth_lora_flux2.py and of the
+ComfyUI node "Remote FLUX.2 Text Encoder (HF)" (`requests` + JSON + bearer + `torch.load`), pointed at our
+URL, must get tensors bit-identical to our gRPC answer and to diffusers' own encode; every client mistake
+must get a JSON 4xx, never a 500.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import threading
 import time
 
@@ -81,6 +83,38 @@ def training_script_remote_text_embeddings(url: str, token: str, prompts):
     else:
         prompt_embeds = encode_single(prompts)
     return prompt_embeds, Flux2Pipeline._prepare_text_ids(prompt_embeds)
+
+
+def comfyui_node_remote_encoder(prompts, endpoint_url=None, api_token=None, timeout=60):
+    """The request code of `call_flux2_remote_encoder` in the ComfyUI node "Remote FLUX.2 Text Encoder (HF)"
+    (vimal-v-2006/ComfyUI-Remote-FLUX2-Text-Encoder-HuggingFace, remote_flux2_text_encoder_hf.py): the URL
+    from the node's `hf_endpoint_url` field or `HF_FLUX2_REMOTE_ENCODER_URL`, the JSON body sent as `data=`,
+    the bearer token, a timeout, `raise_for_status`, `torch.load` onto the CPU. The node calls it once for
+    the positive prompt and once for a non-empty negative prompt, each a single string."""
+    url = endpoint_url or os.environ.get(
+        "HF_FLUX2_REMOTE_ENCODER_URL", "https://remote-text-encoder-flux-2.huggingface.co/predict"
+    )
+    headers = {"Content-Type": "application/json"}
+    if api_token:
+        headers["Authorization"] = f"Bearer {api_token}"
+    resp = requests.post(url, headers=headers, data=json.dumps({"prompt": prompts}), timeout=timeout)
+    resp.raise_for_status()
+    return torch.load(io.BytesIO(resp.content), map_location="cpu")
+
+
+def test_comfyui_node_request_gets_the_grpc_tensor(http_server, monkeypatch):
+    monkeypatch.setenv("HF_FLUX2_REMOTE_ENCODER_URL", predict_url(http_server))
+    with RemoteTextEncoder(http_server.target, token=TOKEN) as enc:
+        for prompt in (PROMPTS[0], PROMPTS[2]):  # a positive and a negative prompt, as the node sends them
+            got = comfyui_node_remote_encoder(prompt, api_token=TOKEN)
+            assert got.dtype == torch.bfloat16 and got.shape == (1, 512, 192)
+            assert torch.equal(got, enc.encode(prompt).prompt_embeds)
+    monkeypatch.delenv("HF_FLUX2_REMOTE_ENCODER_URL")
+    # The node's field instead of the environment; a wrong token fails raise_for_status with the 401.
+    assert torch.equal(comfyui_node_remote_encoder(PROMPTS[2], predict_url(http_server), TOKEN), got)
+    with pytest.raises(requests.HTTPError) as err:
+        comfyui_node_remote_encoder(PROMPTS[0], predict_url(http_server), "not-the-token")
+    assert err.value.response.status_code == 401
 
 
 def test_docs_snippet_request_is_bit_identical_to_grpc_and_diffusers(http_server, reference_pipe):

@@ -317,6 +317,7 @@ def _tight_vram(tiny_klein: TinyKleinPaths, workload) -> int:
 def test_distilled_images_streamed_equal_klein_pipeline(tiny_klein, klein_server, klein_reference):
     """Distilled Klein: embeddings from the server, the NF4 DiT streamed by the planner; the images equal
     Flux2KleinPipeline encoding the prompts itself with the full Qwen3 encoder."""
+    from diffusers import Flux2KleinPipeline
     from flux2_client.planner import Workload
 
     workload = Workload(PARAMS.height, PARAMS.width, batch=len(IMAGE_PROMPTS))
@@ -329,7 +330,7 @@ def test_distilled_images_streamed_equal_klein_pipeline(tiny_klein, klein_server
         workload=workload,
         embedding_dim=384,
     )
-    assert type(pipe).__name__ == "Flux2KleinPipeline" and pipe.config.is_distilled
+    assert isinstance(pipe, Flux2KleinPipeline) and pipe.config.is_distilled
     plan = get_memory_plan(pipe)
     assert plan.mode == "stream" and plan.streamed_units and any(u.resident for u in plan.units)
     with RemoteTextEncoder(klein_server.target) as enc:
@@ -380,3 +381,51 @@ def test_base_cli_images_with_cfg_equal_klein_pipeline(tiny_klein, klein_server,
     gens = [torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(len(IMAGE_PROMPTS))]
     unguided = pipe(prompt_embeds=embeds, guidance_scale=1.0, generator=gens, **kwargs).images
     assert not np.array_equal(arrays(ours)[0], arrays(unguided)[0])
+
+
+def test_remote_klein_pipeline_equals_klein_pipeline_with_its_local_encoder(klein_server, klein_reference, references):
+    """`pipe(prompt=...)` on Flux2KleinRemotePipeline (prompts encoded by the server) gives the images of
+    diffusers' Flux2KleinPipeline encoding them itself: step-distilled, and base with real classifier-free
+    guidance, whose negative prompt "" the remote pipeline also sends to the server (once)."""
+    from diffusers import Flux2KleinPipeline
+    from flux2_client.endpoints import EncoderPool
+    from flux2_client.remote_pipeline import Flux2KleinRemotePipeline, with_remote_text_encoder
+
+    call_embeds = dict(height=64, width=64, num_inference_steps=2, guidance_scale=4.0)
+    call = dict(prompt=IMAGE_PROMPTS, **call_embeds)
+    sent: list[list[str]] = []
+    with EncoderPool([klein_server.target]) as pool:
+
+        class Recording:
+            def encode(self, prompts):
+                sent.append(list(prompts))
+                return pool.encode(prompts)
+
+        images = {}
+        for distilled in (True, False):
+            local = Flux2KleinPipeline(**klein_reference.components, is_distilled=distilled)
+            remote = with_remote_text_encoder(local, Recording())
+            assert isinstance(remote, Flux2KleinRemotePipeline) and remote.text_encoder is None
+            assert remote.config.is_distilled is distilled
+            gens = [torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(len(IMAGE_PROMPTS))]
+            ours = arrays(remote(**call, generator=gens).images)
+            gens = [torch.Generator("cpu").manual_seed(PARAMS.seed + k) for k in range(len(IMAGE_PROMPTS))]
+            if distilled:  # diffusers' local encoding of the prompts, memoized (it is what prompt= computes)
+                theirs = arrays(local(**call_embeds, prompt_embeds=references(IMAGE_PROMPTS), generator=gens).images)
+            else:  # prompt= itself: diffusers encodes the prompts and the negative "" locally
+                theirs = arrays(local(**call, generator=gens).images)
+            for a, b in zip(ours, theirs, strict=True):
+                np.testing.assert_array_equal(a, b)
+            images[distilled] = ours
+        embeds, text_ids = remote.encode_prompt(IMAGE_PROMPTS)
+    assert torch.equal(embeds, references(IMAGE_PROMPTS))  # klein_reference.encode_prompt's answer
+    assert torch.equal(text_ids, Flux2KleinPipeline._prepare_text_ids(embeds))
+    assert sent[:3] == [IMAGE_PROMPTS, IMAGE_PROMPTS, [""]]  # distilled: no negative pass; base: "" once
+    assert not np.array_equal(images[True][0], images[False][0])  # the negative pass changed the image
+
+
+def test_load_pipeline_with_a_klein_encoder_refuses_the_flux2_dev_dit_before_loading(tiny, klein_server):
+    from flux2_client.generation import load_pipeline
+
+    with pytest.raises(EmbeddingWidthError, match=r"384 wide .* joint_attention_dim 192"):
+        load_pipeline(str(tiny.pipeline), dit=str(tiny.nf4_repo), device="cpu", encoder=klein_server.target)

@@ -123,15 +123,16 @@ def check_embedding_width(embedding_dim: int, dit: str, *, revision: str | None 
         )
 
 
-def build_pipeline(family: PipelineFamily, *, scheduler: Any, vae: Any, transformer: Any) -> Any:
-    """The family's diffusers pipeline without text encoder and tokenizer (embeddings come from a server)."""
-    import diffusers
+def build_pipeline(family: PipelineFamily, *, scheduler: Any, vae: Any, transformer: Any, encoder: Any = None) -> Any:
+    """The family's diffusers pipeline without a local text encoder: a `Flux2RemotePipeline` or a
+    `Flux2KleinRemotePipeline` (subclasses of `family.pipeline_class`) whose prompts go to `encoder`
+    (None: `prompt_embeds=` only)."""
+    from .remote_pipeline import Flux2KleinRemotePipeline, Flux2RemotePipeline
 
-    cls = getattr(diffusers, family.pipeline_class)
-    components = {"scheduler": scheduler, "vae": vae, "text_encoder": None, "tokenizer": None}
+    components = {"scheduler": scheduler, "vae": vae, "transformer": transformer, "encoder": encoder}
     if family.is_klein:
-        return cls(**components, transformer=transformer, is_distilled=family.is_distilled)
-    return cls(**components, transformer=transformer)
+        return Flux2KleinRemotePipeline(**components, is_distilled=family.is_distilled)
+    return Flux2RemotePipeline(**components)
 
 
 __all__ = [

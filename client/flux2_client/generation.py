@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -32,8 +32,10 @@ class _Encoded(Protocol):
     def fingerprint(self) -> _Fingerprint: ...
 
 
+@runtime_checkable
 class PromptEncoder(Protocol):
-    """What `generate_to_files` needs from an encoder: an `EncoderPool` or a `RemoteTextEncoder`."""
+    """What `generate_to_files` and the remote pipelines need from an encoder: an `EncoderPool` or a
+    `RemoteTextEncoder`."""
 
     def encode(self, prompts: Sequence[str]) -> _Encoded: ...
 
@@ -60,9 +62,11 @@ def load_pipeline(
     loras: Sequence[str | tuple[str, float] | LoraSpec] = (),
     verbose: bool = False,
     embedding_dim: int | None = None,
+    encoder: str | Sequence[str] | PromptEncoder | None = None,
 ):
-    """A ready `Flux2Pipeline` with the NF4 DiT and the VAE, no text encoder; call it with
-    `prompt_embeds=` (and `image=` for reference images) like any diffusers pipeline.
+    """A ready diffusers pipeline with the NF4 DiT and the VAE; its text encoder is `encoder`, on another
+    machine. Call it like any diffusers FLUX.2 pipeline: `pipe(prompt=...)` (with `image=` for reference
+    images, `num_images_per_prompt=`...), or `pipe(prompt_embeds=...)`.
 
     Args:
         model: repo id or folder with `vae/` and `scheduler/` (and `transformer/` if `dit` is unset).
@@ -77,13 +81,17 @@ def load_pipeline(
             no references, one image. A bigger call later is refused by `generate` with a clear error.
         num_slots: device slots streamed blocks rotate through (2 = double buffering).
         embedding_dim: width of the embeddings the pipeline will get (the encoder's); checked against the
-            DiT's joint_attention_dim before anything is loaded (`families.EmbeddingWidthError`).
+            DiT's joint_attention_dim before anything is loaded (`families.EmbeddingWidthError`);
+            default: the encoder's, asked from `encoder` when it has `info()`.
         loras: LoRAs as `(path_or_repo, scale)` (or `"PATH_OR_REPO[:SCALE]"`), loaded with diffusers'
             `load_lora_weights` as adapters `lora_0`, `lora_1`, ... and all active; the plan counts them and
             they stay resident while base blocks stream. Switch later with `pipe.set_adapters(...)`.
+        encoder: where prompts are encoded: a target ("host:port", or "http(s)://…/predict") or a list of
+            them (failover), or an `EncoderPool` (for tokens, TLS, cache, deadlines). None: `prompt_embeds=` only.
 
-    The pipeline class follows `model`'s model_index.json: `Flux2Pipeline` for FLUX.2-dev,
-    `Flux2KleinPipeline` for FLUX.2 [klein] (see `families`).
+    The pipeline class follows `model`'s model_index.json: `Flux2RemotePipeline` (a `Flux2Pipeline`) for
+    FLUX.2-dev, `Flux2KleinRemotePipeline` (a `Flux2KleinPipeline`) for FLUX.2 [klein]; see
+    `remote_pipeline` and `families`.
 
     With `offload="plan"` the plan and its streamer sit in a named hook on `pipe.transformer`:
     `flux2_client.get_memory_plan(pipe)` returns the plan (printable with `.describe()`),
@@ -103,6 +111,12 @@ def load_pipeline(
     if offload == "plan" and vram is None and device.type != "cuda":
         raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
     family = detect_family(model, revision, dit=dit)
+    if encoder is not None:
+        from .remote_pipeline import as_prompt_encoder, served_embedding_dim
+
+        encoder = as_prompt_encoder(encoder)
+        if embedding_dim is None:
+            embedding_dim = served_embedding_dim(encoder)  # a wrong encoder fails before any weight loads
     if embedding_dim is not None:
         check_embedding_width(embedding_dim, dit or model, revision=None if dit else revision)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
@@ -110,7 +124,7 @@ def load_pipeline(
     transformer = load_nf4_transformer(dit or model, device=load_device, revision=None if dit else revision)
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-    pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer)
+    pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer, encoder=encoder)
     # Before offloading is set up: the plan counts the adapters, and the streamer lays them out resident.
     load_loras(pipe, loras)
     if offload == "plan":
@@ -191,15 +205,13 @@ def generate(
     return list(result.images)
 
 
-def save_png(image: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write `image` with its generation parameters as PNG text chunks (one per key, plus `flux2_split`
-    holding all of them as JSON)."""
-    from PIL.PngImagePlugin import PngInfo
+def save_png(image: Any, path: str | Path, metadata: dict[str, Any], parameters: str | None = None) -> Path:
+    """Write `image` with `metadata` as JSON in the `flux2_split` text chunk and, when given, `parameters`
+    (the A1111 infotext that Forge and Civitai read; `png_metadata.infotext`) in the `parameters` chunk.
+    No `prompt` chunk: ComfyUI reads that name as its workflow."""
+    from .png_metadata import png_info
 
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, str(value))
-    info.add_text("flux2_split", json.dumps(metadata, sort_keys=True))
+    info = png_info(metadata, parameters)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, pnginfo=info)
@@ -252,11 +264,13 @@ def generate_to_files(
     pipeline for this call's workload (`load_pipeline` with `model`, `dit`, `device`, `offload`, `vram`),
     generates (image k seeded with `params.seed + k`) and writes one PNG per image, named by
     `output_paths`, carrying prompt, seed, steps, guidance, size, reference image names, the encoder's
-    model and fingerprint, and the DiT. Returns the paths in prompt-major order.
+    model and fingerprint, the model and the DiT as JSON, and the A1111 `parameters` text that Forge and
+    Civitai read (`save_png`, `png_metadata`). Returns the paths in prompt-major order.
     FLUX.2 [klein] base models also get `negative_prompt` (default "") encoded on `encoder` for real
     classifier-free guidance (`families.PipelineFamily.negative_prompts`).
     """
     from .families import detect_family
+    from .png_metadata import SAMPLER, guidance_fields, infotext
 
     params = params or GenerationParams()
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -269,7 +283,8 @@ def generate_to_files(
     refs = load_reference_images(images)
 
     encoded = encoder.encode(prompt_list)
-    negatives = detect_family(model, dit=dit).negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
+    family = detect_family(model, dit=dit)
+    negatives = family.negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
     negative_embeds = encoder.encode(negatives).prompt_embeds if negatives else None
     fp = encoded.fingerprint
     if verbose:
@@ -299,9 +314,10 @@ def generate_to_files(
     paths = []
     targets = output_paths(out, len(prompt_list), num_images_per_prompt)
     for k, (image, path) in enumerate(zip(results, targets, strict=True)):
+        prompt, seed = prompt_list[k // num_images_per_prompt], params.seed + k
         meta = {
-            "prompt": prompt_list[k // num_images_per_prompt],
-            "seed": params.seed + k,
+            "prompt": prompt,
+            "seed": seed,
             "steps": params.num_inference_steps,
             "guidance": params.guidance_scale,
             "height": params.height,
@@ -309,9 +325,16 @@ def generate_to_files(
             "reference_images": json.dumps([Path(p).name for p in images]),
             "encoder_model": fp.weights_id,
             "encoder_fingerprint": fp.digest,
+            "model": model,
             "dit": dit or model,
         }
-        paths.append(save_png(image, path, meta))
+        if negatives:
+            meta["negative_prompt"] = negative_prompt
+        fields: dict[str, object] = {"Steps": params.num_inference_steps, "Sampler": SAMPLER}
+        fields |= guidance_fields(family, params.guidance_scale)
+        fields |= {"Seed": seed, "Size": f"{params.width}x{params.height}", "Model": Path(model).name}
+        parameters = infotext(prompt, fields, negative_prompt if negatives else "")
+        paths.append(save_png(image, path, meta, parameters))
         if verbose:
             print(f"wrote {path}")
     return paths
