@@ -182,6 +182,7 @@ def test_compiled_engine_is_close_and_batch_invariant(reference_pipe):
     assert torch.equal(compiled.encode(PROMPTS), want)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU batch-shape kernels: needs CUDA")
 def test_reproducible_mode_on_cuda_gives_the_same_bytes_at_every_batch_size(reference_pipe):
     import copy
@@ -194,6 +195,7 @@ def test_reproducible_mode_on_cuda_gives_the_same_bytes_at_every_batch_size(refe
         assert torch.equal(engine.encode(batch)[:1], alone)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm fp8 on a GPU: needs CUDA")
 def test_fp8_tier_on_cuda(reference_pipe):
     import copy
@@ -218,6 +220,7 @@ def test_fp8_on_an_unsupported_device_is_a_clear_error(reference_pipe, monkeypat
         EncoderEngine.from_model(reference_pipe.text_encoder, reference_pipe.tokenizer, precision="fp8")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: needs CUDA")
 def test_cuda_graphs_give_the_bytes_of_the_eager_forward_and_pipelined_launches_stay_apart(reference_pipe):
     import copy

@@ -194,6 +194,7 @@ def test_nf4_tier_on_qwen3_is_close(tiny_klein, references):
     assert (cosine > 0.9).all() and not torch.equal(got, want), cosine
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU kernels and batch shapes: needs CUDA")
 def test_on_cuda_bit_identical_to_klein_pipeline_at_every_batch_size(tiny_klein):
     """On a GPU a lone prompt and a batch run other kernels: the reproducible engine gives diffusers'
