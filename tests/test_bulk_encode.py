@@ -97,7 +97,7 @@ def interrupted_then_resumed(tmp_path, tiny, engine, *, unique, duplicates, shar
     args += ["--concurrency", "4", "--request-prompts", "4"]
     try:
         first = run_encode_cli(args)
-        assert counting.blocked.wait(120), first.communicate()[0] if first.poll() is not None else "not blocked"
+        assert counting.blocked.wait(300), first.communicate()[0] if first.poll() is not None else "not blocked"
         time.sleep(0.5)  # let the client finish writing the shards it has
         first.send_signal(sig)
         time.sleep(0.2)
