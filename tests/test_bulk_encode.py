@@ -304,3 +304,32 @@ def test_encode_command_builds_one_pool_from_every_server_flag(tmp_path):
         pool_from_args(parser.parse_args(argv))
     with pytest.raises(SystemExit, match="TLS options were given"):
         pool_from_args(parser.parse_args([*argv, "--tls", "--server", "http://127.0.0.1:3/predict"]))
+
+
+def test_captions_split_on_newlines_only_and_a_bad_byte_is_named(tmp_path):
+    """U+2028, NEL and form feeds are characters inside a caption (str.splitlines would break there); a line
+    with an invalid UTF-8 byte refuses the file naming that line, or is skipped and counted."""
+    captions = ["a fox\u2028in the snow", "two lines\x85one caption", "plain", "tab\tand\x0cform feed"]
+    good = tmp_path / "good.txt"
+    good.write_bytes(("\r\n".join(captions) + "\n").encode("utf-8"))
+    assert read_captions(good) == captions
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"first\nsecond \xff here\nthird\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:2: byte 0xff at column 8 is not valid UTF-8"):
+        read_captions(bad)
+    skipped: list[int] = []
+    assert read_captions(bad, bad_lines="skip", on_skip=lambda line, _why: skipped.append(line)) == ["first", "third"]
+    assert skipped == [2]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(b'{"caption": "ok \\u2028 inside"}\n{"caption": "x\xfe"}\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: byte 0xfe"):
+        read_captions(jsonl)
+
+
+def test_encode_command_names_the_bad_line_in_one_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n\xc3\x28 broken\n")
+    proc = run_encode_cli([str(bad), "--server", "127.0.0.1:1", "--out", str(tmp_path / "o")])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in output and "bad.txt:2: byte 0xc3 at column 1 is not valid UTF-8" in output, output

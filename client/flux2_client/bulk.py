@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -163,6 +164,12 @@ def add_encode_parser(sub: Any) -> argparse.ArgumentParser:
     add_pool_args(p, timeout=300.0)
     p.add_argument("--format", dest="kind", choices=("auto", "text", "jsonl", "images"), default="auto")
     p.add_argument("--field", default="caption", help="JSONL field holding the caption")
+    p.add_argument(
+        "--bad-lines",
+        choices=("error", "skip"),
+        default="error",
+        help="a line that is not valid UTF-8: stop and name it (default), or skip it and report the count",
+    )
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--request-prompts", type=int, default=4, help="captions per request")
     p.add_argument("--shard-rows", type=int, default=64, help="captions per shard (15.7 MB each for FLUX.2-dev)")
@@ -174,10 +181,16 @@ def run_encode(args: argparse.Namespace) -> int:
     from ._pool_args import pool_from_args
     from .captions import read_captions
 
+    skipped: list[int] = []
     try:
-        captions = read_captions(args.input, args.kind, args.field)
+        captions = read_captions(
+            args.input, args.kind, args.field, bad_lines=args.bad_lines, on_skip=lambda line, _why: skipped.append(line)
+        )
     except (OSError, ValueError) as exc:
         raise SystemExit(f"encode: {exc}") from None
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        print(f"encode: skipped {len(skipped)} line(s) that are not valid UTF-8: {shown}", file=sys.stderr)
     from .encoder import RemoteEncoderError
     from .shards import ShardFingerprintError
 
