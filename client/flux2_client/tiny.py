@@ -145,9 +145,17 @@ def build_tiny_text_encoder(hidden_size: int = 64, num_layers: int = 40, seed: i
     return model.to(torch.bfloat16).eval()
 
 
-def build_tiny_transformer(joint_attention_dim: int, seed: int = 0):
-    """A `Flux2Transformer2DModel` with FLUX.2-dev's channel layout. Linear sizes are multiples of 64 so
-    bitsandbytes' CPU NF4 kernels (which repack weights on avx512_bf16 machines) accept them."""
+def build_tiny_transformer(
+    joint_attention_dim: int,
+    seed: int = 0,
+    *,
+    num_layers: int = 2,
+    num_single_layers: int = 2,
+    guidance_embeds: bool = True,
+):
+    """A `Flux2Transformer2DModel` with FLUX.2-dev's channel layout (Klein's without the guidance
+    embedder). Linear sizes are multiples of 64 so bitsandbytes' CPU NF4 kernels (which repack weights on
+    avx512_bf16 machines) accept them."""
     import torch
     from diffusers import Flux2Transformer2DModel
 
@@ -155,14 +163,15 @@ def build_tiny_transformer(joint_attention_dim: int, seed: int = 0):
     model = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=128,
-        num_layers=2,
-        num_single_layers=2,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
         attention_head_dim=32,
         num_attention_heads=2,
         joint_attention_dim=joint_attention_dim,
         timestep_guidance_channels=256,
         mlp_ratio=3.0,
         axes_dims_rope=(8, 8, 8, 8),
+        guidance_embeds=guidance_embeds,
     )
     return model.to(torch.bfloat16).eval()
 

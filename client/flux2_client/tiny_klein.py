@@ -148,24 +148,15 @@ def build_tiny_qwen3(vocab_size: int, pad_token_id: int, eos_token_id: int, hidd
 def build_tiny_klein_transformer(joint_attention_dim: int, seed: int = 0):
     """A Klein-shaped `Flux2Transformer2DModel`: no guidance embedder (Klein's pipeline passes
     `guidance=None`), FLUX.2's channel layout, linear sizes multiples of 64 (bitsandbytes' CPU NF4)."""
-    import torch
-    from diffusers import Flux2Transformer2DModel
+    from .tiny import build_tiny_transformer
 
-    torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,
+    return build_tiny_transformer(
+        joint_attention_dim,
+        seed,
         num_layers=KLEIN_TINY_DOUBLE_BLOCKS,
         num_single_layers=KLEIN_TINY_SINGLE_BLOCKS,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=joint_attention_dim,
-        timestep_guidance_channels=256,
-        mlp_ratio=3.0,
-        axes_dims_rope=(8, 8, 8, 8),
         guidance_embeds=False,
     )
-    return model.to(torch.bfloat16).eval()
 
 
 def make_tiny_klein(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> TinyKleinPaths:
