@@ -10,6 +10,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from flux2_encoder_server.server import LIVENESS_SERVICE
 from flux2_encoder_server.settings import Settings
 from flux2split_proto import SERVICE_NAME
 
@@ -61,6 +62,9 @@ def test_deployment_agrees_with_the_server(path):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == settings.port
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["startupProbe"]["grpc"]["service"] == SERVICE_NAME
+    # Liveness must not fail while the model loads or the pod drains: the server's `liveness` service.
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.grace_period_s + pre_stop
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -53,7 +54,22 @@ from .metrics import Metrics
 from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
 
-__all__ = ["ANONYMOUS", "Admission", "EncodeResult", "EncoderCore", "Engine", "Principal", "RequestScope"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ANONYMOUS",
+    "SELF_TEST_PROMPT",
+    "Admission",
+    "EncodeResult",
+    "EncoderCore",
+    "Engine",
+    "Principal",
+    "RequestScope",
+]
+
+
+#: What the self-test encodes (as text-embeddings-inference's health check runs a forward on a fixed input).
+SELF_TEST_PROMPT = "A photo of a red apple on a wooden table."
 
 
 class Engine(Protocol):
@@ -235,6 +251,8 @@ class EncoderCore:
         )
         self.draining = False
         self._batcher: Batcher | None = None
+        self._failed_batches = 0  # in a row; a batch that succeeds resets it
+        self._self_test_error: str | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._inflight_bytes = 0
@@ -272,8 +290,58 @@ class EncoderCore:
             batcher.join(timeout)
 
     @property
+    def engine_problem(self) -> str | None:
+        """Why the loaded engine cannot serve, None while it can (or is still loading): its worker thread
+        died, `unhealthy_after_failed_batches` batches failed in a row, or the last self-test failed."""
+        batcher = self._batcher
+        if batcher is None:
+            return None
+        if not batcher.alive:
+            return "the batcher's worker thread died"
+        if self._self_test_error is not None:
+            return f"the self-test encode failed: {self._self_test_error}"
+        limit = self.settings.unhealthy_after_failed_batches
+        if self._failed_batches >= limit:
+            return f"{self._failed_batches} model batches failed in a row (unhealthy_after_failed_batches={limit})"
+        return None
+
+    @property
+    def live(self) -> bool:
+        """Liveness: False only when the engine is broken (loading and draining are alive)."""
+        return self.engine_problem is None
+
+    @property
     def ready(self) -> bool:
-        return self._batcher is not None and not self.draining and not self._closed
+        """Readiness: loaded, not draining, and the engine works."""
+        return self._batcher is not None and not self.draining and not self._closed and self.live
+
+    @property
+    def needs_self_test(self) -> bool:
+        """Batches have been failing (or the last self-test failed): only a passing self-test clears it."""
+        return self._self_test_error is not None or self._failed_batches >= self.settings.unhealthy_after_failed_batches
+
+    async def self_test(self, timeout: float) -> bool:
+        """Encode `SELF_TEST_PROMPT` through the batcher (no cache, no admission) and check its rows; a pass
+        clears the failure count, a failure keeps the engine unhealthy until a later pass."""
+        batcher = self._batcher
+        if batcher is None or self._closed or not batcher.alive:
+            return False
+        try:
+            encoded = await batcher.submit([SELF_TEST_PROMPT], timeout=timeout)
+            embeds = encoded.embeds
+            if embeds.shape[0] != 1 or embeds.shape[-1] != self.embedding_dim:
+                raise RuntimeError(f"unexpected shape {tuple(embeds.shape)}")
+            if not bool(torch.isfinite(embeds).all()):
+                raise RuntimeError("the rows are not finite")
+        except Exception as exc:
+            self._self_test_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.self_tests.labels("failed").inc()
+            log.error("self-test failed: %s", self._self_test_error)
+            return False
+        self._self_test_error = None
+        self._failed_batches = 0
+        self.metrics.self_tests.labels("passed").inc()
+        return True
 
     def start_draining(self) -> None:
         """New requests get UNAVAILABLE from now on; admitted ones run to completion."""
@@ -369,6 +437,8 @@ class EncoderCore:
             raise Unavailable("the server is draining for shutdown; retry on another replica")
         if self._batcher is None or self.fingerprint is None:
             raise Unavailable("the model is still loading; retry shortly")
+        if not self._batcher.alive:  # nothing would ever answer: send the client elsewhere at once
+            raise Unavailable("the server's model worker has stopped; retry on another replica")
         return self.fingerprint
 
     async def _encode_admitted(self, prompts: list[str], timeout: float, bypass_cache: bool) -> EncodeResult:
@@ -435,8 +505,10 @@ class EncoderCore:
 
     def _on_batch(self, stats: BatchStats) -> None:
         if stats.failed:
+            self._failed_batches += 1
             self.metrics.batch_failures.inc()
             return
+        self._failed_batches = 0
         self.metrics.batch_prompts.observe(stats.prompts)
         self.metrics.batch_requests.observe(stats.jobs)
         assert self.fingerprint is not None

@@ -39,6 +39,12 @@ class Metrics:
         self.batch_failures = Counter(
             _PREFIX + "batch_failures", "Model batches that raised (only their requests failed)", registry=r
         )
+        self.self_tests = Counter(
+            _PREFIX + "self_tests",
+            "Self-test encodes of a fixed prompt, by result (passed, failed); a failure turns health NOT_SERVING",
+            ["result"],
+            registry=r,
+        )
         self.model_tokens = Counter(
             _PREFIX + "model_tokens",
             "Tokens run through the model (prompts * max_length: every prompt is padded)",
