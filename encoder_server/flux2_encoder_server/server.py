@@ -39,6 +39,10 @@ _HEALTH_POLL_S = 0.25
 _SELF_TEST_RETRY_S = 1.0
 
 
+class PortInUseError(RuntimeError):
+    """A port the server must listen on cannot be bound (another process holds it)."""
+
+
 class _EngineHealthServicer(HealthServicer):
     """grpc.health.v1 whose Check reads the engine's state at the moment of the call (Watch follows the
     server's periodic refresh)."""
@@ -117,7 +121,12 @@ class EncoderServer:
         max_request = max(4 << 20, s.max_prompts_per_request * (s.max_prompt_chars * 4 + 16) + (64 << 10))
         server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.core)],
-            options=[("grpc.max_receive_message_length", max_request)],
+            options=[
+                ("grpc.max_receive_message_length", max_request),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port would start and take
+                # a share of new connections (one without tokens beside one with them, say). Refuse instead.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         add_text_encoder_service(TextEncoderService(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -133,10 +142,15 @@ class EncoderServer:
         await self._refresh_health()
         credentials = server_credentials(s)
         address = f"{s.host}:{s.port}"
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+            raise PortInUseError(
+                f"cannot listen on {address}: the port is in use (or the address is not local)"
+            ) from exc
         await server.start()
         self._server = server
         if s.metrics_port is not None:
@@ -155,7 +169,11 @@ class EncoderServer:
         )
         if self.settings.http_port is not None:
             self._http = HttpFrontEnd(create_app(self.core, self.serving), self.settings.host, self.settings.http_port)
-            self.http_port = await self._http.start()
+            try:
+                self.http_port = await self._http.start()
+            except OSError as exc:
+                await server.stop(0)
+                raise PortInUseError(f"cannot listen on {s.host}:{s.http_port} (--http-port): {exc.strerror}") from exc
             log.info("HTTP /predict listening on %s:%d", self.settings.host, self.http_port)
         return self.port
 
