@@ -26,3 +26,67 @@ def test_a_second_server_on_a_bound_port_exits_non_zero_with_one_line(open_serve
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
     assert "listening on" not in done.stdout
+
+
+TOKEN = "harden-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def guarded_server():
+    settings = local_settings(http_port=0, cache_bytes=0, auth_tokens=f"ops:{TOKEN}")
+    with ServerThread(settings, lambda _s: FakeEngine()) as thread:
+        yield thread
+
+
+def _grpc_calls(target: str):
+    """Every rpc of the gRPC front-end as raw bytes (well-formed and malformed): name -> (call, bytes)."""
+    from flux2split_proto import SERVICE_NAME
+    from flux2split_proto.v1 import encoder_pb2 as pb
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    reflection = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    return {
+        "Encode": ("unary_stream", f"/{SERVICE_NAME}/Encode", pb.EncodeRequest(prompts=["a"]).SerializeToString()),
+        "Encode malformed": ("unary_stream", f"/{SERVICE_NAME}/Encode", b"\x0a\x02\xff\xfe"),
+        "Info": ("unary_unary", f"/{SERVICE_NAME}/Info", pb.InfoRequest().SerializeToString()),
+        "Info malformed": ("unary_unary", f"/{SERVICE_NAME}/Info", b"\xff\xff\xff"),
+        "reflection": (
+            "stream_stream",
+            reflection,
+            reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString(),
+        ),
+        "health": (
+            "unary_unary",
+            "/grpc.health.v1.Health/Check",
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME).SerializeToString(),
+        ),
+    }
+
+
+def test_every_route_of_both_front_ends_needs_a_token_except_health(guarded_server):
+    import grpc
+    import httpx
+
+    with grpc.insecure_channel(guarded_server.target) as channel:
+        for name, (kind, method, raw) in _grpc_calls(guarded_server.target).items():
+            stub = getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
+            try:
+                if kind == "unary_unary":
+                    stub(raw, timeout=30)
+                elif kind == "unary_stream":
+                    list(stub(raw, timeout=30))
+                else:
+                    list(stub(iter([raw]), timeout=30))
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            expected = grpc.StatusCode.OK if name == "health" else grpc.StatusCode.UNAUTHENTICATED
+            assert code == expected, name
+    url = guarded_server.http_url
+    assert httpx.post(url + "/predict", content=b'{"prompt": ["a"]}').status_code == 401
+    assert httpx.post(url + "/predict", content=b"\xff not json").status_code == 401  # token before parsing
+    assert httpx.get(url + "/info").status_code == 401
+    assert httpx.get(url + "/info", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/healthz").status_code == 200

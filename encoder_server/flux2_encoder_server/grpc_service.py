@@ -144,8 +144,8 @@ class TextEncoderService:
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
+            self.core.authenticate(_metadata_token(context))  # before parsing: one rule for every rpc
             _parsed(request)
-            self.core.authenticate(_metadata_token(context))
             if self.core.fingerprint is None:
                 raise Unavailable("the model is still loading; retry shortly")
         except ServiceError as exc:

@@ -197,6 +197,10 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503, headers={"Retry-After": "1"})
 
     async def info(request: Request) -> Response:
+        try:  # the weights path, revision and limits: a token, as for gRPC Info
+            core.authenticate(bearer_token(request.headers.get("authorization")))
+        except ServiceError as exc:
+            return service_error_response(exc)
         if core.fingerprint is None:
             return service_error_response(Unavailable("the model is still loading; retry shortly"))
         s = core.settings
