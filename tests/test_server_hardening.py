@@ -90,3 +90,34 @@ def test_every_route_of_both_front_ends_needs_a_token_except_health(guarded_serv
     assert httpx.get(url + "/info", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert httpx.get(url + "/health").status_code == 200
     assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_request_ids_are_cut_and_escaped_so_they_cannot_flood_or_forge_log_lines(open_server, caplog):
+    import logging
+
+    import grpc
+    import httpx
+    from flux2_encoder_server.core import MAX_REQUEST_ID_CHARS
+    from flux2_encoder_server.logs import TextFormatter, access_log
+    from flux2split_proto import SERVICE_NAME, codec
+    from flux2split_proto.v1 import encoder_pb2 as pb
+
+    forged = "abc\n2026-12-01 00:00:00 INFO flux2.access: request status=OK\r\x1b[2J"
+    with caplog.at_level(logging.INFO, logger=access_log.name), grpc.insecure_channel(open_server.target) as channel:
+        stub = channel.unary_stream(f"/{SERVICE_NAME}/Encode", request_serializer=None, response_deserializer=None)
+        raw = pb.EncodeRequest(prompts=["a"], request_id=forged).SerializeToString()
+        header, _ = codec.assemble(pb.EncodeResponse.FromString(m) for m in stub(raw, timeout=30))
+    assert "\n" not in header.request_id and header.request_id.startswith("abc\\n")
+    lines = [TextFormatter().format(r) for r in caplog.records if r.name == access_log.name]
+    assert lines and all("\n" not in line and "\r" not in line and "\x1b" not in line for line in lines)
+
+    # 10 KB reaches the server and comes back cut; 100 KB may be refused by the HTTP parser, never echoed.
+    for size in (10_000, 100_000):
+        response = httpx.post(
+            open_server.http_url + "/predict", json={"prompt": ["a"]}, headers={"x-request-id": "x" * size}
+        )
+        assert response.status_code == 200 or size > 10_000
+        if response.status_code == 200:
+            assert response.headers["x-request-id"] == "x" * MAX_REQUEST_ID_CHARS
+        else:
+            assert "x" * MAX_REQUEST_ID_CHARS not in response.text

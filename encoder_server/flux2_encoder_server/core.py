@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ANONYMOUS",
+    "MAX_REQUEST_ID_CHARS",
     "SELF_TEST_PROMPT",
     "Admission",
     "EncodeResult",
@@ -65,11 +66,25 @@ __all__ = [
     "Engine",
     "Principal",
     "RequestScope",
+    "clean_request_id",
 ]
 
 
 #: What the self-test encodes (as text-embeddings-inference's health check runs a forward on a fixed input).
 SELF_TEST_PROMPT = "A photo of a red apple on a wooden table."
+
+
+#: Longest request id kept (the client's id is cut to this, after escaping).
+MAX_REQUEST_ID_CHARS = 128
+
+
+def clean_request_id(raw: str | None) -> str:
+    """A client's request id as it may be logged and echoed: printable ASCII only (control characters,
+    newlines and non-ASCII written as Python escapes, so no id can forge a log line or a header), at most
+    MAX_REQUEST_ID_CHARS characters."""
+    if not raw:
+        return ""
+    return ascii(raw[:MAX_REQUEST_ID_CHARS])[1:-1][:MAX_REQUEST_ID_CHARS]
 
 
 class Engine(Protocol):
@@ -373,7 +388,7 @@ class EncoderCore:
     def request(self, frontend: str, *, request_id: str | None = None, bearer_token: str | None = None) -> RequestScope:
         """The scope of one request (see the module docstring); `bearer_token` is the raw token the request
         carried, None when it carried none."""
-        return RequestScope(self, frontend, request_id or uuid.uuid4().hex[:16], bearer_token)
+        return RequestScope(self, frontend, clean_request_id(request_id) or uuid.uuid4().hex[:16], bearer_token)
 
     def authenticate(self, bearer_token: str | None) -> Principal:
         """For calls that are not encodes (Info, reflection): who sent `bearer_token`, or Unauthenticated."""

@@ -105,7 +105,7 @@ class TextEncoderService:
         self.core = core
 
     async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeResponse | bytes]:
-        request_id = "" if isinstance(request, _Malformed) else request.request_id[:128]
+        request_id = "" if isinstance(request, _Malformed) else request.request_id
         try:
             async with self.core.request("grpc", request_id=request_id, bearer_token=_metadata_token(context)) as req:
                 request = _parsed(request)
