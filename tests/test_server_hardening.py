@@ -9,6 +9,8 @@ import sys
 
 import pytest
 from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,29 @@ def test_request_ids_are_cut_and_escaped_so_they_cannot_flood_or_forge_log_lines
             assert response.headers["x-request-id"] == "x" * MAX_REQUEST_ID_CHARS
         else:
             assert "x" * MAX_REQUEST_ID_CHARS not in response.text
+
+
+_CONTROL_PLANE_BYTES = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([b"\x0a\x02\xff\xfe", b"\x0a\x05abc", b"\xff\xff\xff", b"\x08", b"\x1a\x03\xc3\x28x"]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_CONTROL_PLANE_BYTES)
+def test_malformed_health_and_reflection_requests_are_invalid_argument_never_unknown(open_server, raw):
+    import grpc
+
+    allowed = {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}
+    with grpc.insecure_channel(open_server.target) as channel:
+        for method, kind in (
+            ("/grpc.health.v1.Health/Check", "unary_unary"),
+            ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+        ):
+            stub = getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
+            try:
+                stub(raw, timeout=30) if kind == "unary_unary" else list(stub(iter([raw]), timeout=30))
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            assert code in allowed, (method, raw, code)

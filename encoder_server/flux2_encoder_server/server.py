@@ -13,14 +13,20 @@ from typing import Any
 
 import grpc
 from flux2split_proto import SERVICE_NAME
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from .core import EncoderCore, Engine
 from .cuda_graphs import graph_batch_sizes
 from .engine import EncoderEngine
-from .grpc_service import BearerAuthInterceptor, TextEncoderService, add_text_encoder_service
+from .grpc_service import (
+    BearerAuthInterceptor,
+    TextEncoderService,
+    add_health_service,
+    add_reflection_service,
+    add_text_encoder_service,
+)
 from .http_app import HttpFrontEnd, create_app
 from .settings import Settings
 
@@ -129,14 +135,10 @@ class EncoderServer:
             ],
         )
         add_text_encoder_service(TextEncoderService(self.core), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_health_service(self._health, server)
         if s.reflection:
-            reflection.enable_server_reflection(
-                (
-                    SERVICE_NAME,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ),
+            add_reflection_service(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 server,
             )
         await self._refresh_health()
