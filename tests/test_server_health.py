@@ -100,3 +100,23 @@ def test_a_failing_self_test_at_load_never_reports_serving(served):
     with pytest.raises(RuntimeError, match="self-test"):
         thread.run(thread.server.load())
     assert _health(thread.target)[SERVICE_NAME] == NOT_SERVING
+
+
+def test_metrics_follow_the_naming_guide_and_start_at_zero(served):
+    thread = served(FakeEngine())
+    text = thread.core.metrics.exposition().decode()
+    for line in (
+        'flux2_encoder_requests_total{code="UNAVAILABLE",frontend="http"} 0.0',
+        'flux2_encoder_requests_total{code="CANCELLED",frontend="grpc"} 0.0',
+        'flux2_encoder_sent_bytes_total{frontend="grpc"} 0.0',
+        'flux2_encoder_request_duration_seconds_count{frontend="http"} 0.0',
+        'flux2_encoder_rejected_total{limit="max_inflight_bytes"} 0.0',
+        'flux2_encoder_dropped_total{reason="deadline"} 0.0',
+        'flux2_encoder_cache_lookups_total{result="miss",tier="disk"} 0.0',
+        'flux2_encoder_self_tests_total{result="failed"} 0.0',
+    ):
+        assert line in text, line
+    assert 'flux2_encoder_build_info{model="fake",precision="bf16",version="' in text
+    assert "bytes_sent" not in text and "flux2_encoder_request_seconds" not in text
+    RemoteTextEncoder(thread.target).encode("a")
+    assert thread.core.metrics.value("flux2_encoder_sent_bytes_total", {"frontend": "grpc"}) > 0

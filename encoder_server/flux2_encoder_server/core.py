@@ -36,6 +36,7 @@ from typing import Protocol
 import torch
 from flux2split_proto import shared
 
+from . import __version__
 from .batcher import Batcher, BatchStats, PendingBatch
 from .cache import EmbeddingCache
 from .errors import (
@@ -214,7 +215,7 @@ class RequestScope:
 
     def add_bytes_sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
-        self.core.metrics.bytes_sent.labels(self.frontend).inc(nbytes)
+        self.core.metrics.sent_bytes.labels(self.frontend).inc(nbytes)
 
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
@@ -227,7 +228,7 @@ class RequestScope:
         total = time.monotonic() - self._started
         metrics = self.core.metrics
         metrics.requests.labels(self.frontend, self.status).inc()
-        metrics.request_seconds.labels(self.frontend).observe(total)
+        metrics.request_duration.labels(self.frontend).observe(total)
         self.core._exit()  # after the metrics: a request no longer in flight has been counted
         fields: dict[str, object] = {
             "request_id": self.request_id,
@@ -285,6 +286,7 @@ class EncoderCore:
             raise RuntimeError("an EncoderCore serves one engine for its lifetime")
         self.fingerprint = engine.fingerprint
         self.embedding_dim = engine.embedding_dim
+        self.metrics.set_build_info(__version__, engine.fingerprint.weights_id, engine.fingerprint.precision)
         self._batcher = Batcher(
             engine.launch,
             max_batch_prompts=self.settings.max_batch_prompts,
