@@ -23,10 +23,12 @@ from .cache import EmbeddingCache
 from .remote import EncodedPrompts, RemoteEncoderError, RemoteTextEncoder
 
 # Worth another server or a later try: the server is down, overloaded, or timed out, or the payload
-# arrived corrupt.
+# arrived corrupt. CANCELLED too: a call racing a server's final close is cancelled by gRPC itself
+# (docs/operations.md: treat it as UNAVAILABLE).
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
