@@ -149,3 +149,21 @@ def test_malformed_health_and_reflection_requests_are_invalid_argument_never_unk
             except grpc.RpcError as exc:
                 code = exc.code()
             assert code in allowed, (method, raw, code)
+
+
+def test_a_client_that_disconnects_mid_body_is_cancelled_without_a_traceback(open_server, caplog):
+    import logging
+    import socket
+
+    from flux2_encoder_server.testing import wait_until
+
+    metrics = open_server.core.metrics
+    labels = {"frontend": "http", "code": "CANCELLED"}
+    before = metrics.value("flux2_encoder_requests_total", labels)
+    host, port = open_server.http_url.removeprefix("http://").split(":")
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b'{"prompt": ["')
+        wait_until(lambda: metrics.value("flux2_encoder_requests_total", labels) == before + 1, what="CANCELLED")
+    assert metrics.value("flux2_encoder_requests_total", {"frontend": "http", "code": "INTERNAL"}) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
