@@ -167,3 +167,25 @@ def test_a_client_that_disconnects_mid_body_is_cancelled_without_a_traceback(ope
         wait_until(lambda: metrics.value("flux2_encoder_requests_total", labels) == before + 1, what="CANCELLED")
     assert metrics.value("flux2_encoder_requests_total", {"frontend": "http", "code": "INTERNAL"}) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_client_cancelling_mid_stream_is_cancelled_without_an_error_log(caplog):
+    import logging
+
+    import grpc
+    from flux2_encoder_server.testing import wait_until
+    from flux2split_proto import SERVICE_NAME
+    from flux2split_proto.v1 import encoder_pb2 as pb
+
+    settings = local_settings(cache_bytes=0, chunk_bytes=1024)
+    with caplog.at_level(logging.INFO), ServerThread(settings, lambda _s: FakeEngine()) as thread:
+        with grpc.insecure_channel(thread.target) as channel:
+            stub = channel.unary_stream(f"/{SERVICE_NAME}/Encode", request_serializer=None, response_deserializer=None)
+            for _ in range(3):
+                call = stub(pb.EncodeRequest(prompts=["a"] * 8).SerializeToString(), timeout=30)
+                next(call), next(call)  # the header and one chunk of many
+                call.cancel()
+            wait_until(lambda: thread.core.inflight_requests == 0, what="the cancelled streams to end")
+        labels = {"frontend": "grpc", "code": "CANCELLED"}
+        assert thread.core.metrics.value("flux2_encoder_requests_total", labels) == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
