@@ -4,6 +4,8 @@ up with a clear error when all are down, and an on-disk cache returns the receiv
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import grpc
 import pytest
@@ -119,3 +121,68 @@ def test_pool_sends_the_token_and_does_not_retry_a_refused_one(tiny, engine):
             assert pool.stats.failovers == 0  # a refused token is final, not a reason to try elsewhere
     finally:
         server.stop()
+
+
+class _StubServer:
+    """A gRPC server whose Encode and Info misbehave as told: "cancel" answers CANCELLED, "hang" never
+    answers (a hung replica)."""
+
+    def __init__(self, behaviour: str):
+        from concurrent import futures
+
+        from flux2split_proto import SERVICE_NAME
+
+        self.calls = 0
+        self._release = threading.Event()
+
+        def handle(request, context):
+            self.calls += 1
+            if behaviour == "cancel":
+                context.abort(grpc.StatusCode.CANCELLED, "cancelled by the server's close")
+            self._release.wait(60)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+        handlers = {
+            "Encode": grpc.unary_stream_rpc_method_handler(lambda r, c: iter(handle(r, c) or ())),
+            "Info": grpc.unary_unary_rpc_method_handler(handle),
+        }
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def close(self) -> None:
+        self._release.set()
+        self.server.stop(0)
+
+
+def test_pool_retries_cancelled_on_another_server():
+    from flux2_encoder_server.testing import FakeEngine
+
+    stub = _StubServer("cancel")
+    policy = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05, cooldown=0.0, deadline=60.0)
+    try:
+        # Round robin: one of the two encodes starts at the stub and meets a CANCELLED first.
+        with (
+            ServerThread(local_settings(cache_bytes=0), lambda _s: FakeEngine()) as good,
+            EncoderPool([stub.target, good.target], timeout=10, retry=policy) as pool,
+        ):
+            for i in range(2):
+                assert pool.encode(f"after a cancel {i}").prompt_embeds.shape[0] == 1
+        assert stub.calls >= 1
+    finally:
+        stub.close()
+
+
+def test_a_hung_server_costs_no_more_than_the_calls_remaining_deadline():
+    stub = _StubServer("hang")
+    try:
+        policy = RetryPolicy(attempts=3, backoff=0.01, cooldown=0.0, deadline=1.0)
+        with EncoderPool([stub.target], timeout=60, retry=policy) as pool:
+            started = time.monotonic()
+            with pytest.raises(RemoteEncoderError) as err:
+                pool.encode("to a hung server")
+            assert time.monotonic() - started < 5  # not the 60 s per-attempt timeout
+        assert err.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    finally:
+        stub.close()

@@ -246,7 +246,8 @@ def test_unknown_paths_and_methods_get_json_errors(http_server):
 def test_info_and_health(http_server, engine):
     assert httpx.get(http_server.http_url + "/health").json() == {"status": "SERVING"}
     assert httpx.get(http_server.http_url + "/healthz").status_code == 200
-    info = httpx.get(http_server.http_url + "/info").json()
+    assert httpx.get(http_server.http_url + "/info").status_code == 401  # a token, as for gRPC Info
+    info = httpx.get(http_server.http_url + "/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert info["fingerprint"]["digest"] == engine.fingerprint.digest
     assert info["embedding_dim"] == 192
     assert info["limits"]["http_max_body_bytes"] == MAX_BODY

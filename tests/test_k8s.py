@@ -22,16 +22,13 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from flux2_encoder_server.server import LIVENESS_SERVICE
 from flux2_encoder_server.settings import Settings
 from flux2split_proto import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32.0"
-# The grpc.health.v1 service the liveness probe asks for: SERVING while the engine works (its worker alive,
-# batches not failing in a row), also while the server drains; the server registers it beside "" and
-# the TextEncoder service (issue 14).
-LIVENESS_SERVICE = "liveness"
 # Custom resources: not in the Kubernetes schema; k8s/crd-schemas/validate.mjs checks them.
 CRD_GROUPS = {"gateway.networking.k8s.io", "monitoring.coreos.com"}
 CRD_VALIDATOR = K8S / "crd-schemas"

@@ -72,7 +72,7 @@ def test_concurrent_load_is_exact_and_batched(tiny, engine):
         assert metrics.value("flux2_encoder_batch_prompts_bucket", {"le": "1.0"}) < batches
         assert metrics.value("flux2_encoder_batch_requests_bucket", {"le": "1.0"}) < batches
         assert max(len(b) for b in wrapped.batches) > 1
-        assert metrics.value("flux2_encoder_bytes_sent_total", {"frontend": "grpc"}) == total_prompts * 512 * 192 * 2
+        assert metrics.value("flux2_encoder_sent_bytes_total", {"frontend": "grpc"}) == total_prompts * 512 * 192 * 2
         # The same numbers are what Prometheus scrapes from the metrics port.
         import urllib.request
 

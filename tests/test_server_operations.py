@@ -216,6 +216,8 @@ NON_DEFAULT: dict[str, object] = {
     "metrics_host": "127.0.0.3",
     "grace_period_s": 3.0,
     "warmup": False,
+    "unhealthy_after_failed_batches": 5,
+    "self_test_interval_s": 12.5,
     "log_level": "DEBUG",
     "log_format": "text",
 }

@@ -36,10 +36,12 @@ __all__ = ["RETRYABLE", "EncoderPool", "PoolStats", "RetryPolicy", "connect", "u
 T = TypeVar("T")
 
 # Worth another server or a later try: the server is down, overloaded, draining or timed out, or the
-# payload arrived corrupt.
+# payload arrived corrupt. CANCELLED too: a call racing a server's final close is cancelled by gRPC itself
+# (docs/operations.md: treat it as UNAVAILABLE).
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,

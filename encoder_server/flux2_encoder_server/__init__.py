@@ -14,6 +14,7 @@ _EXPORTS = {
     "EncoderCore": "core",
     "EncoderEngine": "engine",
     "EncoderServer": "server",
+    "LIVENESS_SERVICE": "server",
     "Fingerprint": "fingerprint",
     "Settings": "settings",
     "SecretStr": "settings",

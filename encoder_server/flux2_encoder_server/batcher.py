@@ -126,6 +126,11 @@ class Batcher:
         self._answerer.start()
 
     @property
+    def alive(self) -> bool:
+        """Both worker threads run (a closed batcher's threads end on purpose and count as alive)."""
+        return self._closed or (self._thread.is_alive() and self._answerer.is_alive())
+
+    @property
     def queued(self) -> int:
         with self._cond:
             return len(self._queue)

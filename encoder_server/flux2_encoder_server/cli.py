@@ -40,12 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flux2-encoder-server needs {missing!r}: pip install 'flux2-split[server]'", file=sys.stderr)
         return 1
     from .logs import configure_logging
-    from .server import serve
+    from .server import PortInUseError, serve
     from .settings import Settings
 
     settings = Settings.from_cli(argv[1:], os.environ)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except PortInUseError as exc:  # an operator's mistake: one line, no traceback
+        print(f"flux2-encoder-server: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from typing import Protocol
 import torch
 from flux2split_proto import shared
 
+from . import __version__
 from .batcher import Batcher, BatchStats, PendingBatch
 from .cache import EmbeddingCache
 from .errors import (
@@ -53,7 +55,37 @@ from .metrics import Metrics
 from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
 
-__all__ = ["ANONYMOUS", "Admission", "EncodeResult", "EncoderCore", "Engine", "Principal", "RequestScope"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ANONYMOUS",
+    "MAX_REQUEST_ID_CHARS",
+    "SELF_TEST_PROMPT",
+    "Admission",
+    "EncodeResult",
+    "EncoderCore",
+    "Engine",
+    "Principal",
+    "RequestScope",
+    "clean_request_id",
+]
+
+
+#: What the self-test encodes (as text-embeddings-inference's health check runs a forward on a fixed input).
+SELF_TEST_PROMPT = "A photo of a red apple on a wooden table."
+
+
+#: Longest request id kept (the client's id is cut to this, after escaping).
+MAX_REQUEST_ID_CHARS = 128
+
+
+def clean_request_id(raw: str | None) -> str:
+    """A client's request id as it may be logged and echoed: printable ASCII only (control characters,
+    newlines and non-ASCII written as Python escapes, so no id can forge a log line or a header), at most
+    MAX_REQUEST_ID_CHARS characters."""
+    if not raw:
+        return ""
+    return ascii(raw[:MAX_REQUEST_ID_CHARS])[1:-1][:MAX_REQUEST_ID_CHARS]
 
 
 class Engine(Protocol):
@@ -183,7 +215,7 @@ class RequestScope:
 
     def add_bytes_sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
-        self.core.metrics.bytes_sent.labels(self.frontend).inc(nbytes)
+        self.core.metrics.sent_bytes.labels(self.frontend).inc(nbytes)
 
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
@@ -196,7 +228,7 @@ class RequestScope:
         total = time.monotonic() - self._started
         metrics = self.core.metrics
         metrics.requests.labels(self.frontend, self.status).inc()
-        metrics.request_seconds.labels(self.frontend).observe(total)
+        metrics.request_duration.labels(self.frontend).observe(total)
         self.core._exit()  # after the metrics: a request no longer in flight has been counted
         fields: dict[str, object] = {
             "request_id": self.request_id,
@@ -235,6 +267,8 @@ class EncoderCore:
         )
         self.draining = False
         self._batcher: Batcher | None = None
+        self._failed_batches = 0  # in a row; a batch that succeeds resets it
+        self._self_test_error: str | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._inflight_bytes = 0
@@ -252,6 +286,7 @@ class EncoderCore:
             raise RuntimeError("an EncoderCore serves one engine for its lifetime")
         self.fingerprint = engine.fingerprint
         self.embedding_dim = engine.embedding_dim
+        self.metrics.set_build_info(__version__, engine.fingerprint.weights_id, engine.fingerprint.precision)
         self._batcher = Batcher(
             engine.launch,
             max_batch_prompts=self.settings.max_batch_prompts,
@@ -272,8 +307,58 @@ class EncoderCore:
             batcher.join(timeout)
 
     @property
+    def engine_problem(self) -> str | None:
+        """Why the loaded engine cannot serve, None while it can (or is still loading): its worker thread
+        died, `unhealthy_after_failed_batches` batches failed in a row, or the last self-test failed."""
+        batcher = self._batcher
+        if batcher is None:
+            return None
+        if not batcher.alive:
+            return "the batcher's worker thread died"
+        if self._self_test_error is not None:
+            return f"the self-test encode failed: {self._self_test_error}"
+        limit = self.settings.unhealthy_after_failed_batches
+        if self._failed_batches >= limit:
+            return f"{self._failed_batches} model batches failed in a row (unhealthy_after_failed_batches={limit})"
+        return None
+
+    @property
+    def live(self) -> bool:
+        """Liveness: False only when the engine is broken (loading and draining are alive)."""
+        return self.engine_problem is None
+
+    @property
     def ready(self) -> bool:
-        return self._batcher is not None and not self.draining and not self._closed
+        """Readiness: loaded, not draining, and the engine works."""
+        return self._batcher is not None and not self.draining and not self._closed and self.live
+
+    @property
+    def needs_self_test(self) -> bool:
+        """Batches have been failing (or the last self-test failed): only a passing self-test clears it."""
+        return self._self_test_error is not None or self._failed_batches >= self.settings.unhealthy_after_failed_batches
+
+    async def self_test(self, timeout: float) -> bool:
+        """Encode `SELF_TEST_PROMPT` through the batcher (no cache, no admission) and check its rows; a pass
+        clears the failure count, a failure keeps the engine unhealthy until a later pass."""
+        batcher = self._batcher
+        if batcher is None or self._closed or not batcher.alive:
+            return False
+        try:
+            encoded = await batcher.submit([SELF_TEST_PROMPT], timeout=timeout)
+            embeds = encoded.embeds
+            if embeds.shape[0] != 1 or embeds.shape[-1] != self.embedding_dim:
+                raise RuntimeError(f"unexpected shape {tuple(embeds.shape)}")
+            if not bool(torch.isfinite(embeds).all()):
+                raise RuntimeError("the rows are not finite")
+        except Exception as exc:
+            self._self_test_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.self_tests.labels("failed").inc()
+            log.error("self-test failed: %s", self._self_test_error)
+            return False
+        self._self_test_error = None
+        self._failed_batches = 0
+        self.metrics.self_tests.labels("passed").inc()
+        return True
 
     def start_draining(self) -> None:
         """New requests get UNAVAILABLE from now on; admitted ones run to completion."""
@@ -305,7 +390,7 @@ class EncoderCore:
     def request(self, frontend: str, *, request_id: str | None = None, bearer_token: str | None = None) -> RequestScope:
         """The scope of one request (see the module docstring); `bearer_token` is the raw token the request
         carried, None when it carried none."""
-        return RequestScope(self, frontend, request_id or uuid.uuid4().hex[:16], bearer_token)
+        return RequestScope(self, frontend, clean_request_id(request_id) or uuid.uuid4().hex[:16], bearer_token)
 
     def authenticate(self, bearer_token: str | None) -> Principal:
         """For calls that are not encodes (Info, reflection): who sent `bearer_token`, or Unauthenticated."""
@@ -369,6 +454,8 @@ class EncoderCore:
             raise Unavailable("the server is draining for shutdown; retry on another replica")
         if self._batcher is None or self.fingerprint is None:
             raise Unavailable("the model is still loading; retry shortly")
+        if not self._batcher.alive:  # nothing would ever answer: send the client elsewhere at once
+            raise Unavailable("the server's model worker has stopped; retry on another replica")
         return self.fingerprint
 
     async def _encode_admitted(self, prompts: list[str], timeout: float, bypass_cache: bool) -> EncodeResult:
@@ -435,8 +522,10 @@ class EncoderCore:
 
     def _on_batch(self, stats: BatchStats) -> None:
         if stats.failed:
+            self._failed_batches += 1
             self.metrics.batch_failures.inc()
             return
+        self._failed_batches = 0
         self.metrics.batch_prompts.observe(stats.prompts)
         self.metrics.batch_requests.observe(stats.jobs)
         assert self.fingerprint is not None

@@ -105,7 +105,7 @@ class TextEncoderService:
         self.core = core
 
     async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeResponse | bytes]:
-        request_id = "" if isinstance(request, _Malformed) else request.request_id[:128]
+        request_id = "" if isinstance(request, _Malformed) else request.request_id
         try:
             async with self.core.request("grpc", request_id=request_id, bearer_token=_metadata_token(context)) as req:
                 request = _parsed(request)
@@ -144,8 +144,8 @@ class TextEncoderService:
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
+            self.core.authenticate(_metadata_token(context))  # before parsing: one rule for every rpc
             _parsed(request)
-            self.core.authenticate(_metadata_token(context))
             if self.core.fingerprint is None:
                 raise Unavailable("the model is still loading; retry shortly")
         except ServiceError as exc:
@@ -189,6 +189,74 @@ def add_text_encoder_service(service: Any, server: grpc.aio.Server) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def add_health_service(servicer: Any, server: grpc.aio.Server) -> None:
+    """Registers grpc.health.v1.Health (an aio `HealthServicer`) so that malformed request bytes answer
+    INVALID_ARGUMENT instead of an UNKNOWN with a traceback per call."""
+    from grpc_health.v1 import health_pb2
+
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            _parsed(request)
+        except ServiceError as exc:
+            await abort(context, exc)
+        return await servicer.Check(request, context)
+
+    async def watch(request: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            _parsed(request)
+        except ServiceError as exc:
+            await abort(context, exc)
+        await servicer.Watch(request, context)  # writes with context.write
+
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=_lenient(health_pb2.HealthCheckRequest),
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            watch,
+            request_deserializer=_lenient(health_pb2.HealthCheckRequest),
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),))
+
+
+def add_reflection_service(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
+    """Registers grpc.reflection.v1alpha (as `reflection.enable_server_reflection` does) with request parsing
+    that ends the stream with INVALID_ARGUMENT at the first malformed request."""
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+    servicer = reflection.aio.ReflectionServicer(service_names)
+
+    async def info(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        malformed: list[_Malformed] = []
+
+        async def parsed() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Malformed):
+                    malformed.append(request)
+                    return
+                yield request
+
+        async for response in servicer.ServerReflectionInfo(parsed(), context):
+            yield response
+        if malformed:
+            await abort(
+                context, InvalidArgument(f"request is not a valid {malformed[0].message_type}: {malformed[0].reason}")
+            )
+
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            info,
+            request_deserializer=_lenient(reflection_pb2.ServerReflectionRequest),
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(reflection.SERVICE_NAME, handlers),))
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -236,4 +304,12 @@ def _denied(handler: grpc.RpcMethodHandler, exc: Unauthenticated) -> grpc.RpcMet
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
 
 
-__all__ = ["GRPC_STATUS", "BearerAuthInterceptor", "TextEncoderService", "abort", "add_text_encoder_service"]
+__all__ = [
+    "GRPC_STATUS",
+    "BearerAuthInterceptor",
+    "TextEncoderService",
+    "abort",
+    "add_health_service",
+    "add_reflection_service",
+    "add_text_encoder_service",
+]

@@ -35,7 +35,7 @@ import uvicorn
 from flux2split_proto.shared import FINGERPRINT_HEADER, fingerprint_to_dict
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -106,11 +106,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise RequestTooLarge(f"body: {int(declared)} bytes exceed http_max_body_bytes={limit}")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"body: more than http_max_body_bytes={limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"body: more than http_max_body_bytes={limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away mid-body: CANCELLED, not an internal error
+        raise ClientGone from None
     return b"".join(chunks)
 
 
@@ -197,6 +200,10 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503, headers={"Retry-After": "1"})
 
     async def info(request: Request) -> Response:
+        try:  # the weights path, revision and limits: a token, as for gRPC Info
+            core.authenticate(bearer_token(request.headers.get("authorization")))
+        except ServiceError as exc:
+            return service_error_response(exc)
         if core.fingerprint is None:
             return service_error_response(Unavailable("the model is still loading; retry shortly"))
         s = core.settings

@@ -1,4 +1,8 @@
-"""Prometheus metrics of one server, in its own CollectorRegistry (several servers can share a process)."""
+"""Prometheus metrics of one server, in its own CollectorRegistry (several servers can share a process).
+
+Names follow the Prometheus naming guide (base units, `_total` on counters, `_info` for build facts);
+every labelled series whose label values are known in advance starts at zero, so rates and alerts see
+a series before its first event."""
 
 from __future__ import annotations
 
@@ -10,6 +14,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _PREFIX = "flux2_encoder_"
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _PROMPTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+#: The known label values, created at zero.
+FRONTENDS = ("grpc", "http")
+STAGES = ("queue", "encode", "serialize", "send")
+DROP_REASONS = ("cancelled", "deadline")
+LIMITS = ("max_queued_requests", "max_inflight_bytes", "rate_limit_prompts_per_s", "max_concurrent_requests_per_token")
 
 
 class Metrics:
@@ -39,6 +49,12 @@ class Metrics:
         self.batch_failures = Counter(
             _PREFIX + "batch_failures", "Model batches that raised (only their requests failed)", registry=r
         )
+        self.self_tests = Counter(
+            _PREFIX + "self_tests",
+            "Self-test encodes of a fixed prompt, by result (passed, failed); a failure turns health NOT_SERVING",
+            ["result"],
+            registry=r,
+        )
         self.model_tokens = Counter(
             _PREFIX + "model_tokens",
             "Tokens run through the model (prompts * max_length: every prompt is padded)",
@@ -51,15 +67,21 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
-        self.request_seconds = Histogram(
-            _PREFIX + "request_seconds",
+        self.request_duration = Histogram(
+            _PREFIX + "request_duration_seconds",
             "Whole request, admission to last byte",
             ["frontend"],
             buckets=_SECONDS,
             registry=r,
         )
-        self.bytes_sent = Counter(
-            _PREFIX + "bytes_sent", "Embedding payload bytes sent to clients", ["frontend"], registry=r
+        self.sent_bytes = Counter(
+            _PREFIX + "sent_bytes", "Embedding payload bytes sent to clients", ["frontend"], registry=r
+        )
+        self.build_info = Gauge(
+            _PREFIX + "build_info",
+            "Always 1: the server version and the model and precision it serves (set once the model is loaded)",
+            ["version", "model", "precision"],
+            registry=r,
         )
         self.dropped = Counter(
             _PREFIX + "dropped",
@@ -88,6 +110,35 @@ class Metrics:
             registry=r,
         )
         self.cache_bytes = Gauge(_PREFIX + "cache_bytes", "Bytes held by the in-memory embedding cache", registry=r)
+
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        from .errors import service_errors
+
+        codes = {"OK", "CANCELLED", "INTERNAL", *(error.code for error in service_errors())}
+        for frontend in FRONTENDS:
+            for code in sorted(codes):
+                self.requests.labels(frontend, code)
+            self.request_duration.labels(frontend)
+            self.sent_bytes.labels(frontend)
+        for source in ("model", "cache"):
+            self.prompts.labels(source)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
+        for limit in LIMITS:
+            self.rejected.labels(limit)
+        for tier in ("memory", "disk"):
+            for result in ("hit", "miss"):
+                self.cache_lookups.labels(tier, result)
+        for result in ("passed", "failed"):
+            self.self_tests.labels(result)
+
+    def set_build_info(self, version: str, model: str, precision: str) -> None:
+        self.build_info.clear()
+        self.build_info.labels(version, model, precision).set(1)
 
     def track(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         gauge.set_function(fn)

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from flux2split_proto import SERVICE_NAME
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from .core import EncoderCore, Engine
 from .cuda_graphs import graph_batch_sizes
 from .engine import EncoderEngine
-from .grpc_service import BearerAuthInterceptor, TextEncoderService, add_text_encoder_service
+from .grpc_service import (
+    BearerAuthInterceptor,
+    TextEncoderService,
+    add_health_service,
+    add_reflection_service,
+    add_text_encoder_service,
+)
 from .http_app import HttpFrontEnd, create_app
 from .settings import Settings
 
@@ -27,6 +34,32 @@ log = logging.getLogger(__name__)
 
 #: Loads the engine to serve (blocking; runs in a worker thread): `load_engine`, or a test's stand-in.
 EngineFactory = Callable[[Settings], Engine]
+
+#: The gRPC health service name the liveness probe asks for: SERVING from start and through a drain,
+#: NOT_SERVING only when the engine is broken (its worker died, batches keep failing, the self-test fails).
+#: "" and the TextEncoder's name are readiness: NOT_SERVING while loading, draining or broken.
+LIVENESS_SERVICE = "liveness"
+#: How often the server looks at the engine's state (and runs a self-test when failures accumulate).
+_HEALTH_POLL_S = 0.25
+#: Least time between two self-tests run because batches failed.
+_SELF_TEST_RETRY_S = 1.0
+
+
+class PortInUseError(RuntimeError):
+    """A port the server must listen on cannot be bound (another process holds it)."""
+
+
+class _EngineHealthServicer(HealthServicer):
+    """grpc.health.v1 whose Check reads the engine's state at the moment of the call (Watch follows the
+    server's periodic refresh)."""
+
+    def __init__(self, refresh: Callable[[], Awaitable[None]]):
+        super().__init__()
+        self._refresh = refresh
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        await self._refresh()
+        return await super().Check(request, context)
 
 
 def load_engine(settings: Settings) -> EncoderEngine:
@@ -80,7 +113,10 @@ class EncoderServer:
         self._metrics_server: Any = None
         self.http_port: int | None = None
         self._engine_factory = engine_factory
-        self._health = HealthServicer()
+        self._health = _EngineHealthServicer(self._refresh_health)
+        self._watcher: asyncio.Task | None = None
+        self._reported: dict[str, int] = {}
+        self._reported_problem: str | None = None
         self._server: grpc.aio.Server | None = None
         self._http: HttpFrontEnd | None = None
         self._stopped = asyncio.Event()
@@ -91,26 +127,32 @@ class EncoderServer:
         max_request = max(4 << 20, s.max_prompts_per_request * (s.max_prompt_chars * 4 + 16) + (64 << 10))
         server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.core)],
-            options=[("grpc.max_receive_message_length", max_request)],
+            options=[
+                ("grpc.max_receive_message_length", max_request),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port would start and take
+                # a share of new connections (one without tokens beside one with them, say). Refuse instead.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         add_text_encoder_service(TextEncoderService(self.core), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_health_service(self._health, server)
         if s.reflection:
-            reflection.enable_server_reflection(
-                (
-                    SERVICE_NAME,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ),
+            add_reflection_service(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 server,
             )
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._refresh_health()
         credentials = server_credentials(s)
         address = f"{s.host}:{s.port}"
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+            raise PortInUseError(
+                f"cannot listen on {address}: the port is in use (or the address is not local)"
+            ) from exc
         await server.start()
         self._server = server
         if s.metrics_port is not None:
@@ -129,21 +171,27 @@ class EncoderServer:
         )
         if self.settings.http_port is not None:
             self._http = HttpFrontEnd(create_app(self.core, self.serving), self.settings.host, self.settings.http_port)
-            self.http_port = await self._http.start()
+            try:
+                self.http_port = await self._http.start()
+            except OSError as exc:
+                await server.stop(0)
+                raise PortInUseError(f"cannot listen on {s.host}:{s.http_port} (--http-port): {exc.strerror}") from exc
             log.info("HTTP /predict listening on %s:%d", self.settings.host, self.http_port)
         return self.port
 
     def serving(self) -> bool:
-        """Readiness, as both health endpoints report it: loaded, warmed up and not draining."""
+        """Readiness, as both health endpoints report it: loaded, warmed up, not draining, engine working."""
         return self.core.ready
 
     async def load(self) -> None:
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
-        if self.settings.warmup:
-            await asyncio.to_thread(lambda: engine.launch(["warm-up"]).result())
         self.engine = engine
         self.core.start(engine)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING.
+        if self.settings.warmup and not await self.core.self_test(self.settings.default_timeout_s):
+            raise RuntimeError(f"the engine failed its self-test: {self.core.engine_problem}")
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_engine())
+        await self._refresh_health()
         log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])
 
     async def stop(self, grace: float | None = None) -> None:
@@ -157,7 +205,7 @@ class EncoderServer:
         grace = self.settings.grace_period_s if grace is None else grace
         deadline = time.monotonic() + grace
         self.core.start_draining()  # every front-end over this core refuses new work from now on
-        await self._health.enter_graceful_shutdown()
+        await self._refresh_health()  # readiness NOT_SERVING; liveness stays SERVING through the drain
         if not await self.core.wait_idle(grace):
             log.warning(
                 "grace period of %.1fs is over with %d requests in flight; cancelling them",
@@ -171,6 +219,10 @@ class EncoderServer:
         if self._http is not None:
             fronts.append(self._http.stop(remaining))
         await asyncio.gather(*fronts)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await asyncio.to_thread(self.core.close, 5.0)
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
@@ -181,9 +233,36 @@ class EncoderServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, status)
+    async def _refresh_health(self) -> None:
+        """Report the core's state: readiness under "" and the TextEncoder's name, liveness under
+        LIVENESS_SERVICE (watchers are notified only on a change)."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = serving if self.core.ready else not_serving
+        wanted = {"": ready, SERVICE_NAME: ready, LIVENESS_SERVICE: serving if self.core.live else not_serving}
+        for name, status in wanted.items():
+            if self._reported.get(name) != status:
+                self._reported[name] = status
+                await self._health.set(name, status)
+        problem = self.core.engine_problem
+        if problem is not None and self._reported_problem != problem:
+            log.error("health NOT_SERVING: %s", problem)
+        self._reported_problem = problem
+
+    async def _watch_engine(self) -> None:
+        """Keeps health in step with the engine; runs the self-test when batches keep failing (until one
+        passes) and every `self_test_interval_s` while nothing else proves the engine works."""
+        interval = self.settings.self_test_interval_s
+        last_test = time.monotonic()
+        while True:
+            await asyncio.sleep(_HEALTH_POLL_S)
+            now = time.monotonic()
+            core = self.core
+            retry = core.needs_self_test and now - last_test >= _SELF_TEST_RETRY_S
+            periodic = interval > 0 and now - last_test >= interval and core.inflight_requests == 0
+            if (retry or periodic) and not core.draining:
+                last_test = now
+                await core.self_test(self.settings.default_timeout_s)
+            await self._refresh_health()
 
 
 async def serve(settings: Settings, engine_factory: EngineFactory = load_engine) -> None:

@@ -179,6 +179,12 @@ class Settings:
     metrics_host: str = _setting("0.0.0.0", "address the metrics HTTP server binds")
     grace_period_s: float = _setting(30.0, "on SIGTERM, how long in-flight requests may take to finish")
     warmup: bool = _setting(True, "run one encode before reporting SERVING")
+    unhealthy_after_failed_batches: int = _setting(
+        3, "this many model batches failing in a row turn health NOT_SERVING until a self-test encode passes"
+    )
+    self_test_interval_s: float = _setting(
+        60.0, "how often the server encodes a fixed prompt to check the model while idle (0: only after failures)"
+    )
     log_level: str = _setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting(
         "json",
@@ -245,6 +251,7 @@ class Settings:
             "max_queued_requests",
             "max_inflight_bytes",
             "pipeline_depth",
+            "unhealthy_after_failed_batches",
         ):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be at least 1")
@@ -257,6 +264,8 @@ class Settings:
             out.append("--gil-switch-interval-ms must be between 0 (leave Python's value) and 100")
         if self.max_wait_ms < 0 or self.grace_period_s < 0 or self.rate_limit_prompts_per_s < 0:
             out.append("--max-wait-ms, --grace-period-s and --rate-limit-prompts-per-s must not be negative")
+        if self.self_test_interval_s < 0:
+            out.append("--self-test-interval-s must not be negative")
         if self.default_timeout_s <= 0:
             out.append("--default-timeout-s must be positive")
         if self.rate_limit_prompts_per_s > 0 and self.rate_limit_burst_prompts < self.max_prompts_per_request:

@@ -34,10 +34,24 @@ if TYPE_CHECKING:
     from .core import EncoderCore, Engine
     from .server import EncoderServer, EngineFactory
 
-__all__ = ["POISON", "BatchRecord", "FakeBatch", "FakeEngine", "ServerThread", "local_settings", "wait_until"]
+__all__ = [
+    "POISON",
+    "BatchRecord",
+    "FakeBatch",
+    "FakeEngine",
+    "ServerThread",
+    "WorkerCrash",
+    "local_settings",
+    "wait_until",
+]
 
 #: A prompt containing this makes `FakeEngine` fail the batch holding it.
 POISON = "\N{COLLISION SYMBOL}poison"
+
+
+class WorkerCrash(BaseException):
+    """What `FakeEngine.crash_worker()` raises in the batcher's worker thread: not an Exception, so the
+    worker's guards let it through and the thread dies, as on an interpreter-level fault."""
 
 
 def local_settings(model: str = "fake", **overrides: Any) -> Settings:
@@ -180,6 +194,9 @@ class FakeEngine:
             after the previous batch (a pipelined launch does not make the device faster).
         on_rows: called with (prompts, rows) as each batch is answered (e.g. to keep rows for analysis).
 
+    `fail_every_batch = True` fails every batch (as a GPU in a sticky error state would) until set back;
+    `crash_worker()` makes the next launch kill the batcher's worker thread.
+
     `hold()` stops every later launch at a gate (on the batcher's worker thread, so requests pile up in
     the queue) until `release()`; `entered` is set whenever a launch reaches the engine. `batches`,
     `prompts_seen`, `batch_sizes` and `records` count what the engine was given.
@@ -207,6 +224,8 @@ class FakeEngine:
         self.launch_ops = launch_ops
         self.device_s_per_prompt = device_ms_per_prompt / 1000
         self.on_rows = on_rows
+        self.fail_every_batch = False
+        self._crash_next = False
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -253,7 +272,10 @@ class FakeEngine:
         self.entered.set()
         if not self.gate.wait(60):
             raise RuntimeError("the test gate never opened")
-        poisoned = any(self.poison in p for p in prompts)
+        if self._crash_next:
+            self._crash_next = False
+            raise WorkerCrash("injected worker crash")
+        poisoned = self.fail_every_batch or any(self.poison in p for p in prompts)
         if poisoned and self.fail_in == "launch":
             raise RuntimeError("injected failure")
         started = time.perf_counter()
@@ -287,6 +309,10 @@ class FakeEngine:
         return lambda: rows
 
     # -- what tests and benchmarks steer and read ---------------------------------------------------------
+    def crash_worker(self) -> None:
+        """The next launch raises `WorkerCrash`, which ends the batcher's worker thread."""
+        self._crash_next = True
+
     def hold(self) -> None:
         """Stop later launches at the gate until `release()`."""
         self.entered.clear()
