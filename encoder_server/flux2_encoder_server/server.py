@@ -139,6 +139,7 @@ class EncoderServer:
         return self.core.ready
 
     async def load(self) -> None:
+        started = time.monotonic()
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
         if self.settings.warmup:
             await asyncio.to_thread(engine.encode, ["warm-up"])
@@ -147,6 +148,14 @@ class EncoderServer:
         self.core.attach(self.batcher, engine.fingerprint, engine.embedding_dim)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])
+        self._report_load(engine, time.monotonic() - started)
+
+    def _report_load(self, engine: EncoderEngine, seconds: float) -> None:
+        report = engine.load_report
+        self.metrics.record_load(
+            seconds, report.bytes_read if report else None, report.bytes_downloaded if report else 0
+        )
+        log.info("time to SERVING %.1fs (weights: %s)", seconds, report.describe() if report else "built in memory")
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new work, let admitted requests finish within the grace period.
