@@ -7,12 +7,13 @@ vision tower, the later layers, the final norm or the output head. The safetenso
 embedding and those layers, and reads only their tensors.
 
 The decoder is built with its parameters on the meta device (buffers such as the rotary tables are
-computed as usual) and each tensor is read straight to the target device, group by group (the
-embedding, then one decoder layer at a time), a few groups ahead on a small thread pool. With a
-quantized tier a layer is quantized as soon as it has arrived, so neither host RAM nor the device ever
-holds the bf16 model; a shard file is closed once its last tensor has been read. The tensors, their
-dtype conversion and the quantization calls are those of the "transformers" loader, so both give the
-same bytes (tests/test_weights.py checks it).
+computed as usual) and its tensors are read group by group (the embedding, then one decoder layer at a
+time), a few groups ahead on a small thread pool; a shard file is closed once its last tensor has been
+read. In bf16 each tensor goes straight to the device. With a quantized tier the layers are read ahead
+into host memory and each one is moved to the device and quantized there just before the next, so the
+device never holds more than one bf16 layer (as with the transformers loader) and the host never more
+than a few (instead of the whole bf16 model). The tensors, their dtype conversion and the quantization
+calls are those of the "transformers" loader, so both give the same bytes (tests/test_weights.py).
 
 The "transformers" loader is transformers' `from_pretrained` of the whole text encoder (every shard the
 index lists), pruned afterwards; it also reads checkpoints that are not safetensors.
@@ -48,7 +49,7 @@ SINGLE_FILE = "model.safetensors"
 # Reading threads: like transformers' loader (4); more tend to slow down reads from one disk.
 _READ_WORKERS = 4
 # Groups (the embedding, one decoder layer) read ahead of the one being placed: keeps the readers busy
-# while bounding what waits in bf16 before its quantization to this many layers.
+# while bounding what waits in bf16 (in host memory) before its quantization to this many layers.
 _READ_AHEAD = 2
 
 
@@ -288,8 +289,11 @@ def _load_pruned(
     skipped = sorted(set(weight_map.values()) - set(used))
     shards = _ShardReader(files.fetch(used), [weight_map[key] for key in keys])
 
+    # Quantized tiers: read to the host; each layer goes to the device only when its turn comes.
+    read_to = device if precision == "bf16" else torch.device("cpu")
+
     def read(key: str, target: torch.dtype) -> torch.Tensor:
-        return shards.read(weight_map[key], key, device, target)
+        return shards.read(weight_map[key], key, read_to, target)
 
     with ThreadPoolExecutor(_READ_WORKERS, thread_name_prefix="weights") as pool:
         futures: dict[int, list[tuple[str, Future[torch.Tensor]]]] = {}
@@ -302,13 +306,14 @@ def _load_pruned(
                 module.load_state_dict(state, assign=True, strict=True)
                 del state
                 if is_layer and precision != "bf16":
-                    quantize_linears_(module, precision)  # the token embedding stays in bf16, as in every tier
+                    # As the transformers loader does it: the bf16 layer on the device, then quantized there.
+                    quantize_linears_(module.to(device), precision)  # the embedding stays in bf16, every tier
         finally:
             for pending in futures.values():
                 for _, future in pending:
                     future.cancel()
             shards.close()
-    decoder.to(device)  # the buffers (rotary tables); the parameters are there already
+    decoder.to(device)  # the buffers (rotary tables), a quantized tier's embedding; quantized layers stay
     still_empty = [name for name, p in decoder.named_parameters() if p.is_meta]
     if still_empty:
         raise RuntimeError(f"parameters left unloaded: {still_empty[:3]}")
