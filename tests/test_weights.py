@@ -375,3 +375,20 @@ def test_server_reports_time_to_serving_and_bytes(server, engine):
     assert engine.load_report is not None
     assert metrics.value("flux2_encoder_load_bytes", {"kind": "read"}) == engine.load_report.bytes_read > 0
     assert metrics.value("flux2_encoder_load_bytes", {"kind": "downloaded"}) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tiers loaded and quantized on a GPU: needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "int8", "nf4"])
+def test_pruned_loader_on_cuda_gives_the_transformers_loaders_bytes(sharded, precision):
+    def load(loader: str) -> tuple[EncoderEngine, int]:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        engine = EncoderEngine.from_pretrained(str(sharded), device="cuda", precision=precision, loader=loader)
+        return engine, torch.cuda.max_memory_allocated() - base
+
+    pruned, pruned_peak = load("pruned")
+    today, today_peak = load("transformers")
+    assert torch.equal(pruned.encode(PROMPTS), today.encode(PROMPTS))
+    # No more on the device while loading than the transformers loader (which also holds the vision tower
+    # and the output head); quantized tiers place one bf16 layer at a time in both.
+    assert pruned_peak <= today_peak * 1.05 + (1 << 20), (pruned_peak, today_peak)
