@@ -61,6 +61,8 @@ def write_checkpoint(root: Path, tiny: bool, device: str) -> dict[str, Any]:
     started = time.monotonic()
     folder = root / "text_encoder"
     config, shard_bytes = (tiny_text_encoder_config(), 400_000) if tiny else (encoder_config(), SHARD_BYTES)
+    # The real checkpoint stores its own output head (48 GB in all); a tied one would not be written.
+    config.tie_word_embeddings = False
     weight_map = write_random_checkpoint(
         Mistral3ForConditionalGeneration, config, folder, max_shard_bytes=shard_bytes, device=device
     )
