@@ -40,17 +40,11 @@ MISTRAL_SMALL_31_VISION = {
 }
 
 
-def build_encoder(tiny: bool, device: str, seed: int = 0) -> Any:
-    """Mistral3ForConditionalGeneration (all 40 layers, vision tower, head) with random bf16 weights,
-    allocated and initialised directly on `device`."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+def encoder_config() -> Any:
+    """The Mistral3Config of the FLUX.2-dev text encoder (Mistral Small 3.1 24B)."""
+    from transformers import Mistral3Config
 
-    torch.manual_seed(seed)
-    if tiny:
-        from flux2_client.tiny import build_tiny_text_encoder
-
-        return build_tiny_text_encoder(seed=seed).to(device=device, dtype=torch.bfloat16).eval()
-    config = Mistral3Config(
+    return Mistral3Config(
         text_config=MISTRAL_SMALL_31_TEXT,
         vision_config=MISTRAL_SMALL_31_VISION,
         image_token_index=10,
@@ -59,6 +53,19 @@ def build_encoder(tiny: bool, device: str, seed: int = 0) -> Any:
         multimodal_projector_bias=False,
         vision_feature_layer=-1,
     )
+
+
+def build_encoder(tiny: bool, device: str, seed: int = 0) -> Any:
+    """Mistral3ForConditionalGeneration (all 40 layers, vision tower, head) with random bf16 weights,
+    allocated and initialised directly on `device`."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    if tiny:
+        from flux2_client.tiny import build_tiny_text_encoder
+
+        return build_tiny_text_encoder(seed=seed).to(device=device, dtype=torch.bfloat16).eval()
+    config = encoder_config()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Special tokens at the ids the real Tekken tokenizer of Mistral Small 3.1 uses.
 _SPECIAL_TOKENS = {
@@ -106,9 +107,19 @@ def build_tiny_tokenizer(model_max_length: int = 512):
 def build_tiny_text_encoder(hidden_size: int = 64, num_layers: int = 40, seed: int = 0):
     """A `Mistral3ForConditionalGeneration` with Mistral Small 3.1's structure at toy width."""
     import torch
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers import Mistral3ForConditionalGeneration
 
-    config = Mistral3Config(
+    config = tiny_text_encoder_config(hidden_size, num_layers)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def tiny_text_encoder_config(hidden_size: int = 64, num_layers: int = 40):
+    """The `Mistral3Config` of `build_tiny_text_encoder`."""
+    from transformers import Mistral3Config
+
+    return Mistral3Config(
         text_config={
             "model_type": "mistral",
             "vocab_size": _NUM_SPECIAL + 256,
@@ -140,9 +151,65 @@ def build_tiny_text_encoder(hidden_size: int = 64, num_layers: int = 40, seed: i
         spatial_merge_size=2,
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = Mistral3ForConditionalGeneration(config)
-    return model.to(torch.bfloat16).eval()
+
+
+def write_random_checkpoint(
+    model_class: Any,
+    config: Any,
+    folder: str | Path,
+    *,
+    max_shard_bytes: int = 5_000_000_000,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, str]:
+    """Random bf16 weights for `model_class(config)` written as transformers lays out a sharded
+    checkpoint: `model-0000i-of-0000n.safetensors` files filled in parameter order up to
+    `max_shard_bytes` each, `model.safetensors.index.json` (its `weight_map`) and `config.json`.
+
+    The model is never built: its parameters are listed on the meta device and made one shard at a time
+    on `device` (so a 48 GB encoder can be written from a GPU through a few GB of host RAM). Matrices
+    are N(0, 0.02), vectors (norm weights) ones. Returns the weight map (tensor name -> file name).
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with init_empty_weights(include_buffers=True):
+        model = model_class(config)
+    persistent = model.state_dict().keys()
+    tensors = [(n, t) for n, t in model.named_parameters()]  # tied weights once
+    tensors += [(n, t) for n, t in model.named_buffers() if n in persistent]
+    shards: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for name, meta in tensors:
+        nbytes = meta.numel() * 2
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, meta))
+        size += nbytes
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        data = {}
+        for name, meta in shard:
+            if meta.dim() >= 2:
+                value = torch.randn(meta.shape, generator=gen, device=device, dtype=torch.bfloat16).mul_(0.02)
+            else:
+                value = torch.ones(meta.shape, device=device, dtype=torch.bfloat16)
+            data[name] = value.cpu()
+            weight_map[name] = filename
+        save_file(data, str(folder / filename), metadata={"format": "pt"})
+        del data
+    total = sum(meta.numel() * 2 for _, meta in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.architectures = [model_class.__name__]
+    config.save_pretrained(folder)
+    return weight_map
 
 
 def build_tiny_transformer(

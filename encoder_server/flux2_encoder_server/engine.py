@@ -9,7 +9,6 @@ hidden states this gives are bit-identical to those of the full model.
 from __future__ import annotations
 
 import copy
-import gc
 import hashlib
 import logging
 import threading
@@ -25,6 +24,7 @@ from .cuda_graphs import DecoderGraphs, HostMaskBuilder
 from .families import FAMILIES, EncoderFamily, family_for_architectures
 from .fingerprint import Fingerprint, make_fingerprint
 from .precision import PRECISIONS, enable_compiled_fp8_quantization, quantize_linears_
+from .weights import LoadReport, load_decoder
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ class EncoderEngine:
     batch of two or more, so without this a prompt's bytes would depend on whether it happened to run
     alone (docs/benchmarks.md has the measurements). "dynamic" runs each batch as formed.
     """
+
+    #: How the weights were loaded (time, bytes read and downloaded); None for `from_model` engines.
+    load_report: LoadReport | None = None
 
     def __init__(
         self,
@@ -209,19 +212,22 @@ class EncoderEngine:
         precision: str = "bf16",
         batching_mode: str = "reproducible",
         compile: bool = False,
+        token: str | bool | None = None,
+        loader: str = "pruned",
     ) -> EncoderEngine:
         """Load from a hub repo id (black-forest-labs/FLUX.2-dev) or a local folder of the same layout.
 
-        For precision other than bf16 the layers are loaded on the CPU and quantized one at a time on
-        their way to `device`, so the device never holds more than one bf16 layer.
+        The "pruned" loader downloads and reads only the checkpoint shards and tensors the engine uses
+        and quantizes other precisions layer by layer as they are read, so neither host RAM nor the
+        device holds the bf16 model; "transformers" loads the whole checkpoint first (see weights.py).
+        `token` goes to huggingface_hub (None: its default, e.g. HF_TOKEN).
         """
-        import transformers
         from transformers import AutoConfig, AutoTokenizer
 
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("batching_mode", batching_mode, BATCHING_MODES)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        config = AutoConfig.from_pretrained(model, subfolder=text_encoder_subfolder, revision=revision)
+        config = AutoConfig.from_pretrained(model, subfolder=text_encoder_subfolder, revision=revision, token=token)
         fam = (
             FAMILIES[family]
             if family
@@ -234,25 +240,19 @@ class EncoderEngine:
                 f"{model} has {text_config.num_hidden_layers} decoder layers; FLUX.2 reads layer {deepest}"
             )
         text_config.num_hidden_layers = deepest  # layers past the deepest one are never loaded
-        model_cls = getattr(transformers, fam.model_class)
-        full = model_cls.from_pretrained(
+        decoder, load_report = load_decoder(
             model,
+            fam,
+            config,
             subfolder=text_encoder_subfolder,
             revision=revision,
-            config=config,
+            token=token,
+            device=device,
             dtype=dtype,
-            device_map=str(device) if precision == "bf16" else "cpu",
+            precision=precision,
+            loader=loader,
         )
-        decoder = fam.decoder(full)
-        decoder.norm = torch.nn.Identity()
-        del full  # drops the vision tower and the output head
-        gc.collect()
-        decoder.eval().requires_grad_(False)
-        if precision != "bf16":
-            for layer in decoder.layers:
-                quantize_linears_(layer.to(device), precision)
-            decoder.to(device)  # embeddings, rotary tables; quantized layers stay as they are
-        tokenizer = AutoTokenizer.from_pretrained(model, subfolder=tokenizer_subfolder, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, subfolder=tokenizer_subfolder, revision=revision, token=token)
 
         fingerprint = make_fingerprint(
             fam,
@@ -262,8 +262,18 @@ class EncoderEngine:
             precision=precision,  # `compile` adds "+compiled"
             batching_mode=batching_mode,
         )
-        log.info("loaded %s (%s, layers %s, %s) on %s", model, fam.name, list(fam.hidden_layers), precision, device)
-        return cls(fam, tokenizer, decoder, fingerprint, device, dtype, compile=compile)
+        log.info(
+            "loaded %s (%s, layers %s, %s) on %s: weights in %s",
+            model,
+            fam.name,
+            list(fam.hidden_layers),
+            precision,
+            device,
+            load_report.describe(),
+        )
+        engine = cls(fam, tokenizer, decoder, fingerprint, device, dtype, compile=compile)
+        engine.load_report = load_report
+        return engine
 
     @classmethod
     def from_model(

@@ -26,6 +26,9 @@ class EncoderFamily:
     hidden_layers: tuple[int, ...]
     max_length: int
     system_message: str | None
+    #: Prefixes of the decoder stack's tensors in the checkpoint, in the layouts transformers writes
+    #: (Mistral3: the current one, then the legacy one transformers 5 still saves; see weights.py).
+    checkpoint_prefixes: tuple[str, ...] = ("model.",)
 
     def text_config(self, config: Any) -> Any:
         """The config object holding `num_hidden_layers` of the decoder stack."""
@@ -94,6 +97,7 @@ FAMILIES: dict[str, EncoderFamily] = {
         hidden_layers=(10, 20, 30),
         max_length=512,
         system_message=FLUX2_SYSTEM_MESSAGE,
+        checkpoint_prefixes=("model.language_model.", "language_model.model."),
     ),
     "qwen3": EncoderFamily(
         name="qwen3",

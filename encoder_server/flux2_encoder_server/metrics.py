@@ -110,6 +110,24 @@ class Metrics:
             registry=r,
         )
         self.cache_bytes = Gauge(_PREFIX + "cache_bytes", "Bytes held by the in-memory embedding cache", registry=r)
+        self.load_seconds = Gauge(
+            _PREFIX + "load_seconds",
+            "Seconds the model load took, from its start to SERVING (weights, warm-up, CUDA graphs)",
+            registry=r,
+        )
+        self.load_bytes = Gauge(
+            _PREFIX + "load_bytes",
+            "Checkpoint bytes the model load read (tensors read from disk) and downloaded (from the hub)",
+            ["kind"],
+            registry=r,
+        )
+
+    def record_load(self, seconds: float, bytes_read: int | None, bytes_downloaded: int) -> None:
+        """The model load's cost, once SERVING (bytes_read None: the loader did not count them)."""
+        self.load_seconds.set(seconds)
+        if bytes_read is not None:
+            self.load_bytes.labels("read").set(bytes_read)
+        self.load_bytes.labels("downloaded").set(bytes_downloaded)
 
         self._start_at_zero()
 

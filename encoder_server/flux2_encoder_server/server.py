@@ -184,6 +184,7 @@ class EncoderServer:
         return self.core.ready
 
     async def load(self) -> None:
+        started = time.monotonic()
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
         self.engine = engine
         self.core.start(engine)
@@ -193,6 +194,15 @@ class EncoderServer:
         self._watcher = asyncio.get_running_loop().create_task(self._watch_engine())
         await self._refresh_health()
         log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])
+        self._report_load(engine, time.monotonic() - started)
+
+    def _report_load(self, engine: Engine, seconds: float) -> None:
+        # Engines built in memory (tests' fakes, from_model) carry no load report.
+        report = getattr(engine, "load_report", None)
+        self.metrics.record_load(
+            seconds, report.bytes_read if report else None, report.bytes_downloaded if report else 0
+        )
+        log.info("time to SERVING %.1fs (weights: %s)", seconds, report.describe() if report else "built in memory")
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new work, let admitted requests finish within the grace period.
