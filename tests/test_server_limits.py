@@ -1,0 +1,127 @@
+"""Limits that hold against clients that stop reading or send slowly (issue 14, items 1-3).
+
+Non-reading clients are raw loopback sockets that send a request and never call recv():
+- HTTP: a plain socket with a small receive buffer; uvicorn's send blocks once the socket is full.
+- gRPC: raw HTTP/2 (preface, SETTINGS, HEADERS, DATA) and never a WINDOW_UPDATE, so the server may
+  send at most the 64 KiB initial flow-control window. A grpc channel whose stream is never iterated is
+  no such client: grpc core keeps reading into its own buffers and granting window.
+Answers are made large with a FakeEngine of width 1024 (1 MiB per prompt: 512 tokens * 1024 * 2 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+import pytest
+import requests
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings, wait_until
+from flux2split_proto import SERVICE_NAME
+from flux2split_proto.v1 import encoder_pb2 as pb
+
+WIDTH = 1024
+PROMPT_BYTES = 512 * WIDTH * 2
+
+
+def limited_server(**overrides) -> ServerThread:
+    engine = FakeEngine(width=WIDTH)
+    settings = local_settings(http_port=0, cache_bytes=0, **overrides)
+    return ServerThread(settings, lambda _s: engine).start()
+
+
+def counter(server: ServerThread, name: str, **labels: str) -> float:
+    return server.core.metrics.registry.get_sample_value(f"flux2_encoder_{name}", labels) or 0.0
+
+
+# -- clients that never read ---------------------------------------------------------------------------
+def _socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small TCP window
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def unread_http(server: ServerThread, prompts: int) -> socket.socket:
+    """POSTs `prompts` prompts to /predict and never reads the answer."""
+    body = json.dumps({"prompt": [f"unread prompt {i}" for i in range(prompts)]}).encode()
+    sock = _socket(int(server.http_url.rsplit(":", 1)[1]))
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def _literal(name: str, value: str) -> bytes:
+    # HPACK "literal header field without indexing, new name", no Huffman (lengths < 127 here).
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        data += sock.recv(n - len(data))
+    return data
+
+
+def unread_grpc(server: ServerThread, prompts: int) -> socket.socket:
+    """Calls Encode over raw HTTP/2 and never reads past the server's SETTINGS (never a WINDOW_UPDATE)."""
+    sock = _socket(int(server.target.rsplit(":", 1)[1]))
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+    while True:  # the server's first SETTINGS, to acknowledge it
+        header = _read_exact(sock, 9)
+        _read_exact(sock, int.from_bytes(header[:3], "big"))
+        if header[3] == 4 and not header[4] & 1:
+            break
+    headers = b"".join(
+        _literal(k, v)
+        for k, v in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", f"/{SERVICE_NAME}/Encode"),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+    )
+    message = pb.EncodeRequest(prompts=[f"unread prompt {i}" for i in range(prompts)]).SerializeToString()
+    body = b"\x00" + struct.pack(">I", len(message)) + message
+    sock.sendall(_frame(4, 1, 0, b"") + _frame(1, 4, 1, headers) + _frame(0, 1, 1, body))
+    return sock
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frontend", ["http", "grpc"])
+def test_an_unread_answer_holds_its_reservation_until_the_send_deadline_then_frees_it(frontend):
+    send_timeout = 1.5
+    server = limited_server(send_timeout_s=send_timeout, max_inflight_bytes=64 * PROMPT_BYTES)
+    try:
+        sock = (unread_http if frontend == "http" else unread_grpc)(server, 16)
+        wait_until(lambda: server.core.inflight_bytes == 16 * PROMPT_BYTES, 10, "the request's admission")
+        admitted = time.monotonic()
+        time.sleep(send_timeout / 2)
+        # Still sending (the client reads nothing): the reservation and the in-flight count are held.
+        assert server.core.inflight_bytes == 16 * PROMPT_BYTES
+        assert server.core.inflight_requests == 1
+        wait_until(lambda: server.core.inflight_bytes == 0, 10, "the reservation's release")
+        assert time.monotonic() - admitted < send_timeout + 2
+        wait_until(lambda: server.core.inflight_requests == 0, 5, "the request's end")
+        assert counter(server, "dropped_total", reason="send_timeout") == 1
+        assert counter(server, "requests_total", frontend=frontend, code="DEADLINE_EXCEEDED") == 1
+        if frontend == "http":  # the connection is gone: the server cut it (EOF or reset once drained)
+            sock.settimeout(5)
+            try:
+                while sock.recv(1 << 16):
+                    pass
+            except ConnectionResetError:
+                pass
+        sock.close()
+        # A reader is served normally afterwards.
+        answer = requests.post(server.http_url + "/predict", json={"prompt": "a reader"}, timeout=30)
+        assert answer.status_code == 200 and len(answer.content) > PROMPT_BYTES
+    finally:
+        server.stop()
