@@ -125,3 +125,63 @@ def test_an_unread_answer_holds_its_reservation_until_the_send_deadline_then_fre
         assert answer.status_code == 200 and len(answer.content) > PROMPT_BYTES
     finally:
         server.stop()
+
+
+def _half_sent_request(server: ServerThread, declared: int = 100) -> socket.socket:
+    sock = _socket(int(server.http_url.rsplit(":", 1)[1]))
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    sock.sendall(head.encode() + b'{"prompt": ')
+    return sock
+
+
+def _read_all(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    return data
+
+
+def test_a_slow_loris_body_is_cut_at_the_read_timeout_and_does_not_hold_the_drain():
+    server = limited_server(http_read_timeout_s=1.0, grace_period_s=30.0)
+    try:
+        sock = _half_sent_request(server)
+        opened = time.monotonic()
+        for _ in range(3):  # 1 byte per 0.25 s: the body never completes within the read timeout
+            time.sleep(0.25)
+            sock.sendall(b" ")
+        answer = _read_all(sock, 10)  # the server answers and closes (EOF), well before our 10 s
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        assert b"http_read_timeout_s=1" in answer
+        assert time.monotonic() - opened < 4
+        wait_until(lambda: server.core.inflight_requests == 0, 5, "the request's end")
+        assert counter(server, "requests_total", frontend="http", code="DEADLINE_EXCEEDED") == 1
+        # Drain on SIGTERM does not wait the grace period (30 s) for a half-sent request.
+        stalled = _half_sent_request(server)
+        wait_until(lambda: server.core.inflight_requests == 1, 5, "the half-sent request's arrival")
+        stopping = time.monotonic()
+        server.stop(grace=None)
+        assert time.monotonic() - stopping < 5
+        stalled.close()
+        sock.close()
+    finally:
+        server.stop()
+
+
+def test_unfinished_http_requests_are_capped_with_503_and_retry_after():
+    server = limited_server(http_read_timeout_s=2.0, http_max_concurrent_requests=2)
+    try:
+        stalled = [_half_sent_request(server) for _ in range(2)]
+        wait_until(lambda: server.core.inflight_requests == 2, 5, "two half-sent requests")
+        refused = requests.post(server.http_url + "/predict", json={"prompt": "one too many"}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+        assert "http_max_concurrent_requests=2" in refused.json()["error"]["message"]
+        assert counter(server, "rejected_total", limit="http_max_concurrent_requests") == 1
+        for sock in stalled:  # the read timeout frees their slots
+            assert _read_all(sock, 10).startswith(b"HTTP/1.1 408 ")
+            sock.close()
+        answer = requests.post(server.http_url + "/predict", json={"prompt": "now there is room"}, timeout=30)
+        assert answer.status_code == 200
+    finally:
+        server.stop()
