@@ -185,3 +185,80 @@ def test_unfinished_http_requests_are_capped_with_503_and_retry_after():
         assert answer.status_code == 200
     finally:
         server.stop()
+
+
+_RSS_SERVER = """
+import sys
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
+settings = local_settings(http_port=0, cache_bytes=0, max_inflight_bytes={limit}, send_timeout_s=60.0,
+                          http_max_concurrent_requests=1000, metrics_port=0, metrics_host="127.0.0.1")
+engine = FakeEngine(width={width})
+server = ServerThread(settings, lambda _s: engine).start()
+print(server.target, server.http_url, server.server.metrics_port, flush=True)
+sys.stdin.read()  # until the test closes our stdin
+server.stop()
+"""
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def _scrape(port: int, name: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+class _Peer:  # what the helpers above need of a server: its addresses
+    def __init__(self, target: str, http_url: str):
+        self.target, self.http_url = target, http_url
+
+
+def test_rss_stays_within_the_inflight_limit_while_80_clients_never_read_and_comes_back():
+    """40 HTTP clients and 40 gRPC streams ask for 16 MiB each and never read. The server (a subprocess,
+    glibc's mmap threshold fixed at 1 MiB so freed answers go back to the OS) must stay within
+    --max-inflight-bytes (64 MiB) plus OVERHEAD, and come back once they go."""
+    import os
+    import subprocess
+    import sys
+
+    limit, overhead = 64 << 20, 96 << 20
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    code = _RSS_SERVER.format(limit=limit, width=WIDTH)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        target, http_url, metrics = proc.stdout.readline().decode().split()
+        peer, metrics_port = _Peer(target, http_url), int(metrics)
+        for _ in range(2):  # warm: every code path has run once before the baseline
+            answer = requests.post(http_url + "/predict", json={"prompt": [f"w{i}" for i in range(16)]}, timeout=60)
+            assert answer.status_code == 200
+        del answer
+        baseline = _rss(proc.pid)
+        socks: list[socket.socket] = []
+
+        def settled() -> bool:  # every request so far refused, or admitted and stuck sending (or done)
+            done = _scrape(metrics_port, "flux2_encoder_requests_total{")
+            return done + _scrape(metrics_port, "flux2_encoder_inflight_requests ") >= 2 + len(socks)
+
+        # One at a time, so each is admitted if the limit allows (all HTTP first: answers that escaped the
+        # reservation while being sent would pile up here).
+        for open_unread in [unread_http] * 40 + [unread_grpc] * 40:
+            socks.append(open_unread(peer, 16))  # type: ignore[arg-type]
+            wait_until(settled, 30, "the unread request to be answered or stuck")
+        peak = max(_rss(proc.pid) for _ in range(5) if time.sleep(0.1) is None)
+        assert _scrape(metrics_port, "flux2_encoder_inflight_bytes ") <= limit
+        assert peak - baseline <= limit + overhead, f"RSS grew {(peak - baseline) >> 20} MiB"
+        for sock in socks:
+            sock.close()
+        wait_until(lambda: _scrape(metrics_port, "flux2_encoder_inflight_bytes ") == 0, 30, "the reservations")
+        wait_until(lambda: _rss(proc.pid) - baseline <= overhead, 30, "RSS to come back")
+        print(f"baseline {baseline >> 20} MiB, peak +{(peak - baseline) >> 20} MiB")
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
