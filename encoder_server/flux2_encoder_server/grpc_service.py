@@ -25,6 +25,7 @@ from . import __version__
 from .core import EncoderCore
 from .errors import (
     BodyTimeout,
+    ClientGone,
     DeadlineExceeded,
     EncodeFailed,
     FailedPrecondition,
@@ -104,6 +105,17 @@ def _metadata_token(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+async def _write(context: grpc.aio.ServicerContext, message: pb.EncodeResponse | bytes) -> None:
+    """`context.write`, with a write that failed as ClientGone: the messages are ours (already valid), so a
+    failed write means the stream is gone (client cancelled or disconnected). grpc raises its private
+    ExecuteBatchError then, before `context.cancelled()` turns True, hence the broad except."""
+    try:
+        await context.write(message)
+    except Exception as exc:
+        log.debug("write failed, the stream is gone: %s", type(exc).__name__)
+        raise ClientGone from None
+
+
 class TextEncoderService:
     def __init__(self, core: EncoderCore):
         self.core = core
@@ -138,16 +150,18 @@ class TextEncoderService:
                     batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
                 )
                 with req.stage("send"):
-                    await req.send(context.write(pb.EncodeResponse(header=header)))
+                    await req.send(_write(context, pb.EncodeResponse(header=header)))
                     # Chunks go out as ready wire bytes (one copy of the payload each, see
                     # codec.chunk_response_bytes): this loop shares the GIL with the model thread.
                     data, step = payload.data, self.core.settings.chunk_bytes
                     for offset in range(0, len(data), step):
                         end = min(offset + step, len(data))
-                        await req.send(context.write(codec.chunk_response_bytes(data, offset, end)))
+                        await req.send(_write(context, codec.chunk_response_bytes(data, offset, end)))
                         req.add_bytes_sent(end - offset)
         except ServiceError as exc:
             await abort(context, exc)
+        except ClientGone:
+            pass  # counted CANCELLED by the scope; there is nobody to send a status to
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
