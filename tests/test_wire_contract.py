@@ -86,6 +86,28 @@ def test_fingerprint_pinning(server, engine):
         enc.encode("wrong model")
 
 
+class _CorruptingContext:
+    """The servicer's context, but the second chunk written has one byte flipped."""
+
+    def __init__(self, context):
+        self._context = context
+        self._chunks = 0
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def write(self, response):
+        if isinstance(response, bytes):  # the servicer writes chunks as ready wire bytes
+            response = pb.EncodeResponse.FromString(response)
+        if response.WhichOneof("part") == "chunk":
+            self._chunks += 1
+            if self._chunks == 2:
+                data = bytearray(response.chunk.data)
+                data[7] ^= 0x40
+                response = pb.EncodeResponse(chunk=pb.TensorChunk(offset=response.chunk.offset, data=bytes(data)))
+        await self._context.write(response)
+
+
 class _CorruptingService:
     """Wraps the real servicer and flips one byte of the second chunk, as a bad link would."""
 
@@ -93,17 +115,7 @@ class _CorruptingService:
         self.inner = inner
 
     async def Encode(self, request, context):
-        index = 0
-        async for response in self.inner.Encode(request, context):
-            if isinstance(response, bytes):  # the servicer streams chunks as ready wire bytes
-                response = pb.EncodeResponse.FromString(response)
-            if response.WhichOneof("part") == "chunk":
-                index += 1
-                if index == 2:
-                    data = bytearray(response.chunk.data)
-                    data[7] ^= 0x40
-                    response = pb.EncodeResponse(chunk=pb.TensorChunk(offset=response.chunk.offset, data=bytes(data)))
-            yield response
+        await self.inner.Encode(request, _CorruptingContext(context))
 
     async def Info(self, request, context):
         return await self.inner.Info(request, context)

@@ -12,7 +12,11 @@ A request goes through one API, its scope:
         with req.stage("serialize"):
             body = ...
         with req.stage("send"):
-            ...; req.add_bytes_sent(len(body))
+            await req.send(write(body)); req.add_bytes_sent(len(body))
+
+The front-end sends the answer inside the scope, each write through `req.send`, so the admission is held
+until the last byte is written (or the client is gone), and a client that stops reading is cut off after
+`send_timeout_s` (`SendTimeout`, counted as dropped with reason "send_timeout").
 
 `req.encode` admits the request: its `Admission` (the response bytes it reserves and its per-token
 concurrency slot) is a context manager held by the scope. Leaving the `async with` gives the admission
@@ -28,10 +32,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from flux2split_proto import shared
@@ -46,6 +50,7 @@ from .errors import (
     InvalidArgument,
     RateLimited,
     ResourceExhausted,
+    SendTimeout,
     ServiceError,
     Unavailable,
 )
@@ -56,6 +61,7 @@ from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "ANONYMOUS",
@@ -151,6 +157,7 @@ class RequestScope:
         self._held = contextlib.ExitStack()  # what the request holds (its admission) until it ends
         self._admission: Admission | None = None
         self._started = time.monotonic()
+        self._send_deadline: float | None = None
 
     def __repr__(self) -> str:  # never the bearer token
         return f"RequestScope({self.frontend!r}, request_id={self.request_id!r}, principal={self.principal.name!r})"
@@ -212,6 +219,22 @@ class RequestScope:
             elapsed = time.monotonic() - started
             self.stages[name] = self.stages.get(name, 0.0) + elapsed
             self.core.metrics.stage_seconds.labels(name).observe(elapsed)
+
+    async def send(self, write: Awaitable[T]) -> T:
+        """Await one write of the answer (a front-end's transport write, which blocks while the client does
+        not read) within the send deadline: `send_timeout_s` from the first write to the last. Past it the
+        write is cancelled, the drop counted, and SendTimeout raised; the front-end then ends the call."""
+        now = time.monotonic()
+        if self._send_deadline is None:
+            self._send_deadline = now + self.core.settings.send_timeout_s
+        try:
+            # A deadline already past still lets a write that completes at once through.
+            return await asyncio.wait_for(write, max(self._send_deadline - now, 0.001))
+        except TimeoutError:
+            self.core.metrics.dropped.labels("send_timeout").inc()
+            raise SendTimeout(
+                f"the answer was not read within send_timeout_s={self.core.settings.send_timeout_s:g}"
+            ) from None
 
     def add_bytes_sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes

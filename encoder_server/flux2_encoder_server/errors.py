@@ -67,6 +67,14 @@ class DeadlineExceeded(ServiceError):
     code = "DEADLINE_EXCEEDED"
 
 
+class SendTimeout(DeadlineExceeded):
+    """The answer was not read within `send_timeout_s`: the client stopped reading (or reads too slowly)."""
+
+
+class BodyTimeout(DeadlineExceeded):
+    """HTTP only: the request body did not arrive within `http_read_timeout_s` (a slow or stalled upload)."""
+
+
 class Unavailable(ServiceError):
     """The server is loading its model or draining for shutdown."""
 

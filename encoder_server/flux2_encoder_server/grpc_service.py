@@ -24,6 +24,8 @@ from google.protobuf.message import DecodeError
 from . import __version__
 from .core import EncoderCore
 from .errors import (
+    BodyTimeout,
+    ClientGone,
     DeadlineExceeded,
     EncodeFailed,
     FailedPrecondition,
@@ -31,6 +33,7 @@ from .errors import (
     RateLimited,
     RequestTooLarge,
     ResourceExhausted,
+    SendTimeout,
     ServiceError,
     Unauthenticated,
     Unavailable,
@@ -54,6 +57,8 @@ GRPC_STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    SendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    BodyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,  # HTTP only
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     EncodeFailed: grpc.StatusCode.INTERNAL,
 }
@@ -100,11 +105,25 @@ def _metadata_token(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+async def _write(context: grpc.aio.ServicerContext, message: pb.EncodeResponse | bytes) -> None:
+    """`context.write`, with a write that failed as ClientGone: the messages are ours (already valid), so a
+    failed write means the stream is gone (client cancelled or disconnected). grpc raises its private
+    ExecuteBatchError then, before `context.cancelled()` turns True, hence the broad except."""
+    try:
+        await context.write(message)
+    except Exception as exc:
+        log.debug("write failed, the stream is gone: %s", type(exc).__name__)
+        raise ClientGone from None
+
+
 class TextEncoderService:
     def __init__(self, core: EncoderCore):
         self.core = core
 
-    async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeResponse | bytes]:
+    async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        # Written with context.write, not yielded: each write is awaited inside the request scope, so the
+        # admission (in-flight bytes, per-token slot) is held until the last message is written, and a
+        # write the client never reads (HTTP/2 flow control blocks it) is cut off by the send deadline.
         request_id = "" if isinstance(request, _Malformed) else request.request_id
         try:
             async with self.core.request("grpc", request_id=request_id, bearer_token=_metadata_token(context)) as req:
@@ -131,16 +150,18 @@ class TextEncoderService:
                     batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
                 )
                 with req.stage("send"):
-                    yield pb.EncodeResponse(header=header)
+                    await req.send(_write(context, pb.EncodeResponse(header=header)))
                     # Chunks go out as ready wire bytes (one copy of the payload each, see
                     # codec.chunk_response_bytes): this loop shares the GIL with the model thread.
                     data, step = payload.data, self.core.settings.chunk_bytes
                     for offset in range(0, len(data), step):
                         end = min(offset + step, len(data))
-                        yield codec.chunk_response_bytes(data, offset, end)
+                        await req.send(_write(context, codec.chunk_response_bytes(data, offset, end)))
                         req.add_bytes_sent(end - offset)
         except ServiceError as exc:
             await abort(context, exc)
+        except ClientGone:
+            pass  # counted CANCELLED by the scope; there is nobody to send a status to
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:

@@ -28,7 +28,7 @@ import logging
 import math
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import uvicorn
@@ -38,10 +38,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import __version__
-from .core import EncoderCore
+from .core import EncoderCore, RequestScope
 from .errors import (
+    BodyTimeout,
     ClientGone,
     DeadlineExceeded,
     EncodeFailed,
@@ -50,6 +52,7 @@ from .errors import (
     RateLimited,
     RequestTooLarge,
     ResourceExhausted,
+    SendTimeout,
     ServiceError,
     Unauthenticated,
     Unavailable,
@@ -74,6 +77,8 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     ResourceExhausted: 503,
     RateLimited: 429,
     DeadlineExceeded: 504,
+    BodyTimeout: 408,
+    SendTimeout: 504,  # headers are out by then: the connection is closed mid-body
     Unavailable: 503,
     EncodeFailed: 500,
 }
@@ -98,9 +103,17 @@ def parse_prompts(body: bytes) -> list[object]:
     raise InvalidArgument(f"prompt: expected a string or a list of strings, got {kind}")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes: from the
-    Content-Length header before anything is read, otherwise while streaming it in."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes (from the
+    Content-Length header before anything is read, otherwise while streaming it in), and with 408 when it
+    has not all arrived within `timeout` seconds (a slow-loris upload must not hold a request slot)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout)
+    except TimeoutError:
+        raise BodyTimeout(f"body: not received within http_read_timeout_s={timeout:g}") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"body: {int(declared)} bytes exceed http_max_body_bytes={limit}")
@@ -155,9 +168,9 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def service_error_response(exc: ServiceError) -> JSONResponse:
+def service_error_response(exc: ServiceError, *, close: bool = False) -> JSONResponse:
     status = status_for(exc, HTTP_STATUS)
-    headers = {}
+    headers = {"Connection": "close"} if close else {}
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
     if exc.retry_after_s is not None:
@@ -167,32 +180,62 @@ def service_error_response(exc: ServiceError) -> JSONResponse:
 
 def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
     """The ASGI app over `core`; `is_serving` is the server's readiness (loaded, warmed up, not draining)."""
-    max_body = core.settings.http_max_body_bytes
+    settings = core.settings
+    max_body = settings.http_max_body_bytes
 
-    async def predict(request: Request) -> Response:
+    async def predict(request: Request, send: Send) -> Response | None:
+        """Answers through `send` itself (returns None), or returns the error response to send."""
         token = bearer_token(request.headers.get("authorization"))
         request_id = request.headers.get("x-request-id") or None
         try:
             # The scope authenticates, holds the in-flight bytes and the per-token slot, and records
-            # metrics and the access-log line, exactly as for gRPC.
+            # metrics and the access-log line, exactly as for gRPC. The answer is sent inside it
+            # (`_Answer`), so all of that is held until the last byte is out or the client is gone.
             async with core.request("http", request_id=request_id, bearer_token=token) as req:
-                body = await read_body(request, max_body)
+                body = await read_body(request, max_body, settings.http_read_timeout_s)
                 result = await _unless_disconnected(request, req.encode(parse_prompts(body), field="prompt"))
                 with req.stage("serialize"):
                     # torch.save copies 15.7 MB per prompt: not on the event loop.
                     payload = await asyncio.to_thread(torch_save_bytes, result.embeds)
-                req.add_bytes_sent(len(payload))
+                del result
+                headers = {"X-Request-Id": req.request_id}
+                if core.fingerprint is not None:
+                    headers[FINGERPRINT_HEADER] = core.fingerprint.digest
+                    headers[MODEL_HEADER] = core.fingerprint.weights_id
+                answer = _Answer(payload, headers, req, settings.chunk_bytes)
+                del payload
+                await answer.send(send)
+        except SendTimeout as exc:
+            log.info("POST /predict cut off: %s", exc)
+            await _abort_connection(request)
+            return None
         except ServiceError as exc:
             log.info("POST /predict failed: %d %s %s", status_for(exc, HTTP_STATUS), exc.code, exc)
-            return service_error_response(exc)
+            return service_error_response(exc, close=isinstance(exc, BodyTimeout))
         except ClientGone:
             # Nobody reads this answer; 499 is the conventional "client closed request" in access logs.
             return Response(status_code=499)
-        headers = {"X-Request-Id": req.request_id}
-        if core.fingerprint is not None:
-            headers[FINGERPRINT_HEADER] = core.fingerprint.digest
-            headers[MODEL_HEADER] = core.fingerprint.weights_id
-        return Response(payload, media_type="application/octet-stream", headers=headers)
+        return None
+
+    unfinished = 0  # /predict requests being read, encoded or sent
+
+    async def predict_app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal unfinished
+        if unfinished >= settings.http_max_concurrent_requests:
+            core.metrics.rejected.labels("http_max_concurrent_requests").inc()
+            full = ResourceExhausted(
+                f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
+                "retry shortly, preferably on another replica"
+            )
+            await service_error_response(full, close=True)(scope, receive, send)
+            return
+        unfinished += 1
+        try:
+            response = await predict(Request(scope, receive), send)
+            if response is not None:
+                await response(scope, receive, send)
+        finally:
+            unfinished -= 1
 
     async def health(request: Request) -> Response:
         if is_serving():
@@ -236,13 +279,58 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/predict", predict, methods=["POST"]),
+            Route("/predict", _AsgiEndpoint(predict_app), methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
             Route("/info", info, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
+
+
+class _AsgiEndpoint:
+    """Routes to an ASGI callable as it is (Starlette wraps plain functions as request -> response)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]):
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
+class _Answer:
+    """A /predict answer sent in `chunk_bytes` pieces, each write through the request scope's `send` (so
+    the scope's admission lasts until the last byte is handed to the transport, and a client that does
+    not read is cut off at the send deadline: uvicorn's send waits while the socket's buffer is full)."""
+
+    def __init__(self, payload: bytes, headers: dict[str, str], req: RequestScope, chunk_bytes: int):
+        self.payload = payload
+        self.headers = headers
+        self.req = req
+        self.chunk_bytes = chunk_bytes
+
+    async def send(self, send: Send) -> None:
+        req, data = self.req, self.payload
+        raw_headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(data)).encode())]
+        raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        with req.stage("send"):
+            await req.send(send({"type": "http.response.start", "status": 200, "headers": raw_headers}))
+            for offset in range(0, len(data), self.chunk_bytes):
+                end = min(offset + self.chunk_bytes, len(data))
+                message = {"type": "http.response.body", "body": data[offset:end], "more_body": end < len(data)}
+                await req.send(send(message))
+                req.add_bytes_sent(end - offset)
+
+
+async def _abort_connection(request: Request) -> None:
+    """Drop the connection of an answer cut off mid-body. ASGI has no abort: uvicorn's receive is a method
+    of its request cycle, which holds the transport; `abort()` frees its unsent buffer at once (a plain
+    close would wait for a client that does not read). Elsewhere the server closes the connection when the
+    app returns without finishing the response."""
+    transport: Any = getattr(getattr(request.receive, "__self__", None), "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        transport.abort()
+        await asyncio.sleep(0)  # lets the server see the disconnect before the app returns
 
 
 class _EmbeddedUvicorn(uvicorn.Server):

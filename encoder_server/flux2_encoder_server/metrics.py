@@ -85,7 +85,8 @@ class Metrics:
         )
         self.dropped = Counter(
             _PREFIX + "dropped",
-            "Queued requests dropped before reaching the model, by reason (cancelled, deadline)",
+            "Requests dropped by reason: queued ones skipped before the model (cancelled, deadline) and answers "
+            "cut off because the client did not read them (send_timeout)",
             ["reason"],
             registry=r,
         )

@@ -106,6 +106,17 @@ class Settings:
     http_max_body_bytes: int = _setting(
         4 << 20, "largest HTTP request body accepted; larger ones get 413 before they are read"
     )
+    http_read_timeout_s: float = _setting(
+        30.0,
+        "an HTTP request's body must arrive within this many seconds of its headers (and each wait for the "
+        "next piece of it may last no longer), or the connection is closed: slow or stalled uploads cannot "
+        "hold a request slot",
+    )
+    http_max_concurrent_requests: int = _setting(
+        256,
+        "HTTP requests being read, encoded or sent at once; beyond it 503 with Retry-After (a cap on what "
+        "half-sent or never-read requests can hold)",
+    )
     # -- batching ---------------------------------------------------------------------------------------
     max_batch_prompts: int = _setting(
         16,
@@ -129,6 +140,12 @@ class Settings:
     )
     default_timeout_s: float = _setting(
         300.0, "deadline for requests that carry none (a client's own gRPC deadline always applies)"
+    )
+    send_timeout_s: float = _setting(
+        120.0,
+        "an answer must be sent (first to last byte) within this many seconds, or its stream / HTTP response "
+        "is cancelled and its reservation freed (counted as dropped, reason send_timeout): a client that "
+        "stops reading cannot hold --max-inflight-bytes",
     )
     chunk_bytes: int = _setting(1 << 20, "payload bytes per streamed chunk (must stay under the client's 4 MiB limit)")
     gil_switch_interval_ms: float = _setting(
@@ -266,8 +283,11 @@ class Settings:
             out.append("--max-wait-ms, --grace-period-s and --rate-limit-prompts-per-s must not be negative")
         if self.self_test_interval_s < 0:
             out.append("--self-test-interval-s must not be negative")
-        if self.default_timeout_s <= 0:
-            out.append("--default-timeout-s must be positive")
+        for name in ("default_timeout_s", "send_timeout_s", "http_read_timeout_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"--{name.replace('_', '-')} must be positive")
+        if self.http_max_concurrent_requests < 1:
+            out.append("--http-max-concurrent-requests must be at least 1")
         if self.rate_limit_prompts_per_s > 0 and self.rate_limit_burst_prompts < self.max_prompts_per_request:
             out.append(
                 "--rate-limit-burst-prompts must be at least --max-prompts-per-request, or the largest "
