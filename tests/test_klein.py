@@ -254,9 +254,9 @@ def test_width_check_names_both_widths(tiny_klein, tiny):
         check_embedding_width(192, str(tiny_klein.distilled), encoder="Mistral")
 
 
-def test_klein_embeddings_into_flux2_dev_dit_fail_before_loading(tiny, klein_server, monkeypatch):
-    """The CLI pairs a Klein encoder server with the FLUX.2-dev DiT: refused with both widths named, and
-    no weight (DiT, VAE, scheduler) is ever loaded."""
+def test_klein_embeddings_into_flux2_dev_dit_fail_before_loading(tiny, klein_server, monkeypatch, capsys):
+    """The CLI pairs a Klein encoder server with the FLUX.2-dev DiT: refused in one line with both widths
+    named and the model-mismatch exit code, and no weight (DiT, VAE, scheduler) is ever loaded."""
     import diffusers
     from flux2_client import _quantization, generation
     from flux2_client.cli import main
@@ -269,10 +269,11 @@ def test_klein_embeddings_into_flux2_dev_dit_fail_before_loading(tiny, klein_ser
     monkeypatch.setattr(diffusers.AutoencoderKLFlux2, "from_pretrained", no_loading)
     monkeypatch.setattr(diffusers.FlowMatchEulerDiscreteScheduler, "from_pretrained", no_loading)
     argv = ["generate", "--server", klein_server.target, "--prompt", "a fox", "--model", str(tiny.pipeline)]
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--device", "cpu", "--offload", "none", "--no-progress"])
-    message = str(exc.value.code)
-    assert message.startswith("--dit: ") and "384 wide" in message and "joint_attention_dim 192" in message
+    assert main([*argv, "--device", "cpu", "--offload", "none", "--no-progress"]) == 6  # ExitCode.MODEL_MISMATCH
+    err = capsys.readouterr().err
+    message = err.splitlines()[-1]  # after "received embeddings ...": the embeddings came, the DiT refused them
+    assert "Traceback" not in err and message.startswith("flux2-client: error: --dit: ")
+    assert "384 wide" in message and "joint_attention_dim 192" in message
     assert str(tiny.pipeline) in message  # no --dit: the model's own transformer/
 
 

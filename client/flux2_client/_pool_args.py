@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._arg_types import at_least_one, encoder_target, positive_seconds
+
 if TYPE_CHECKING:
     from .cache import EmbeddingCache
     from .endpoints import EncoderPool
@@ -21,12 +23,15 @@ def add_pool_args(p: argparse.ArgumentParser, *, timeout: float) -> None:
         "--server",
         action="append",
         default=[],
+        type=encoder_target,
         help="encoder server: host:port or another gRPC target (dns:///name:port), or the HTTP /predict URL "
         "(http[s]://…); repeat for several: requests spread, failed servers are skipped",
     )
-    p.add_argument("--timeout", type=float, default=timeout, help="deadline of one encoder request, seconds")
-    p.add_argument("--deadline", type=float, default=None, help="deadline over all retries and servers, seconds")
-    p.add_argument("--retries", type=int, default=6, help="encoder attempts over all servers")
+    p.add_argument("--timeout", type=positive_seconds, default=timeout, help="deadline of one encoder request, seconds")
+    p.add_argument(
+        "--deadline", type=positive_seconds, default=None, help="deadline over all retries and servers, seconds"
+    )
+    p.add_argument("--retries", type=at_least_one, default=6, help="encoder attempts over all servers")
     p.add_argument("--expect-fingerprint", default=None, help="refuse embeddings from any other model digest")
     p.add_argument(
         "--token",

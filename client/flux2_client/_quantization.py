@@ -61,14 +61,14 @@ def keep_canonical_nf4_layout(model: Any) -> None:
         module.support_avx512bf16_for_cpu = False
 
 
-def _is_prequantized(repo: str, subfolder: str) -> bool:
+def _is_prequantized(repo: str, subfolder: str, revision: str | None = None) -> bool:
     config_path = Path(repo) / subfolder / "config.json"
     if config_path.is_file():
         return "quantization_config" in json.loads(config_path.read_text())
     from huggingface_hub import hf_hub_download
 
     try:
-        local = hf_hub_download(repo, f"{subfolder}/config.json")
+        local = hf_hub_download(repo, f"{subfolder}/config.json", revision=revision)
     except Exception:
         return False
     return "quantization_config" in json.loads(Path(local).read_text())
@@ -91,7 +91,7 @@ def load_nf4_transformer(
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kwargs: dict[str, Any] = {"subfolder": subfolder, "dtype": torch.bfloat16, "revision": revision}
-    if not _is_prequantized(repo, subfolder):
+    if not _is_prequantized(repo, subfolder, revision):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

@@ -191,24 +191,19 @@ def run_encode(args: argparse.Namespace) -> int:
     if skipped:
         shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
         print(f"encode: skipped {len(skipped)} line(s) that are not valid UTF-8: {shown}", file=sys.stderr)
-    from .encoder import RemoteEncoderError
-    from .shards import ShardFingerprintError
-
+    # A server or fingerprint failure propagates to the CLI's edge (`cli.main`), which reports it in one line
+    # with the exit code of its class; what was encoded before it is saved, so rerunning resumes.
     with pool_from_args(args) as pool:
-        try:
-            result = encode_captions(
-                captions,
-                args.out,
-                pool,
-                concurrency=args.concurrency,
-                request_prompts=args.request_prompts,
-                shard_rows=args.shard_rows,
-                expected_fingerprint=args.expect_fingerprint,
-                progress=not args.no_progress,
-            )
-        except (RemoteEncoderError, ShardFingerprintError) as exc:
-            # What was encoded before the failure is saved; rerunning the command resumes.
-            raise SystemExit(f"encode: {exc}") from None
+        result = encode_captions(
+            captions,
+            args.out,
+            pool,
+            concurrency=args.concurrency,
+            request_prompts=args.request_prompts,
+            shard_rows=args.shard_rows,
+            expected_fingerprint=args.expect_fingerprint,
+            progress=not args.no_progress,
+        )
     print(
         f"{result.captions} captions, {result.unique} unique: {result.already_done} already in {args.out}, "
         f"{result.encoded} encoded now in {result.seconds:.1f}s ({result.captions_per_second:.1f} captions/s), "

@@ -1,25 +1,64 @@
 """`flux2-client`: generate images from a remote encoder's embeddings, build tiny models, run the demo.
 
 flux2-client generate --server HOST:PORT --prompt "a red fox in snow" --out fox.png
-flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png --image hat.png \
+flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png --image hat.png \\
     --prompt "the cat wearing the hat" --num-images-per-prompt 2
 flux2-client generate --plan-only --vram 6GB --image a.png --image b.png
 flux2-client make-tiny ./tiny-models [--family klein]
 flux2-client demo
 flux2-client encode captions.txt --server HOST:PORT --out embeds/
+
+A failure is one line on stderr and an exit code (below); --verbose adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
 
 # Pure-Python modules only: the CLI must start (and reject bad arguments) without torch.
+from ._arg_types import MIN_VRAM, at_least_one, finite_float, join_signed_values, vram_size
+from ._errors import CliError, ExitCode, FailureContext, UsageError, describe_failure, exit_code_table, servers_of
 from ._pool_args import add_pool_args, pool_from_args
-from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
+from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, fmt_bytes, parse_size
+
+_log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(ExitCode.USAGE)
+
+
+# -- the parser -----------------------------------------------------------------------------------------------
+def _add_output_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """--verbose/--quiet/--log-format, accepted before and after the command. The copies on the commands
+    default to SUPPRESS so they never overwrite a value given before the command."""
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="more detail; a failure adds its traceback", **default
+    )
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars", **default
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text (default): lines for people; json: one JSON object per line on stderr, no progress bars",
+        **({"default": "text"} if top else default),
+    )
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -31,19 +70,23 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         help="repo id or folder with vae/ and scheduler/: FLUX.2-dev or a FLUX.2 [klein] model (its model_index.json "
         "picks Flux2Pipeline or Flux2KleinPipeline)",
     )
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     p.add_argument(
         "--dit",
         default=None,
         help="repo id or folder whose transformer/ holds the DiT (NF4, or bf16 quantized on load); default "
         "diffusers/FLUX.2-dev-bnb-4bit for FLUX.2-dev, else --model's own transformer/",
     )
+    p.add_argument(
+        "--dit-revision", default=None, help="hub revision of --dit (default: --revision when --dit is not given)"
+    )
     p.add_argument("--out", default="flux2.png", help="output PNG; several images get _<prompt>_<n> suffixes")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--steps", type=at_least_one, default=50, help="denoising steps")
     p.add_argument(
         "--guidance",
-        type=float,
+        type=finite_float,
         default=4.0,
         help="guidance scale: embedded (FLUX.2-dev), classifier-free (FLUX.2 [klein] base), ignored (klein distilled)",
     )
@@ -53,7 +96,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         help="FLUX.2 [klein] base models: the negative prompt of classifier-free guidance, encoded by the server",
     )
     p.add_argument("--seed", type=int, default=0, help="image k of the call uses seed + k")
-    p.add_argument("--num-images-per-prompt", type=int, default=1)
+    p.add_argument("--num-images-per-prompt", type=at_least_one, default=1)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; default cuda if available")
     p.add_argument(
         "--offload",
@@ -61,147 +104,47 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="plan: memory planner (default on CUDA); leaf_level: diffusers' recipe; none: all on the device",
     )
-    p.add_argument("--vram", default=None, help="VRAM budget for everything on the card, e.g. 8GB; default: free now")
-    p.add_argument("--plan-only", action="store_true", help="print the memory plan from the model config and exit")
+    p.add_argument(
+        "--vram",
+        default=None,
+        type=vram_size,
+        help=f"VRAM budget for everything on the card, e.g. 8GB (at least {fmt_bytes(MIN_VRAM)}); default: free now",
+    )
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print the memory plan and exit: nothing is loaded, and the known models need no network",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="keep received embeddings here (safetensors)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_pool_args(p, timeout=120.0)
 
 
-def check_generate_args(args: argparse.Namespace) -> None:
-    """Reject bad values before any model is loaded, naming the argument."""
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value < 16 or value % 16:
-            raise SystemExit(f"--{name} must be a positive multiple of 16, got {value}")
-    if args.steps < 1:
-        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
-    if args.num_images_per_prompt < 1:
-        raise SystemExit(f"--num-images-per-prompt must be at least 1, got {args.num_images_per_prompt}")
-    if len(args.image) > MAX_REFERENCE_IMAGES:
-        raise SystemExit(f"--image: at most {MAX_REFERENCE_IMAGES} reference images, got {len(args.image)}")
-    for path in args.image:
-        if not path.is_file():
-            raise SystemExit(f"--image: no such file {path}")
-    if args.vram is not None:
-        try:
-            parse_size(args.vram)
-        except ValueError as exc:
-            raise SystemExit(f"--vram: {exc}") from None
-    if args.dit is None:
-        from .families import default_dit
-
-        args.dit = default_dit(args.model)
-    if args.plan_only:
-        return
-    if not args.prompt:
-        raise SystemExit("--prompt is required (repeat it for several prompts)")
-    if any(not p.strip() for p in args.prompt):
-        raise SystemExit("--prompt must not be empty")
-    if not args.server:
-        raise SystemExit("--server is required (repeat it for several servers)")
-
-
-def _workload(args: argparse.Namespace, image_sizes: list[tuple[int, int]]) -> Workload:
-    batch = max(1, len(args.prompt)) * args.num_images_per_prompt
-    return Workload(args.height, args.width, tuple(image_sizes), batch)
-
-
-def run_plan_only(args: argparse.Namespace) -> str:
-    """The plan from the DiT's config alone: nothing is loaded or downloaded beyond config.json."""
-    import json
-
-    from ._quantization import _is_prequantized
-    from .planner import Budget, plan_memory, spec_from_config
-
-    config_path = Path(args.dit) / "transformer" / "config.json"
-    if not config_path.is_file():
-        from huggingface_hub import hf_hub_download
-
-        config_path = Path(hf_hub_download(args.dit, "transformer/config.json"))
-    config = json.loads(config_path.read_text())
-    double_quant = bool(config.get("quantization_config", {}).get("bnb_4bit_use_double_quant", False))
-    if not _is_prequantized(args.dit, "transformer"):
-        double_quant = False
-    if args.vram is not None:
-        vram = parse_size(args.vram)
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--vram is needed without a CUDA device (no free memory to read)")
-        from ._allocator import auto_vram_bytes
-
-        vram = auto_vram_bytes(torch.device("cuda", torch.cuda.current_device()))
-    from ._allocator import host_available_bytes
-    from .generation import load_reference_images
-
-    sizes = [im.size for im in load_reference_images(args.image)]
-    spec = spec_from_config(config, double_quant=double_quant, vae_bytes=170 << 20)
-    plan = plan_memory(spec, _workload(args, sizes), Budget(vram=vram, host_available=host_available_bytes()))
-    text = plan.describe()
-    print(text)
-    return text
-
-
-def run_generate(args: argparse.Namespace) -> list[Path]:
-    check_generate_args(args)
-    # The allocator reads this once, when CUDA starts: set it before anything touches the GPU.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    try:
-        if args.plan_only:
-            from .planner import PlanError
-
-            try:
-                run_plan_only(args)
-            except PlanError as exc:
-                raise SystemExit(f"--vram: {exc}") from None
-            return []
-        from .cache import EmbeddingCache
-        from .generation import GenerationParams, generate_to_files
-    except ImportError as exc:
-        raise SystemExit(f"missing dependency {exc.name!r}: pip install 'flux2-split[client]'") from None
-
-    from .families import EmbeddingWidthError
-    from .planner import PlanError
-
-    cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
-    with pool_from_args(args, cache=cache) as pool:
-        try:
-            return generate_to_files(
-                pool,
-                args.prompt,
-                args.out,
-                GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed),
-                model=args.model,
-                dit=args.dit,
-                images=args.image,
-                num_images_per_prompt=args.num_images_per_prompt,
-                device=args.device,
-                offload=args.offload,
-                vram=args.vram,
-                progress=not args.no_progress,
-                verbose=True,
-                negative_prompt=args.negative_prompt,
-            )
-        except EmbeddingWidthError as exc:
-            raise SystemExit(f"--dit: {exc}") from None
-        except PlanError as exc:
-            raise SystemExit(f"--vram: {exc}") from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="flux2-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    epilog = exit_code_table()
+    parser = _Parser(
+        prog="flux2-client",
+        description=__doc__,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"flux2-client {__version__}")
+    _add_output_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate images from prompts encoded by a server")
+    gen = sub.add_parser(
+        "generate",
+        help="generate images from prompts encoded by a server",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_generate_args(gen)
+    _add_output_args(gen)
     tiny = sub.add_parser("make-tiny", help="write tiny random FLUX.2-dev- or klein-shaped models (HF layout)")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--family", choices=("flux2", "klein"), default="flux2", help="FLUX.2-dev or FLUX.2 [klein]")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
+    _add_output_args(tiny)
     demo = sub.add_parser("demo", help="tiny models -> server -> image, all on this machine")
     demo.add_argument("--workdir", type=Path, default=Path("out/demo"))
     demo.add_argument(
@@ -210,34 +153,251 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="real weights instead of tiny ones, e.g. black-forest-labs/FLUX.2-dev (needs HF_TOKEN and a GPU)",
     )
     demo.add_argument("--prompt", default="a watercolor fox reading a newspaper in a cafe")
+    _add_output_args(demo)
     from .bulk import add_encode_parser
 
-    add_encode_parser(sub)
-    args = parser.parse_args(argv)
+    _add_output_args(add_encode_parser(sub))
+    return parser
+
+
+# -- checks before anything is loaded or contacted --------------------------------------------------------
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Reject bad values before any model is loaded, naming the argument."""
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value < 16 or value % 16:
+            raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+    if len(args.image) > MAX_REFERENCE_IMAGES:
+        raise UsageError(f"--image: at most {MAX_REFERENCE_IMAGES} reference images, got {len(args.image)}")
+    for path in args.image:
+        if not path.is_file():
+            raise UsageError(f"--image: no such file {path}")
+    if args.cache_dir is not None:
+        if args.cache_dir.exists() and not args.cache_dir.is_dir():
+            raise UsageError(f"--cache-dir: {args.cache_dir} is a file, not a folder")
+        try:
+            args.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--cache-dir: cannot create {args.cache_dir}: {exc.strerror or exc}") from None
+        if not os.access(args.cache_dir, os.W_OK | os.X_OK):
+            raise UsageError(f"--cache-dir: {args.cache_dir} is not writable")
+    args.dit_flag = "--dit" if args.dit is not None else "--model"
+    if args.dit is None:
+        from .families import default_dit
+
+        args.dit = default_dit(args.model)
+        if args.dit_revision is None and args.dit == args.model:
+            args.dit_revision = args.revision
+    if args.plan_only:
+        return
+    if not args.prompt:
+        raise UsageError("--prompt is required (repeat it for several prompts)")
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    if not args.server:
+        raise UsageError("--server is required (repeat it for several servers)")
+
+
+def _reference_images(paths: Sequence[Path]) -> list[Any]:
+    from ._images import ReferenceImageError, load_reference_images
+
+    try:
+        return load_reference_images(paths)
+    except ReferenceImageError as exc:
+        raise UsageError(f"--image: {exc}") from None
+
+
+def _workload(args: argparse.Namespace, image_sizes: list[tuple[int, int]]) -> Workload:
+    batch = max(1, len(args.prompt)) * args.num_images_per_prompt
+    return Workload(args.height, args.width, tuple(image_sizes), batch)
+
+
+# -- generate --plan-only -----------------------------------------------------------------------------------
+def dit_shapes(dit: str, revision: str | None, flag: str = "--dit") -> tuple[dict[str, Any], bool, str]:
+    """(transformer config, double quantization, where the shapes came from) for the planner: the built-in
+    table for known hub repos (no network), else the folder's or repo's transformer/config.json."""
+    from ._known_dits import known_dit
+    from ._model_sources import ModelSourceError, check_source, read_json
+
+    known = known_dit(dit)
+    if known is not None:
+        return dict(known.config), known.double_quant, f"built-in shapes of {dit} (nothing fetched)"
+    local = Path(dit) / "transformer" / "config.json"
+    if local.is_file():
+        source = str(local)
+    else:
+        check_source(flag, dit, revision, ())  # a path that does not exist, a file, a revision on a folder
+        at = f" at revision {revision}" if revision else ""
+        _log.info("fetching transformer/config.json of %s%s from the Hugging Face hub (not a built-in model)", dit, at)
+        source = f"transformer/config.json of {dit}{at}, fetched from the Hugging Face hub"
+    config = read_json(flag, dit, "transformer/config.json", revision)
+    if config is None:
+        raise ModelSourceError(f"{flag}: {dit} has no transformer/config.json")
+    quantization = config.get("quantization_config") or {}
+    return config, bool(quantization.get("bnb_4bit_use_double_quant", False)), source
+
+
+def run_plan_only(args: argparse.Namespace) -> str:
+    """The plan from the DiT's shapes alone: nothing is loaded; the known models need no network."""
+    from .planner import Budget, plan_memory, spec_from_config
+
+    config, double_quant, source = dit_shapes(args.dit, args.dit_revision, args.dit_flag)
+    if args.vram is not None:
+        vram = parse_size(args.vram)
+    else:
+        try:
+            import torch
+        except ImportError as exc:
+            raise CliError(f"--vram is needed without torch ({exc})", ExitCode.USAGE) from None
+        if not torch.cuda.is_available():
+            raise UsageError("--vram is needed without a CUDA device (there is no free memory to read)")
+        from ._allocator import auto_vram_bytes
+
+        vram = auto_vram_bytes(torch.device("cuda", torch.cuda.current_device()))
+    from ._allocator import host_available_bytes
+
+    sizes = [im.size for im in _reference_images(args.image)]
+    spec = spec_from_config(config, double_quant=double_quant, vae_bytes=170 << 20)
+    plan = plan_memory(spec, _workload(args, sizes), Budget(vram=vram, host_available=host_available_bytes()))
+    text = f"DiT shapes: {source}\n{plan.describe()}"
+    print(text, flush=True)
+    return text
+
+
+# -- generate -----------------------------------------------------------------------------------------------
+def run_generate(args: argparse.Namespace) -> list[Path]:
+    check_generate_args(args)
+    if args.plan_only:
+        run_plan_only(args)
+        return []
+    _reference_images(args.image)  # a corrupt image fails now, before the server or a model is asked
+    from ._model_sources import check_model_sources
+
+    check_model_sources(
+        args.model, args.dit, revision=args.revision, dit_revision=args.dit_revision, dit_flag=args.dit_flag
+    )
+    # The allocator reads this once, when CUDA starts: set it before anything touches the GPU.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from .cache import EmbeddingCache
+    from .generation import GenerationParams, generate_to_files
+
+    cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
+    with pool_from_args(args, cache=cache) as pool:
+        return generate_to_files(
+            pool,
+            args.prompt,
+            args.out,
+            GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed),
+            model=args.model,
+            dit=args.dit,
+            images=args.image,
+            num_images_per_prompt=args.num_images_per_prompt,
+            device=args.device,
+            offload=args.offload,
+            vram=args.vram,
+            progress=_progress_bars(args),
+            verbose=True,
+            negative_prompt=args.negative_prompt,
+            revision=args.revision,
+            dit_revision=args.dit_revision,
+        )
+
+
+def _progress_bars(args: argparse.Namespace) -> bool:
+    """Progress bars draw on a terminal for a person: not with --no-progress, --quiet or JSON logs."""
+    return not (getattr(args, "no_progress", False) or args.quiet or args.log_format == "json")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._logging import library_logging_routed, no_checkpoint_writing_bars
 
     if args.command == "generate":
-        run_generate(args)
-    elif args.command == "make-tiny" and args.family == "klein":
-        from .tiny_klein import make_tiny_klein
+        with library_logging_routed(model_libraries=not args.plan_only):
+            run_generate(args)
+        return 0
+    if args.command == "encode":
+        from .bulk import run_encode
 
-        klein = make_tiny_klein(args.out_dir, seed=args.seed, overwrite=args.overwrite)
-        print(f"distilled: {klein.distilled}\nbase:      {klein.base}\nNF4 DiT:   {klein.nf4_repo}")
-    elif args.command == "make-tiny":
-        from .tiny import make_tiny_flux2
+        args.no_progress = not _progress_bars(args)
+        with library_logging_routed(model_libraries=False):
+            return run_encode(args)
+    if args.command == "make-tiny":
+        with library_logging_routed(), no_checkpoint_writing_bars(not args.verbose):
+            if args.family == "klein":
+                from .tiny_klein import make_tiny_klein
 
-        paths = make_tiny_flux2(args.out_dir, seed=args.seed, overwrite=args.overwrite)
-        print(f"pipeline: {paths.pipeline}\nNF4 DiT:  {paths.nf4_repo}")
-    elif args.command == "demo":
+                klein = make_tiny_klein(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+                print(f"distilled: {klein.distilled}\nbase:      {klein.base}\nNF4 DiT:   {klein.nf4_repo}")
+            else:
+                from .tiny import make_tiny_flux2
+
+                paths = make_tiny_flux2(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+                print(f"pipeline: {paths.pipeline}\nNF4 DiT:  {paths.nf4_repo}")
+        return 0
+    if args.command == "demo":
         from .demo import run_demo
 
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+        with library_logging_routed(), no_checkpoint_writing_bars(not args.verbose):
+            run_demo(args.workdir, model=args.model, prompt=args.prompt)
+        return 0
+    raise UsageError(f"unknown command {args.command!r}")
 
-        run_demo(args.workdir, model=args.model, prompt=args.prompt)
-    elif args.command == "encode":
-        from .bulk import run_encode
 
-        return run_encode(args)
-    return 0
+def _report(failure: CliError, exc: BaseException, args: argparse.Namespace) -> None:
+    """The failure as one line on stderr (one JSON object with --log-format json); --verbose first adds the
+    traceback."""
+    if args.log_format == "json":
+        fields = {"exit_code": int(failure.code), "error": type(exc).__name__}
+        _log.error(failure.message, exc_info=exc if args.verbose else None, extra={"fields": fields})
+        return
+    if args.verbose and not isinstance(exc, CliError | KeyboardInterrupt):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"flux2-client: error: {failure.message}", file=sys.stderr, flush=True)
+
+
+def _failure_context(args: argparse.Namespace) -> FailureContext:
+    return FailureContext(
+        servers=servers_of(getattr(args, "server", None)),
+        models=tuple(m for m in (getattr(args, "model", None), getattr(args, "dit", None)) if m),
+        tls=bool(getattr(args, "tls", False) or getattr(args, "root_certs", None)),
+        mutual_tls=getattr(args, "client_cert", None) is not None,
+        timeout=getattr(args, "timeout", None),
+        resumable=args.command == "encode",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(join_signed_values(argv))
+    args.verbose = getattr(args, "verbose", False)
+    args.quiet = getattr(args, "quiet", False)
+    if args.verbose and args.quiet:
+        print("flux2-client: error: --verbose and --quiet exclude each other", file=sys.stderr)
+        return ExitCode.USAGE
+    if not args.verbose:
+        # gRPC's C core logs handshake and connection details on stderr at INFO before Python sees the
+        # error the CLI reports in one line; read when gRPC starts, so set before it is imported.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from ._logging import cli_logging
+
+    with cli_logging(args.log_format, verbose=args.verbose, quiet=args.quiet):
+        try:
+            return _run(args)
+        except BrokenPipeError:
+            # The reader of stdout stopped (`| head`): nothing left to say. Point stdout at /dev/null so the
+            # interpreter's final flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return ExitCode.OK
+        except SystemExit as exc:
+            if isinstance(exc.code, str):  # `raise SystemExit("message")` below the CLI: a refused argument
+                _report(UsageError(exc.code), exc, args)
+                return ExitCode.USAGE
+            raise
+        except BaseException as exc:  # the CLI's edge: every failure becomes one line and an exit code
+            failure = describe_failure(exc, _failure_context(args))
+            _report(failure, exc, args)
+            return failure.code
 
 
 if __name__ == "__main__":

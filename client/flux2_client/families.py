@@ -73,11 +73,14 @@ def read_repo_json(repo: str, filename: str, revision: str | None = None) -> dic
         return None
 
 
-def detect_family(model: str, revision: str | None = None, dit: str | None = None) -> PipelineFamily:
+def detect_family(
+    model: str, revision: str | None = None, dit: str | None = None, dit_revision: str | None = None
+) -> PipelineFamily:
     """The family of a pipeline folder/repo from its `model_index.json` (`_class_name`, `is_distilled`).
 
     A folder without one (e.g. only `vae/` and `scheduler/` beside a separate `dit`) is told by its DiT's
-    `transformer/config.json`: Klein's DiT has no guidance embedder. With neither, FLUX.2-dev.
+    `transformer/config.json` (at `dit_revision`): Klein's DiT has no guidance embedder. With neither,
+    FLUX.2-dev.
     """
     index = read_repo_json(model, "model_index.json", revision)
     if index is not None:
@@ -89,7 +92,7 @@ def detect_family(model: str, revision: str | None = None, dit: str | None = Non
         raise ValueError(f"model: {model} holds a {cls}; expected a {DEV_PIPELINE} or a {KLEIN_PIPELINE}")
     config = read_repo_json(model, "transformer/config.json", revision)
     if config is None and dit is not None:
-        config = read_repo_json(dit, "transformer/config.json")
+        config = read_repo_json(dit, "transformer/config.json", dit_revision)
     if config is None or config.get("guidance_embeds", True):
         return FLUX2_DEV
     # Nothing says whether this Klein DiT is step-distilled: diffusers' default (base, real CFG).

@@ -8,6 +8,7 @@ reference images) as you would any diffusers pipeline, or use `generate`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,21 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ._images import load_reference_images
 from ._quantization import load_nf4_transformer
 from .lora import LoraSpec, load_loras
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
+
+_log = logging.getLogger(__name__)
+
+
+class PlannedOutOfMemoryError(torch.OutOfMemoryError):
+    """The device ran out of memory while the pipeline ran; `memory_plan` is the plan it ran under (None
+    without the planner), so the error can say what was tried."""
+
+    def __init__(self, message: str, memory_plan: Any):
+        super().__init__(message)
+        self.memory_plan = memory_plan
 
 
 class _Fingerprint(Protocol):
@@ -63,6 +76,7 @@ def load_pipeline(
     verbose: bool = False,
     embedding_dim: int | None = None,
     encoder: str | Sequence[str] | PromptEncoder | None = None,
+    dit_revision: str | None = None,
 ):
     """A ready diffusers pipeline with the NF4 DiT and the VAE; its text encoder is `encoder`, on another
     machine. Call it like any diffusers FLUX.2 pipeline: `pipe(prompt=...)` (with `image=` for reference
@@ -88,6 +102,9 @@ def load_pipeline(
             they stay resident while base blocks stream. Switch later with `pipe.set_adapters(...)`.
         encoder: where prompts are encoded: a target ("host:port", or "http(s)://…/predict") or a list of
             them (failover), or an `EncoderPool` (for tokens, TLS, cache, deadlines). None: `prompt_embeds=` only.
+        revision: hub revision (branch, tag or commit) of `model`, and of the DiT when `dit` is unset.
+        dit_revision: hub revision of `dit`.
+        verbose: log the memory plan (INFO on the `flux2_client.generation` logger).
 
     The pipeline class follows `model`'s model_index.json: `Flux2RemotePipeline` (a `Flux2Pipeline`) for
     FLUX.2-dev, `Flux2KleinRemotePipeline` (a `Flux2KleinPipeline`) for FLUX.2 [klein]; see
@@ -110,7 +127,8 @@ def load_pipeline(
         raise ValueError(f"offload: expected one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
     if offload == "plan" and vram is None and device.type != "cuda":
         raise ValueError("vram: offload='plan' on a CPU device needs an explicit budget (there is no free memory)")
-    family = detect_family(model, revision, dit=dit)
+    dit_rev = dit_revision if dit else revision
+    family = detect_family(model, revision, dit=dit, dit_revision=dit_rev)
     if encoder is not None:
         from .remote_pipeline import as_prompt_encoder, served_embedding_dim
 
@@ -118,10 +136,10 @@ def load_pipeline(
         if embedding_dim is None:
             embedding_dim = served_embedding_dim(encoder)  # a wrong encoder fails before any weight loads
     if embedding_dim is not None:
-        check_embedding_width(embedding_dim, dit or model, revision=None if dit else revision)
+        check_embedding_width(embedding_dim, dit or model, revision=dit_rev)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
     load_device = device if offload == "none" else torch.device("cpu")
-    transformer = load_nf4_transformer(dit or model, device=load_device, revision=None if dit else revision)
+    transformer = load_nf4_transformer(dit or model, device=load_device, revision=dit_rev)
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=torch.bfloat16, revision=revision)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
     pipe = build_pipeline(family, scheduler=scheduler, vae=vae, transformer=transformer, encoder=encoder)
@@ -133,8 +151,11 @@ def load_pipeline(
         budget = parse_size(vram) if vram is not None else None
         plan = plan_for(transformer, vae, workload or Workload(), device, vram=budget, num_slots=num_slots)
         if verbose:
-            print(plan.describe())
-        apply_memory_plan(pipe, plan, device)
+            _log.info("%s", plan.describe())
+        try:
+            apply_memory_plan(pipe, plan, device)
+        except torch.OutOfMemoryError as exc:
+            raise PlannedOutOfMemoryError(str(exc), plan) from exc
     elif offload == "leaf_level":
         from .offload import apply_leaf_level_offloading
 
@@ -164,6 +185,8 @@ def generate(
 
     Image k of a call draws its noise from its own CPU generator seeded with `params.seed + k`, so an
     image does not depend on which GPU drew it and can be reproduced alone from the seed in its PNG.
+    Running out of device memory raises `PlannedOutOfMemoryError` (a `torch.OutOfMemoryError`) carrying
+    the memory plan in use.
     """
     refs = list(images or [])
     if len(refs) > MAX_REFERENCE_IMAGES:
@@ -191,17 +214,20 @@ def generate(
     device = pipe._execution_device
     if negative_prompt_embeds is not None:
         kwargs["negative_prompt_embeds"] = negative_prompt_embeds.to(device)
-    result = pipe(
-        prompt_embeds=prompt_embeds.to(device),
-        image=refs or None,
-        height=params.height,
-        width=params.width,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        num_images_per_prompt=num_images_per_prompt,
-        generator=generators if batch > 1 else generators[0],
-        **kwargs,
-    )
+    try:
+        result = pipe(
+            prompt_embeds=prompt_embeds.to(device),
+            image=refs or None,
+            height=params.height,
+            width=params.width,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generators if batch > 1 else generators[0],
+            **kwargs,
+        )
+    except torch.OutOfMemoryError as exc:
+        raise PlannedOutOfMemoryError(str(exc), plan) from exc
     return list(result.images)
 
 
@@ -216,17 +242,6 @@ def save_png(image: Any, path: str | Path, metadata: dict[str, Any], parameters:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, pnginfo=info)
     return path
-
-
-def load_reference_images(paths: Sequence[str | Path]) -> list[Any]:
-    """Reference images as RGB PIL images, in order."""
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
-    return images
 
 
 def output_paths(out: str | Path, num_prompts: int, num_images_per_prompt: int) -> list[Path]:
@@ -257,6 +272,8 @@ def generate_to_files(
     progress: bool = True,
     verbose: bool = False,
     negative_prompt: str = "",
+    revision: str | None = None,
+    dit_revision: str | None = None,
 ) -> list[Path]:
     """Prompts in, PNG files out: what `flux2-client generate` and the demo run.
 
@@ -267,7 +284,8 @@ def generate_to_files(
     model and fingerprint, the model and the DiT as JSON, and the A1111 `parameters` text that Forge and
     Civitai read (`save_png`, `png_metadata`). Returns the paths in prompt-major order.
     FLUX.2 [klein] base models also get `negative_prompt` (default "") encoded on `encoder` for real
-    classifier-free guidance (`families.PipelineFamily.negative_prompts`).
+    classifier-free guidance (`families.PipelineFamily.negative_prompts`). `revision` / `dit_revision` pin
+    the hub revisions of `model` / `dit`. `verbose` logs progress at INFO on `flux2_client` loggers.
     """
     from .families import detect_family
     from .png_metadata import SAMPLER, guidance_fields, infotext
@@ -283,12 +301,14 @@ def generate_to_files(
     refs = load_reference_images(images)
 
     encoded = encoder.encode(prompt_list)
-    family = detect_family(model, dit=dit)
+    dit_rev = dit_revision if dit else revision
+    family = detect_family(model, revision, dit=dit, dit_revision=dit_rev)
     negatives = family.negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
     negative_embeds = encoder.encode(negatives).prompt_embeds if negatives else None
     fp = encoded.fingerprint
     if verbose:
-        print(f"received embeddings {tuple(encoded.prompt_embeds.shape)} from {fp.weights_id} ({fp.digest[:12]})")
+        shape = tuple(encoded.prompt_embeds.shape)
+        _log.info("received embeddings %s from %s (%s)", shape, fp.weights_id, fp.digest[:12])
     workload = Workload(
         params.height, params.width, tuple(im.size for im in refs), len(prompt_list) * num_images_per_prompt
     )
@@ -301,6 +321,8 @@ def generate_to_files(
         workload=workload,
         verbose=verbose,
         embedding_dim=encoded.prompt_embeds.shape[-1],
+        revision=revision,
+        dit_revision=dit_revision,
     )
     results = generate(
         pipe,
@@ -336,5 +358,5 @@ def generate_to_files(
         parameters = infotext(prompt, fields, negative_prompt if negatives else "")
         paths.append(save_png(image, path, meta, parameters))
         if verbose:
-            print(f"wrote {path}")
+            _log.info("wrote %s", path)
     return paths

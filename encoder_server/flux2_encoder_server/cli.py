@@ -30,8 +30,16 @@ def missing_server_dependency() -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: flux2-encoder-server serve [--help] [flags]\n\nRun `flux2-encoder-server serve --help`.")
+        print(
+            "usage: flux2-encoder-server serve [--help] [flags]\n       flux2-encoder-server --version\n\n"
+            "Run `flux2-encoder-server serve --help`."
+        )
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from ._version import __version__
+
+        print(f"flux2-encoder-server {__version__}")
+        return 0
     if argv[0] != "serve":
         print(f"unknown command {argv[0]!r}; did you mean `serve`?", file=sys.stderr)
         return 2

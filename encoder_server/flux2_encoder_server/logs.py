@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 #: One line per finished request; its record carries the request's fields in `record.fields`.
 access_log = logging.getLogger("flux2_encoder_server.access")
@@ -40,9 +40,18 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+def resolve_log_format(fmt: str, stream: TextIO) -> str:
+    """ "auto": text for a person at a terminal, JSON for a log collector (anything that is not a TTY)."""
+    if fmt != "auto":
+        return fmt
+    isatty = getattr(stream, "isatty", None)
+    return "text" if callable(isatty) and isatty() else "json"
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if resolve_log_format(fmt, stream) == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -204,9 +204,10 @@ class Settings:
     )
     log_level: str = _setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting(
-        "json",
-        "json: one JSON object per line (one per request, with stage timings); text: for humans",
-        choices=("json", "text"),
+        "auto",
+        "json: one JSON object per line (one per request, with stage timings); text: for humans; auto: text "
+        "on a terminal, json otherwise",
+        choices=("auto", "json", "text"),
     )
 
     def __post_init__(self) -> None:
