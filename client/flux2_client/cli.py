@@ -4,6 +4,7 @@ flux2-client generate --server HOST:PORT --prompt "a red fox in snow" --out fox.
 flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png --image hat.png \
     --prompt "the cat wearing the hat" --num-images-per-prompt 2
 flux2-client generate --plan-only --vram 6GB --image a.png --image b.png
+flux2-client generate --server HOST:PORT --prompt "a fox" --lora out/pytorch_lora_weights.safetensors:0.8 --turbo
 flux2-client make-tiny ./tiny-models [--family klein]
 flux2-client demo
 flux2-client encode captions.txt --server HOST:PORT --out embeds/
@@ -12,14 +13,25 @@ flux2-client encode captions.txt --server HOST:PORT --out embeds/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Pure-Python modules only: the CLI must start (and reject bad arguments) without torch.
 from ._pool_args import add_pool_args, pool_from_args
+from .lora import LoraSpec
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
+from .step_cache import CACHE_CHOICES
+from .turbo import TURBO_GUIDANCE, TURBO_REPO, TURBO_STEPS
+
+if TYPE_CHECKING:
+    from .generation import GenerationParams
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 4.0
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -40,12 +52,33 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="flux2.png", help="output PNG; several images get _<prompt>_<n> suffixes")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument(
         "--guidance",
         type=float,
-        default=4.0,
-        help="guidance scale: embedded (FLUX.2-dev), classifier-free (FLUX.2 [klein] base), ignored (klein distilled)",
+        default=None,
+        help="guidance scale: embedded (FLUX.2-dev), classifier-free (FLUX.2 [klein] base), ignored (klein distilled); "
+        f"default {DEFAULT_GUIDANCE} ({TURBO_GUIDANCE} with --turbo)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH_OR_REPO[:SCALE]",
+        help="a LoRA for the DiT (repeat for several): a .safetensors file, a folder or Hub repo holding "
+        "pytorch_lora_weights.safetensors or one .safetensors, or owner/name/file.safetensors; scale 1 by default",
+    )
+    p.add_argument(
+        "--turbo",
+        action="store_true",
+        help=f"FLUX.2-dev Turbo: the {TURBO_REPO} LoRA, {TURBO_STEPS} steps on its model card's sigmas",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_CHOICES,
+        default=None,
+        help="a diffusers step cache: blocks it skips on a step are neither computed nor streamed on that step "
+        "(mag: FLUX.1's ratios; taylorseer: lite mode; first-block: refused on FLUX.2 by diffusers 0.42.1)",
     )
     p.add_argument(
         "--negative-prompt",
@@ -74,8 +107,18 @@ def check_generate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 16 or value % 16:
             raise SystemExit(f"--{name} must be a positive multiple of 16, got {value}")
+    if args.turbo:
+        if args.steps is not None and args.steps != TURBO_STEPS:
+            raise SystemExit(f"--steps: --turbo runs the {TURBO_STEPS} steps of its sigmas, got {args.steps}")
+        args.steps = TURBO_STEPS
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    args.guidance = (TURBO_GUIDANCE if args.turbo else DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
     if args.steps < 1:
         raise SystemExit(f"--steps must be at least 1, got {args.steps}")
+    try:
+        args.lora = [LoraSpec.parse(text) for text in args.lora]
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from None
     if args.num_images_per_prompt < 1:
         raise SystemExit(f"--num-images-per-prompt must be at least 1, got {args.num_images_per_prompt}")
     if len(args.image) > MAX_REFERENCE_IMAGES:
@@ -92,6 +135,11 @@ def check_generate_args(args: argparse.Namespace) -> None:
         from .families import default_dit
 
         args.dit = default_dit(args.model)
+    if args.turbo:
+        from .families import detect_family
+
+        if detect_family(args.model, dit=args.dit).is_klein:
+            raise SystemExit(f"--turbo: the {TURBO_REPO} LoRA is for FLUX.2-dev, not FLUX.2 [klein]")
     if args.plan_only:
         return
     if not args.prompt:
@@ -108,7 +156,8 @@ def _workload(args: argparse.Namespace, image_sizes: list[tuple[int, int]]) -> W
 
 
 def run_plan_only(args: argparse.Namespace) -> str:
-    """The plan from the DiT's config alone: nothing is loaded or downloaded beyond config.json."""
+    """The plan from the DiT's config alone: nothing is loaded or downloaded beyond config.json (and the LoRA
+    files, whose headers count the adapters and whose bytes are hashed)."""
     import json
 
     from ._quantization import _is_prequantized
@@ -134,14 +183,42 @@ def run_plan_only(args: argparse.Namespace) -> str:
 
         vram = auto_vram_bytes(torch.device("cuda", torch.cuda.current_device()))
     from ._allocator import host_available_bytes
-    from .generation import load_reference_images
+    from .generation import describe_recipe, load_reference_images
+    from .lora import LoraSourceError, lora_file_adapter_bytes, resolve_loras
 
     sizes = [im.size for im in load_reference_images(args.image)]
     spec = spec_from_config(config, double_quant=double_quant, vae_bytes=170 << 20)
+    try:
+        loras = resolve_loras(_lora_specs(args))
+    except LoraSourceError as exc:
+        raise SystemExit(f"--{exc}") from None
+    if loras:  # the adapters stay resident: counted from the files' headers
+        counts = [lora_file_adapter_bytes(lora.file) for lora in loras]
+        adapter_bytes, widest = sum(n for n, _ in counts), max(w for _, w in counts)
+        spec = dataclasses.replace(spec, adapter_bytes=adapter_bytes, adapter_out_features=widest)
     plan = plan_memory(spec, _workload(args, sizes), Budget(vram=vram, host_available=host_available_bytes()))
     text = plan.describe()
+    recipe = describe_recipe(loras, _params(args), args.turbo)
+    if recipe:
+        text += "\n" + recipe
     print(text)
     return text
+
+
+def _lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
+    from .turbo import TURBO_LORA
+
+    return [*args.lora, TURBO_LORA] if args.turbo else list(args.lora)
+
+
+def _params(args: argparse.Namespace) -> GenerationParams:
+    from .generation import GenerationParams
+    from .turbo import TURBO_SIGMAS
+
+    sigmas = TURBO_SIGMAS if args.turbo else None
+    return GenerationParams(
+        args.height, args.width, args.steps, args.guidance, args.seed, sigmas=sigmas, step_cache=args.cache
+    )
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
@@ -163,7 +240,9 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise SystemExit(f"missing dependency {exc.name!r}: pip install 'flux2-split[client]'") from None
 
     from .families import EmbeddingWidthError
+    from .lora import LoraKeyError, LoraSourceError
     from .planner import PlanError
+    from .step_cache import StepCacheUnsupported
 
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
     with pool_from_args(args, cache=cache) as pool:
@@ -172,7 +251,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 pool,
                 args.prompt,
                 args.out,
-                GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed),
+                GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed, step_cache=args.cache),
                 model=args.model,
                 dit=args.dit,
                 images=args.image,
@@ -183,7 +262,13 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 progress=not args.no_progress,
                 verbose=True,
                 negative_prompt=args.negative_prompt,
+                loras=args.lora,
+                turbo=args.turbo,
             )
+        except (LoraSourceError, LoraKeyError) as exc:
+            raise SystemExit(f"--{exc}") from None
+        except StepCacheUnsupported as exc:
+            raise SystemExit(f"--cache: {exc}") from None
         except EmbeddingWidthError as exc:
             raise SystemExit(f"--dit: {exc}") from None
         except PlanError as exc:

@@ -131,10 +131,12 @@ def lora_file(spec: LoraSpec) -> str:
         if not chosen.is_file():
             raise LoraSourceError(f"lora {source}: no file {spec.weight_name}")
         return str(chosen)
+    parts = source.split("/")
+    if source.startswith(("/", ".", "~")) or (source.endswith(".safetensors") and len(parts) <= 2):
+        raise LoraSourceError(f"lora {source}: no such file or folder")
     from huggingface_hub import hf_hub_download, list_repo_files
 
     repo, filename = source, spec.weight_name
-    parts = source.split("/")
     if filename is None and source.endswith(".safetensors") and len(parts) > 2:
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     try:

@@ -13,9 +13,12 @@ schedule is the card's. FLUX.2-dev only: the LoRA is trained on its DiT.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from .generation import GenerationParams
 from .lora import LoraSpec
+
+if TYPE_CHECKING:  # generation imports torch; the CLI reads the constants without it
+    from .generation import GenerationParams
 
 TURBO_REPO = "fal/FLUX.2-dev-Turbo"
 TURBO_WEIGHT_NAME = "flux.2-turbo-lora.safetensors"
