@@ -18,6 +18,11 @@ LoRA adapters (peft layers inside the blocks) are not streamed: they go to the r
 the plan, so switching adapters never touches a slab. The NF4 layers keep bitsandbytes' canonical layout
 (`keep_canonical_nf4_layout`): a streamed weight only ever changes by the bytes copied into its slot.
 
+A step cache (`step_cache`) skips blocks, and a skipped block is not copied: the streamer prefetches a unit
+only once its forward is known to run it (`step_cache.SkipSchedule`, read at the start of every forward). A
+unit that was not prefetched is copied when it starts. `StreamStats` credits every copy to the forward it was
+made for, so the copies saved per step can be counted against the blocks the cache skipped.
+
 The hooks are diffusers' `ModelHook`s (named `STREAM_HOOK`) on the blocks' parts; only the transfer
 logic is ours. `quant_state` lives in the same slab as its weight, so it is on the GPU whenever the weight
 is (the bitsandbytes + group offloading trap of docs/design.md cannot happen).
@@ -34,6 +39,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from ._introspection import adapter_modules, atoms_of, modules_outside_atoms, slab_layout, slab_view, tensor_refs
 from ._quantization import keep_canonical_nf4_layout
 from .planner import MemoryPlan
+from .step_cache import SkipSchedule
 
 STREAM_HOOK = "flux2_split_stream"
 
@@ -43,8 +49,21 @@ class StreamStats:
     copies: int = 0
     bytes_copied: int = 0
     waits: int = 0
-    loads_on_demand: int = 0  # a unit was not prefetched (first step, or an interrupted forward)
+    loads_on_demand: int = 0  # a unit was not prefetched (first step, a step cache's decision, an interrupted forward)
     log: list[int] = field(default_factory=list)  # streamed unit indices in the order they ran
+    forwards: int = 0  # DiT forwards begun
+    # (forward, unit) of every copy, credited to the forward it was made for (a prefetch across the end of a
+    # forward counts for the next one), and of every streamed unit run; forwards count from 0.
+    copied: list[tuple[int, int]] = field(default_factory=list)
+    ran: list[tuple[int, int]] = field(default_factory=list)
+
+    def copies_per_forward(self) -> list[int]:
+        """Copies made for each forward begun so far."""
+        counts = [0] * self.forwards
+        for forward, _ in self.copied:
+            if forward < self.forwards:
+                counts[forward] += 1
+        return counts
 
 
 class _UnitHook(ModelHook):
@@ -131,6 +150,9 @@ class BlockStreamer:
             self.pinned = _pin(self.host_buffer)
         self.num_units = len(streamed)
         self.loaded: list[int | None] = [None] * self.num_slots
+        # The blocks each streamed unit belongs to (a unit never spans the first block and another).
+        self.unit_blocks = [frozenset(atom.rsplit(".", 1)[0] for atom in u.atoms) for u in streamed]
+        self.schedule: SkipSchedule | None = None
         if cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready = [torch.cuda.Event() for _ in range(self.num_slots)]
@@ -146,11 +168,26 @@ class BlockStreamer:
 
     # -- runtime -----------------------------------------------------------------------------------
 
-    def _load(self, index: int) -> None:
+    def begin_forward(self, schedule: SkipSchedule | None) -> None:
+        """A DiT forward starts (`MemoryPlanHook`), under the step cache's `schedule` (None: no cache)."""
+        self.schedule = schedule
+        self.stats.forwards += 1
+
+    def _may_prefetch(self, running: int, index: int, next_forward: bool) -> bool:
+        """Whether unit `index` is known to run (in this forward, or the next one) while unit `running` starts."""
+        schedule = self.schedule
+        if schedule is None or self.unit_blocks[index] <= schedule.always_run:
+            return True
+        # The cache decides for all other blocks at once, before the first of them: decided (to run) once a unit
+        # outside the always-run blocks has started; never known for the next forward.
+        return not next_forward and not self.unit_blocks[running] <= schedule.always_run
+
+    def _load(self, index: int, forward: int) -> None:
         slot = index % self.num_slots
         n = self.host_units[index].numel()
         self.stats.copies += 1
         self.stats.bytes_copied += n
+        self.stats.copied.append((forward, index))
         if self.device.type == "cuda":
             self.copy_stream.wait_event(self.free[slot])  # the slot's previous unit has finished computing
             with torch.cuda.stream(self.copy_stream):
@@ -162,17 +199,21 @@ class BlockStreamer:
 
     def before(self, index: int) -> None:
         slot = index % self.num_slots
+        forward = max(self.stats.forwards - 1, 0)
         if self.loaded[slot] != index:
             self.stats.loads_on_demand += 1
-            self._load(index)
+            self._load(index, forward)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         self.stats.log.append(index)
-        # Prefetch the next K-1 units (cyclically: the last unit of a step prefetches the first of the next).
+        self.stats.ran.append((forward, index))
+        # Prefetch the next K-1 units that are known to run (cyclically: the last unit of a step prefetches the
+        # first of the next).
         for ahead in range(1, self.num_slots):
+            next_forward = index + ahead >= self.num_units
             nxt = (index + ahead) % self.num_units
-            if self.loaded[nxt % self.num_slots] != nxt:
-                self._load(nxt)
+            if self.loaded[nxt % self.num_slots] != nxt and self._may_prefetch(index, nxt, next_forward):
+                self._load(nxt, forward + next_forward)
 
     def after(self, index: int) -> None:
         if self.device.type == "cuda":

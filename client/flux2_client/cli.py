@@ -4,6 +4,7 @@ flux2-client generate --server HOST:PORT --prompt "a red fox in snow" --out fox.
 flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png --image hat.png \\
     --prompt "the cat wearing the hat" --num-images-per-prompt 2
 flux2-client generate --plan-only --vram 6GB --image a.png --image b.png
+flux2-client generate --server HOST:PORT --prompt "a fox" --lora out/pytorch_lora_weights.safetensors:0.8 --turbo
 flux2-client make-tiny ./tiny-models [--family klein]
 flux2-client demo
 flux2-client encode captions.txt --server HOST:PORT --out embeds/
@@ -14,13 +15,14 @@ A failure is one line on stderr and an exit code (below); --verbose adds the tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 
@@ -28,9 +30,17 @@ from . import __version__
 from ._arg_types import MIN_VRAM, at_least_one, finite_float, join_signed_values, vram_size
 from ._errors import CliError, ExitCode, FailureContext, UsageError, describe_failure, exit_code_table, servers_of
 from ._pool_args import add_pool_args, pool_from_args
+from .lora import LoraSpec
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, fmt_bytes, parse_size
+from .step_cache import CACHE_CHOICES
+from .turbo import TURBO_GUIDANCE, TURBO_REPO, TURBO_STEPS
+
+if TYPE_CHECKING:
+    from .generation import GenerationParams
 
 _log = logging.getLogger(__name__)
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 4.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,12 +93,33 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="flux2.png", help="output PNG; several images get _<prompt>_<n> suffixes")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=at_least_one, default=50, help="denoising steps")
+    p.add_argument("--steps", type=at_least_one, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument(
         "--guidance",
         type=finite_float,
-        default=4.0,
-        help="guidance scale: embedded (FLUX.2-dev), classifier-free (FLUX.2 [klein] base), ignored (klein distilled)",
+        default=None,
+        help="guidance scale: embedded (FLUX.2-dev), classifier-free (FLUX.2 [klein] base), ignored (klein distilled); "
+        f"default {DEFAULT_GUIDANCE} ({TURBO_GUIDANCE} with --turbo)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH_OR_REPO[:SCALE]",
+        help="a LoRA for the DiT (repeat for several): a .safetensors file, a folder or Hub repo holding "
+        "pytorch_lora_weights.safetensors or one .safetensors, or owner/name/file.safetensors; scale 1 by default",
+    )
+    p.add_argument(
+        "--turbo",
+        action="store_true",
+        help=f"FLUX.2-dev Turbo: the {TURBO_REPO} LoRA, {TURBO_STEPS} steps on its model card's sigmas",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_CHOICES,
+        default=None,
+        help="a diffusers step cache: blocks it skips on a step are neither computed nor streamed on that step "
+        "(mag: FLUX.1's ratios; taylorseer: lite mode; first-block: refused on FLUX.2 by diffusers 0.42.1)",
     )
     p.add_argument(
         "--negative-prompt",
@@ -167,6 +198,16 @@ def check_generate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 16 or value % 16:
             raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+    if args.turbo:
+        if args.steps is not None and args.steps != TURBO_STEPS:
+            raise UsageError(f"--steps: --turbo runs the {TURBO_STEPS} steps of its sigmas, got {args.steps}")
+        args.steps = TURBO_STEPS
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    args.guidance = (TURBO_GUIDANCE if args.turbo else DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
+    try:
+        args.lora = [spec if isinstance(spec, LoraSpec) else LoraSpec.parse(spec) for spec in args.lora]
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
     if len(args.image) > MAX_REFERENCE_IMAGES:
         raise UsageError(f"--image: at most {MAX_REFERENCE_IMAGES} reference images, got {len(args.image)}")
     for path in args.image:
@@ -188,6 +229,11 @@ def check_generate_args(args: argparse.Namespace) -> None:
         args.dit = default_dit(args.model)
         if args.dit_revision is None and args.dit == args.model:
             args.dit_revision = args.revision
+    if args.turbo:
+        from .families import detect_family
+
+        if detect_family(args.model, args.revision, dit=args.dit, dit_revision=args.dit_revision).is_klein:
+            raise UsageError(f"--turbo: the {TURBO_REPO} LoRA is for FLUX.2-dev, not FLUX.2 [klein]")
     if args.plan_only:
         return
     if not args.prompt:
@@ -258,10 +304,40 @@ def run_plan_only(args: argparse.Namespace) -> str:
 
     sizes = [im.size for im in _reference_images(args.image)]
     spec = spec_from_config(config, double_quant=double_quant, vae_bytes=170 << 20)
+    from .generation import describe_recipe
+    from .lora import LoraSourceError, lora_file_adapter_bytes, resolve_loras
+
+    try:
+        loras = resolve_loras(_lora_specs(args))
+    except LoraSourceError as exc:
+        raise UsageError(f"--{exc}") from None
+    if loras:  # the adapters stay resident: counted from the files' headers
+        counts = [lora_file_adapter_bytes(lora.file) for lora in loras]
+        adapter_bytes, widest = sum(n for n, _ in counts), max(w for _, w in counts)
+        spec = dataclasses.replace(spec, adapter_bytes=adapter_bytes, adapter_out_features=widest)
     plan = plan_memory(spec, _workload(args, sizes), Budget(vram=vram, host_available=host_available_bytes()))
     text = f"DiT shapes: {source}\n{plan.describe()}"
+    recipe = describe_recipe(loras, _params(args), args.turbo)
+    if recipe:
+        text += "\n" + recipe
     print(text, flush=True)
     return text
+
+
+def _lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
+    from .turbo import TURBO_LORA
+
+    return [*args.lora, TURBO_LORA] if args.turbo else list(args.lora)
+
+
+def _params(args: argparse.Namespace) -> GenerationParams:
+    from .generation import GenerationParams
+    from .turbo import TURBO_SIGMAS
+
+    sigmas = TURBO_SIGMAS if args.turbo else None
+    return GenerationParams(
+        args.height, args.width, args.steps, args.guidance, args.seed, sigmas=sigmas, step_cache=args.cache
+    )
 
 
 # -- generate -----------------------------------------------------------------------------------------------
@@ -279,28 +355,37 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     # The allocator reads this once, when CUDA starts: set it before anything touches the GPU.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from .cache import EmbeddingCache
-    from .generation import GenerationParams, generate_to_files
+    from .generation import generate_to_files
+    from .lora import LoraKeyError, LoraSourceError
+    from .step_cache import StepCacheUnsupported
 
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
     with pool_from_args(args, cache=cache) as pool:
-        return generate_to_files(
-            pool,
-            args.prompt,
-            args.out,
-            GenerationParams(args.height, args.width, args.steps, args.guidance, args.seed),
-            model=args.model,
-            dit=args.dit,
-            images=args.image,
-            num_images_per_prompt=args.num_images_per_prompt,
-            device=args.device,
-            offload=args.offload,
-            vram=args.vram,
-            progress=_progress_bars(args),
-            verbose=True,
-            negative_prompt=args.negative_prompt,
-            revision=args.revision,
-            dit_revision=args.dit_revision,
-        )
+        try:
+            return generate_to_files(
+                pool,
+                args.prompt,
+                args.out,
+                _params(args),
+                model=args.model,
+                dit=args.dit,
+                images=args.image,
+                num_images_per_prompt=args.num_images_per_prompt,
+                device=args.device,
+                offload=args.offload,
+                vram=args.vram,
+                progress=_progress_bars(args),
+                verbose=True,
+                negative_prompt=args.negative_prompt,
+                revision=args.revision,
+                dit_revision=args.dit_revision,
+                loras=args.lora,
+                turbo=args.turbo,
+            )
+        except (LoraSourceError, LoraKeyError) as exc:
+            raise UsageError(f"--{exc}") from None
+        except StepCacheUnsupported as exc:
+            raise UsageError(f"--cache: {exc}") from None
 
 
 def _progress_bars(args: argparse.Namespace) -> bool:

@@ -7,6 +7,7 @@ reference images) as you would any diffusers pipeline, or use `generate`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import torch
 
 from ._images import load_reference_images
 from ._quantization import load_nf4_transformer
-from .lora import LoraSpec, load_loras
+from .lora import LoraSpec, ResolvedLora, load_loras, resolve_loras
 from .planner import MAX_REFERENCE_IMAGES, OFFLOAD_CHOICES, Workload, parse_size
 
 _log = logging.getLogger(__name__)
@@ -55,11 +56,27 @@ class PromptEncoder(Protocol):
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """What one generation computes. `sigmas`: a custom noise schedule of `num_inference_steps` values, passed to
+    the pipeline's `sigmas=` (e.g. `turbo.TURBO_SIGMAS`); `step_cache`: one of `step_cache.CACHE_CHOICES`, on for
+    the call only."""
+
     height: int = 1024
     width: int = 1024
     num_inference_steps: int = 50
     guidance_scale: float = 4.0
     seed: int = 0
+    sigmas: tuple[float, ...] | None = None
+    step_cache: str | None = None
+
+    def check(self) -> None:
+        from .step_cache import CACHE_CHOICES
+
+        if self.sigmas is not None and len(self.sigmas) != self.num_inference_steps:
+            raise ValueError(
+                f"sigmas: {len(self.sigmas)} values for {self.num_inference_steps} steps (one per step is needed)"
+            )
+        if self.step_cache is not None and self.step_cache not in CACHE_CHOICES:
+            raise ValueError(f"step_cache: expected one of {', '.join(CACHE_CHOICES)}, got {self.step_cache!r}")
 
 
 def load_pipeline(
@@ -72,7 +89,7 @@ def load_pipeline(
     workload: Workload | None = None,
     num_slots: int = 2,
     revision: str | None = None,
-    loras: Sequence[str | tuple[str, float] | LoraSpec] = (),
+    loras: Sequence[str | tuple[str, float] | LoraSpec | ResolvedLora] = (),
     verbose: bool = False,
     embedding_dim: int | None = None,
     encoder: str | Sequence[str] | PromptEncoder | None = None,
@@ -187,7 +204,12 @@ def generate(
     image does not depend on which GPU drew it and can be reproduced alone from the seed in its PNG.
     Running out of device memory raises `PlannedOutOfMemoryError` (a `torch.OutOfMemoryError`) carrying
     the memory plan in use.
+
+    `params.step_cache` turns that cache on for this call only (`step_cache`); a cache enabled on the
+    transformer beforehand (`pipe.transformer.enable_cache(...)`) is used as it is. Either way the call runs
+    inside `transformer.cache_context("cond")`, which Flux2Pipeline does not set itself.
     """
+    params.check()
     refs = list(images or [])
     if len(refs) > MAX_REFERENCE_IMAGES:
         raise ValueError(f"images: at most {MAX_REFERENCE_IMAGES} reference images, got {len(refs)}")
@@ -214,21 +236,44 @@ def generate(
     device = pipe._execution_device
     if negative_prompt_embeds is not None:
         kwargs["negative_prompt_embeds"] = negative_prompt_embeds.to(device)
+    if params.sigmas is not None:
+        kwargs["sigmas"] = list(params.sigmas)
     try:
-        result = pipe(
-            prompt_embeds=prompt_embeds.to(device),
-            image=refs or None,
-            height=params.height,
-            width=params.width,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generators if batch > 1 else generators[0],
-            **kwargs,
-        )
+        with _step_cache(pipe.transformer, params):
+            result = pipe(
+                prompt_embeds=prompt_embeds.to(device),
+                image=refs or None,
+                height=params.height,
+                width=params.width,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                num_images_per_prompt=num_images_per_prompt,
+                generator=generators if batch > 1 else generators[0],
+                **kwargs,
+            )
     except torch.OutOfMemoryError as exc:
         raise PlannedOutOfMemoryError(str(exc), plan) from exc
     return list(result.images)
+
+
+@contextlib.contextmanager
+def _step_cache(transformer: Any, params: GenerationParams) -> Any:
+    """`params.step_cache` on `transformer` for the call, and the cache context its hooks read."""
+    from .step_cache import disable_step_cache, enable_step_cache
+
+    if params.step_cache is not None:
+        if transformer.is_cache_enabled:
+            raise ValueError("step_cache: the transformer already has a cache enabled; disable_cache() it first")
+        enable_step_cache(transformer, params.step_cache, params.num_inference_steps)
+    try:
+        if transformer.is_cache_enabled:
+            with transformer.cache_context("cond"):
+                yield
+        else:
+            yield
+    finally:
+        if params.step_cache is not None:
+            disable_step_cache(transformer)
 
 
 def save_png(image: Any, path: str | Path, metadata: dict[str, Any], parameters: str | None = None) -> Path:
@@ -242,6 +287,40 @@ def save_png(image: Any, path: str | Path, metadata: dict[str, Any], parameters:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, pnginfo=info)
     return path
+
+
+def describe_recipe(loras: Sequence[ResolvedLora], params: GenerationParams, turbo: bool = False) -> str:
+    """What a generation adds to the base model, printed beside the memory plan: every LoRA (file, sha256 prefix,
+    scale), the step cache and turbo; "" when nothing."""
+    lines = [f"  LoRA            {lora.describe()}" for lora in loras]
+    if turbo:
+        from .turbo import TURBO_REPO
+
+        lines.append(
+            f"  turbo           {TURBO_REPO}: {params.num_inference_steps} steps on its sigmas, "
+            f"guidance {params.guidance_scale:g}"
+        )
+    elif params.sigmas is not None:
+        lines.append(f"  sigmas          {', '.join(f'{s:g}' for s in params.sigmas)}")
+    if params.step_cache is not None:
+        lines.append(f"  step cache      {params.step_cache}")
+    return "\n".join(["generation", *lines]) if lines else ""
+
+
+def recipe_metadata(loras: Sequence[ResolvedLora], params: GenerationParams, turbo: bool = False) -> dict[str, Any]:
+    """PNG metadata keys for the LoRAs, custom sigmas, step cache and turbo (only those used)."""
+    meta: dict[str, Any] = {}
+    if loras:
+        meta["loras"] = json.dumps([lora.as_dict() for lora in loras])
+    if params.sigmas is not None:
+        meta["sigmas"] = json.dumps(list(params.sigmas))
+    if params.step_cache is not None:
+        meta["step_cache"] = params.step_cache
+    if turbo:
+        from .turbo import TURBO_REPO
+
+        meta["turbo"] = TURBO_REPO
+    return meta
 
 
 def output_paths(out: str | Path, num_prompts: int, num_images_per_prompt: int) -> list[Path]:
@@ -274,6 +353,8 @@ def generate_to_files(
     negative_prompt: str = "",
     revision: str | None = None,
     dit_revision: str | None = None,
+    loras: Sequence[str | tuple[str, float] | LoraSpec] = (),
+    turbo: bool = False,
 ) -> list[Path]:
     """Prompts in, PNG files out: what `flux2-client generate` and the demo run.
 
@@ -286,6 +367,11 @@ def generate_to_files(
     FLUX.2 [klein] base models also get `negative_prompt` (default "") encoded on `encoder` for real
     classifier-free guidance (`families.PipelineFamily.negative_prompts`). `revision` / `dit_revision` pin
     the hub revisions of `model` / `dit`. `verbose` logs progress at INFO on `flux2_client` loggers.
+
+    `loras` (`PATH_OR_REPO[:SCALE]`, `(source, scale)` or `LoraSpec`) are loaded into the DiT; `turbo` adds the
+    FLUX.2-dev Turbo LoRA and runs its 8 steps on its sigmas (`turbo`), with `params.guidance_scale`;
+    `params.step_cache` turns on a step cache. The PNGs and the printed plan name every LoRA (file, sha256,
+    scale), the sigmas, the cache and turbo.
     """
     from .families import detect_family
     from .png_metadata import SAMPLER, guidance_fields, infotext
@@ -298,17 +384,30 @@ def generate_to_files(
         raise ValueError(f"images: at most {MAX_REFERENCE_IMAGES} reference images, got {len(images)}")
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt: at least 1, got {num_images_per_prompt}")
-    refs = load_reference_images(images)
-
-    encoded = encoder.encode(prompt_list)
     dit_rev = dit_revision if dit else revision
     family = detect_family(model, revision, dit=dit, dit_revision=dit_rev)
+    lora_list = list(loras)
+    if turbo:
+        from .turbo import TURBO_LORA, turbo_params
+
+        if family.is_klein:
+            raise ValueError("turbo: the FLUX.2-dev Turbo LoRA is for FLUX.2-dev, not FLUX.2 [klein]")
+        params = turbo_params(params, guidance_scale=params.guidance_scale)
+        lora_list.append(TURBO_LORA)
+    params.check()
+    refs = load_reference_images(images)
+    resolved = resolve_loras(lora_list)  # before encoding: a missing LoRA file shows at once
+
+    encoded = encoder.encode(prompt_list)
     negatives = family.negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
     negative_embeds = encoder.encode(negatives).prompt_embeds if negatives else None
     fp = encoded.fingerprint
     if verbose:
         shape = tuple(encoded.prompt_embeds.shape)
         _log.info("received embeddings %s from %s (%s)", shape, fp.weights_id, fp.digest[:12])
+        recipe = describe_recipe(resolved, params, turbo)
+        if recipe:
+            _log.info("%s", recipe)
     workload = Workload(
         params.height, params.width, tuple(im.size for im in refs), len(prompt_list) * num_images_per_prompt
     )
@@ -323,6 +422,7 @@ def generate_to_files(
         embedding_dim=encoded.prompt_embeds.shape[-1],
         revision=revision,
         dit_revision=dit_revision,
+        loras=resolved,
     )
     results = generate(
         pipe,
@@ -349,6 +449,7 @@ def generate_to_files(
             "encoder_fingerprint": fp.digest,
             "model": model,
             "dit": dit or model,
+            **recipe_metadata(resolved, params, turbo),
         }
         if negatives:
             meta["negative_prompt"] = negative_prompt

@@ -27,6 +27,7 @@ from ._allocator import auto_vram_bytes, configure_allocator, host_available_byt
 from ._introspection import spec_from_module
 from ._streamer import STREAM_HOOK, BlockStreamer, StreamStats
 from .planner import Budget, MemoryPlan, Workload, plan_memory
+from .step_cache import skip_schedule
 
 __all__ = [
     "MEMORY_PLAN_HOOK",
@@ -49,8 +50,9 @@ MEMORY_PLAN_HOOK = "flux2_split_memory_plan"
 
 
 class MemoryPlanHook(ModelHook):
-    """Holds the plan and its streamer on the transformer. It changes no call; removing it (through the
-    registry or `remove_memory_plan`) unhooks the blocks and unpins the host buffer."""
+    """Holds the plan and its streamer on the transformer. It changes no call: at the start of each forward it
+    tells the streamer which blocks the step cache (if any) may skip. Removing it (through the registry or
+    `remove_memory_plan`) unhooks the blocks and unpins the host buffer."""
 
     _is_stateful = False
 
@@ -58,6 +60,10 @@ class MemoryPlanHook(ModelHook):
         super().__init__()
         self.plan = plan
         self.streamer = streamer
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.streamer.begin_forward(skip_schedule(module))
+        return args, kwargs
 
     def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # diffusers' spelling
         self.streamer.remove()
