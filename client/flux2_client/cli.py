@@ -250,12 +250,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiny.add_argument("--family", choices=("flux2", "klein"), default="flux2", help="FLUX.2-dev or FLUX.2 [klein]")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
-    demo = sub.add_parser("demo", help="tiny models -> server -> image, all on this machine")
+    demo = sub.add_parser("demo", help="encoder server + image on this machine (tiny models, or real ones on one GPU)")
     demo.add_argument("--workdir", type=Path, default=Path("out/demo"))
     demo.add_argument(
         "--model",
         default=None,
         help="real weights instead of tiny ones, e.g. black-forest-labs/FLUX.2-dev (needs HF_TOKEN and a GPU)",
+    )
+    demo.add_argument("--dit", default=None, help="as for generate; default: --model's NF4 DiT")
+    demo.add_argument(
+        "--encoder-precision",
+        choices=("bf16", "fp8", "int8", "nf4"),  # the server's --precision tiers
+        default="bf16",
+        help="the server's encoder weights: bf16 (exact) needs ~36 GiB beside the DiT for FLUX.2-dev; int8 fits a "
+        "24 GB card and nf4 a 16 GB one, with embeddings that differ from diffusers' (README, One machine)",
+    )
+    demo.add_argument(
+        "--vram",
+        default=None,
+        help="what the server and the DiT may hold on the card together, e.g. 24GB; default: the whole card",
     )
     demo.add_argument("--prompt", default="a watercolor fox reading a newspaper in a cafe")
     from .bulk import add_encode_parser
@@ -280,7 +293,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
 
-        run_demo(args.workdir, model=args.model, prompt=args.prompt)
+        if args.vram is not None:
+            try:
+                parse_size(args.vram)
+            except ValueError as exc:
+                raise SystemExit(f"--vram: {exc}") from None
+        if args.model is not None:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SystemExit("--model: real weights need a CUDA GPU; without --model the demo runs tiny models")
+        from .planner import PlanError
+
+        try:
+            run_demo(
+                args.workdir,
+                model=args.model,
+                prompt=args.prompt,
+                dit=args.dit,
+                encoder_precision=args.encoder_precision,
+                vram=args.vram,
+            )
+        except PlanError as exc:
+            raise SystemExit(f"--vram: {exc}") from None
     elif args.command == "encode":
         from .bulk import run_encode
 
