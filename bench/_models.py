@@ -140,6 +140,38 @@ def build_nf4_dit(device: Any, *, double_quant: bool = False, config: dict | Non
     return model.eval()
 
 
+def save_nf4_dit(model: Any, folder: Any, *, double_quant: bool = False) -> None:
+    """Write a `build_nf4_dit` model as a pre-quantized checkpoint (`folder`/transformer, the layout of
+    diffusers/FLUX.2-dev-bnb-4bit) that `load_nf4_transformer(folder)` loads as the client does. A model
+    built without `from_pretrained` has no quantizer to write its config, so the same BitsAndBytesConfig
+    `build_nf4_dit` used goes into config.json here. The files are flushed to disk: the kernel reclaims
+    pages of a memory-mapped file only once they are clean."""
+    import json
+    import os
+    from pathlib import Path
+
+    from diffusers import BitsAndBytesConfig
+
+    target = Path(folder) / "transformer"
+    model.save_pretrained(target, safe_serialization=True)
+    qconfig = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+    config_path = target / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = qconfig.to_dict()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    for path in target.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 _PHRASES = (
     "a photograph of an old lighthouse on a rocky coast at dusk, waves crashing, warm light in the windows, "
     "cinematic wide shot, 35mm film grain, a red fox curled up in fresh snow under pine trees, soft morning "

@@ -9,6 +9,16 @@ DiT's and the VAE decode's transient peaks, memory outside the allocator (tests/
 
     python -m bench.lowvram --out results.json                 # the default matrix
     python -m bench.lowvram --configs plan:8:0,leaf:8:0        # mode:cap_GiB:reference_images
+    python -m bench.lowvram --checkpoint /tmp/nf4-dit --configs plan:8:0:copy,plan:8:0:stream
+
+Host RAM (issue 11): every row reports the process's peak RSS while loading (from the start of the DiT's
+load to the end of the plan's layout) and while generating, and its RSS at each stage (anonymous and
+file-backed pages apart). `plan` rows take a fourth field, the streamer's load mode: `stream` (default:
+each source let go as soon as it is copied) or `copy` (every source kept until the layout is done, the
+behaviour before issue 11). `--checkpoint DIR` loads the DiT the way the CLI does, from a pre-quantized
+folder with `load_nf4_transformer` (memory-mapped safetensors); the folder is written once (the seeded
+build, `save_pretrained`) if it does not hold one. Without it the DiT is the seeded build in anonymous
+host memory.
 
 Caps: for `leaf` and `resident` the cap is the allocator's (set_per_process_memory_fraction), as the
 anchors in docs/design.md#dit-step-times were measured; for `plan` it is the planner's budget for everything on the card
@@ -33,15 +43,46 @@ DEFAULT_CONFIGS = "resident:0:0,plan:8:0,leaf:8:0,plan:8:2,leaf:8:2,plan:4:0,lea
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss() -> tuple[int, int]:
-    cur = peak = 0
+def _host() -> dict[str, int]:
+    """This process's VmRSS, VmHWM (peak), RssAnon and RssFile in bytes (/proc/self/status)."""
+    out = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                cur = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    return cur, peak
+            key = line.split(":")[0]
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+def _rss() -> tuple[int, int]:
+    host = _host()
+    return host["VmRSS"], host["VmHWM"]
+
+
+class HostPeak(threading.Thread):
+    """Peak host RSS over a stretch of the run: the kernel's own high-water mark, reset at the start
+    (/proc/self/clear_refs "5"), and, where that reset is refused, RSS sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sampled, self._halt = 0, threading.Event()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self.start()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sampled = max(self.sampled, _host()["VmRSS"])
+            self._halt.wait(0.02)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join(5)
+        return max(self.sampled, _host()["VmHWM"]) if self.exact else self.sampled
 
 
 def card_used(index: int) -> int:
@@ -101,11 +142,20 @@ def _h2d_gbps(streamer: Any) -> float:
     return 3 * n / (a.elapsed_time(b) / 1000) / 1e9
 
 
-def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | None) -> dict:
+def worker(
+    mode: str,
+    cap: float,
+    refs: int,
+    steps: int,
+    overhead_gib: float | None,
+    load_mode: str = "stream",
+    checkpoint: str | None = None,
+) -> dict:
     """One configuration in this process (which must not have touched CUDA yet)."""
     import torch
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
-    from flux2_client.offload import apply_leaf_level_offloading, apply_memory_plan, plan_for
+    from flux2_client._quantization import load_nf4_transformer
+    from flux2_client.offload import apply_leaf_level_offloading, apply_memory_plan, plan_for, spec_from_module
     from flux2_client.planner import DEFAULT_CUDA_OVERHEAD, Workload
     from flux2_client.tiny import FLUX2_SCHEDULER_CONFIG
 
@@ -115,6 +165,7 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
     index = device.index or 0
     total = torch.cuda.get_device_properties(device).total_memory
     result: dict[str, Any] = {"mode": mode, "cap_gib": cap, "refs": refs, "card": torch.cuda.get_device_name(device)}
+    result.update(load_mode=load_mode if mode == "plan" else None, dit_source="checkpoint" if checkpoint else "build")
     overhead = int(overhead_gib * GiB) if overhead_gib is not None else DEFAULT_CUDA_OVERHEAD
     if cap:
         alloc_cap = cap * GiB if mode != "plan" else cap * GiB - overhead
@@ -123,8 +174,16 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
     torch.empty(1, device=device)
     result["context_bytes"] = card_used(index)
 
+    result["host_start"] = _host()
+
     t0 = time.perf_counter()
-    transformer = build_nf4_dit(device)
+    load_peak = None
+    if checkpoint:
+        # The CLI's path: the pre-quantized DiT from disk into host memory (memory-mapped safetensors).
+        load_peak = HostPeak()
+        transformer = load_nf4_transformer(checkpoint, device="cpu")
+    else:
+        transformer = build_nf4_dit(device)
     vae = AutoencoderKLFlux2().to(device, torch.bfloat16).eval()
     pipe = Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG),
@@ -135,7 +194,12 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
     )
     result["build_s"] = time.perf_counter() - t0
     result["rss_after_build"] = _rss()[0]
+    result["host_after_build"] = _host()
     result["vae_weight_bytes"] = sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
+    result["dit_bytes"] = spec_from_module(transformer).loaded_bytes  # packed weights, as the slabs hold them
+    if load_peak is None:
+        # The seeded build holds more than a load would while it quantizes: measure from the layout on.
+        load_peak = HostPeak()
 
     t0 = time.perf_counter()
     torch.cuda.synchronize()
@@ -148,7 +212,7 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
         workload = Workload(1024, 1024, reference_sizes=((1024, 1024),) * refs)
         plan = plan_for(transformer, vae, workload, device, vram=int(cap * GiB) if cap else None, overhead=overhead)
         print(plan.describe(), flush=True)
-        streamer = apply_memory_plan(pipe, plan, device)
+        streamer = apply_memory_plan(pipe, plan, device, load_mode=load_mode)
         result["plan"] = plan.as_dict()
         result["plan"].update(
             budget=plan.budget.vram,
@@ -166,6 +230,9 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
     result["setup_s"] = time.perf_counter() - t0
     result["weights_allocated_by_setup"] = torch.cuda.memory_allocated(device) - allocated_before_setup
     result["rss_after_setup"] = _rss()[0]
+    result["rss_peak_load"] = load_peak.stop()
+    result["rss_peak_load_exact"] = load_peak.exact
+    result["host_after_setup"] = _host()
     del transformer
 
     gen = torch.Generator(device).manual_seed(0)
@@ -194,6 +261,7 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
     pipe.set_progress_bar_config(disable=True)
     sampler = CardSampler(index)
     sampler.start()
+    generation_peak = HostPeak()
     try:
         call(1)  # warm-up: kernels, cuBLAS handles, first loads
         torch.cuda.synchronize()
@@ -223,6 +291,7 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
         decode_allocated = torch.cuda.max_memory_allocated(device)
         decode_reserved = torch.cuda.max_memory_reserved(device)
         steps_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)]
+        result["rss_peak_generation"] = generation_peak.stop()  # warm-up and timed call, VAE decode included
         result.update(
             ok=True,
             s_per_step=sum(steps_ms) / len(steps_ms) / 1000,
@@ -242,6 +311,8 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
         result.update(ok=False, error=f"OOM: {str(exc).splitlines()[0][:300]}")
     except Exception as exc:
         result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    if "rss_peak_generation" not in result:
+        generation_peak.stop()
     result["card_peak_sampled"] = sampler.stop()
     result["card_now"] = card_used(index)
     result["reserved_now"] = torch.cuda.memory_reserved(device)
@@ -251,7 +322,25 @@ def worker(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | N
     return result
 
 
-def run_config(mode: str, cap: float, refs: int, steps: int, overhead_gib: float | None = None) -> dict:
+def save_checkpoint(folder: Path) -> None:
+    """Write the seeded real-size NF4 DiT as a pre-quantized checkpoint in `folder` (in its own process,
+    so no GPU memory of the build stays with the caller)."""
+    code = (
+        "import torch; from bench._models import build_nf4_dit, save_nf4_dit; "
+        f"save_nf4_dit(build_nf4_dit(torch.device('cuda')), {str(folder)!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=900)
+
+
+def run_config(
+    mode: str,
+    cap: float,
+    refs: int,
+    steps: int,
+    overhead_gib: float | None = None,
+    load_mode: str = "stream",
+    checkpoint: Path | None = None,
+) -> dict:
     """Run one configuration in a fresh process (`python -m bench.lowvram --worker`) and return its
     result; the process's other output (the plan) is in result["log"]."""
     env = dict(os.environ)
@@ -264,6 +353,9 @@ def run_config(mode: str, cap: float, refs: int, steps: int, overhead_gib: float
     cmd += ["--steps", str(steps)]
     if overhead_gib is not None:
         cmd += ["--overhead", str(overhead_gib)]
+    cmd += ["--load-mode", load_mode]
+    if checkpoint is not None:
+        cmd += ["--checkpoint", str(checkpoint)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -278,23 +370,37 @@ def run_config(mode: str, cap: float, refs: int, steps: int, overhead_gib: float
 
 
 def table(results: list[dict]) -> str:
-    head = "| mode | cap | refs | s/step | generation s | peak alloc / reserved GiB | card peak GiB | host RSS GiB |"
-    rows = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| mode | cap | refs | load | s/step | generation s | peak alloc / reserved GiB | card peak GiB | host RSS GiB "
+        "| host peak load / generation GiB | DiT GiB |"
+    )
+    rows = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        load = f"{r.get('dit_source', 'build')}/{r['load_mode']}" if r.get("load_mode") else r.get("dit_source", "")
+        first = f"| {r['mode']} | {r['cap_gib']} | {r['refs']} | {load} |"
         if not r.get("ok"):
-            rows.append(f"| {r['mode']} | {r['cap_gib']} | {r['refs']} | {r.get('error', '')[:80]} | | | | |")
+            rows.append(f"{first} {r.get('error', '')[:80]} | | | | | | |")
             continue
         rows.append(
-            f"| {r['mode']} | {r['cap_gib']} | {r['refs']} | {r['s_per_step']:.3f} | {r['generation_s']:.2f} | "
+            f"{first} {r['s_per_step']:.3f} | {r['generation_s']:.2f} | "
             f"{r['peak_allocated'] / GiB:.2f} / {r['peak_reserved'] / GiB:.2f} | "
-            f"{max(r['card_peak_sampled'], r['card_peak_est']) / GiB:.2f} | {r['rss'] / GiB:.1f} |"
+            f"{max(r['card_peak_sampled'], r['card_peak_est']) / GiB:.2f} | {r['rss'] / GiB:.1f} | "
+            f"{r['rss_peak_load'] / GiB:.2f} / {r['rss_peak_generation'] / GiB:.2f} | {r['dit_bytes'] / GiB:.2f} |"
         )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of mode:cap_GiB:refs")
+    parser.add_argument(
+        "--configs", default=DEFAULT_CONFIGS, help="comma list of mode:cap_GiB:refs[:load_mode] (load_mode: plan rows)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="load the DiT from this pre-quantized folder as the CLI does (written once if it holds none)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("lowvram.json"))
     parser.add_argument("--budget-s", type=float, default=480, help="stop starting new configs after this")
@@ -303,19 +409,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--cap", type=float, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--refs", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--load-mode", default="stream", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    checkpoint = str(args.checkpoint) if args.checkpoint else None
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.mode, args.cap, args.refs, args.steps, args.overhead)), flush=True)
+        res = worker(args.mode, args.cap, args.refs, args.steps, args.overhead, args.load_mode, checkpoint)
+        print("RESULT " + json.dumps(res), flush=True)
         return
     start = time.perf_counter()
+    if args.checkpoint is not None and not (args.checkpoint / "transformer" / "config.json").is_file():
+        t0 = time.perf_counter()
+        save_checkpoint(args.checkpoint)
+        print(f"wrote the NF4 DiT checkpoint to {args.checkpoint} in {time.perf_counter() - t0:.0f} s", flush=True)
     results = []
     for spec in args.configs.split(","):
-        mode, cap, refs = spec.split(":")
+        mode, cap, refs, *rest = spec.split(":")
+        load_mode = rest[0] if rest else "stream"
         if time.perf_counter() - start > args.budget_s:
             results.append({"mode": mode, "cap_gib": float(cap), "refs": int(refs), "ok": False, "error": "skipped"})
             continue
         steps = args.steps if int(refs) == 0 else max(3, args.steps - 2)
-        res = run_config(mode, float(cap), int(refs), steps, args.overhead)
+        res = run_config(mode, float(cap), int(refs), steps, args.overhead, load_mode, args.checkpoint)
         if res["log"]:
             print(res["log"][-4000:])
         print(json.dumps({k: v for k, v in res.items() if k != "log"}), flush=True)

@@ -172,15 +172,18 @@ def test_generate_cli_rejects_bad_size():
 
 @pytest.mark.slow
 def test_demo_command_runs(tmp_path):
-    """The README's demo: tiny models -> real server process -> image -> server stopped."""
+    """The README's demo: tiny models -> real server process -> image -> server stopped; here with the
+    single-machine mode's 4-bit encoder (`--encoder-precision nf4`, bitsandbytes' CPU kernels)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "flux2_client", "demo", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "flux2_client", "demo", "--workdir", str(tmp_path), "--encoder-precision", "nf4"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "server stopped (exit code 0)" in proc.stdout
+    assert "starting the encoder server on" in proc.stdout and "(nf4)" in proc.stdout
+    assert "nf4) on cpu" in (tmp_path / "server.log").read_text()  # the server loaded the 4-bit tier
     assert "random weights, so the image is noise" in proc.stdout
     with Image.open(tmp_path / "demo.png") as image:
         assert image.size == (128, 128)

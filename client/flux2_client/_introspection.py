@@ -41,6 +41,12 @@ class TensorRef:
         else:
             setattr(self.owner, self.name, view)
 
+    def release(self) -> None:
+        """Stop holding the tensor (after `point_to`), keeping its dtype and shape for `slab_view`: a
+        buffer or quant_state field replaced on its module would otherwise live on here until the ref
+        is dropped."""
+        self.tensor = torch.empty(self.tensor.shape, dtype=self.tensor.dtype, device="meta")
+
 
 def _quant_state_refs(state: Any) -> Iterator[tuple[Any, str, torch.Tensor]]:
     for name in ("absmax", "code", "offset"):
@@ -154,6 +160,7 @@ def spec_from_module(transformer: Any, vae: Any = None) -> ModelSpec:
         Atom(name, block, slab_layout(tensor_refs([m], skip=skip))) for name, block, m in atoms_of(transformer)
     )
     other_refs = tensor_refs(modules_outside_atoms(transformer), recurse=False, skip=skip)
+    largest_tensor = max((ref.nbytes for ref in tensor_refs([transformer])), default=0)
     largest = 0
     for m in transformer.modules():
         if isinstance(m, torch.nn.Linear) and getattr(m.weight, "quant_state", None) is not None:
@@ -174,6 +181,7 @@ def spec_from_module(transformer: Any, vae: Any = None) -> ModelSpec:
         mlp_hidden=int(d * cfg.mlp_ratio),
         largest_dequantized_bytes=largest,
         vae_bytes=vae_bytes,
+        largest_tensor_bytes=largest_tensor,
         vae_untiled_bytes_per_mpixel=int(VAE_UNTILED_BYTES_PER_MPIXEL * vae_scale),
         vae_tiled_bytes=int(VAE_TILED_BYTES * vae_scale),
     )

@@ -30,13 +30,23 @@ is (the bitsandbytes + group offloading trap of docs/design.md cannot happen).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ._introspection import adapter_modules, atoms_of, modules_outside_atoms, slab_layout, slab_view, tensor_refs
+from ._host_release import HostReleaser
+from ._introspection import (
+    TensorRef,
+    adapter_modules,
+    atoms_of,
+    modules_outside_atoms,
+    slab_layout,
+    slab_view,
+    tensor_refs,
+)
 from ._quantization import keep_canonical_nf4_layout
 from .planner import MemoryPlan
 from .step_cache import SkipSchedule
@@ -95,15 +105,67 @@ def _pin(buffer: torch.Tensor) -> bool:
     return int(err) == 0 if not hasattr(err, "value") else int(err.value) == 0
 
 
+LOAD_MODES = ("stream", "copy")
+
+
+class _Loader:
+    """Copies source tensors into the streamer's buffers, group by group, letting each source go right
+    after its copy ("stream") or keeping them all until `finish` ("copy")."""
+
+    def __init__(self, mode: str, progress: Callable[[int, int], None] | None, groups: list[list[TensorRef]]) -> None:
+        self.releaser = HostReleaser() if mode == "stream" else None
+        self.kept: list[TensorRef] = []
+        self.progress = progress
+        self.done, self.total = 0, sum(ref.nbytes for refs in groups for ref in refs)
+
+    def move(self, refs: list[TensorRef], dest: torch.Tensor, compute_at: torch.Tensor) -> None:
+        """Copy each tensor to its slab view in `dest` and point its module at the same place in
+        `compute_at` (the slot a streamed unit runs from; `dest` itself for resident tensors)."""
+        for ref in refs:
+            slab_view(dest, ref).copy_(ref.tensor)  # synchronous: the source is read when this returns
+            if self.releaser is not None:
+                self.releaser.copied(ref.tensor)
+            ref.point_to(slab_view(compute_at, ref))  # a parameter lets go of its loaded storage here
+            if self.releaser is not None:
+                ref.release()  # buffers and quant_state tensors, replaced on their owners above
+            else:
+                self.kept.append(ref)
+            self.done += ref.nbytes
+        if self.releaser is not None:
+            self.releaser.release()
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def finish(self) -> None:
+        self.kept.clear()
+
+
 class BlockStreamer:
     """Applies a `MemoryPlan` to a FLUX.2 DiT whose tensors are on the CPU (e.g. loaded from disk).
 
     After construction the DiT's tensors live in: one device buffer (always-resident layers and resident
     units), `plan.num_slots` device slots (streamed units, each permanently viewing slot i mod K), and one
     host buffer (the streamed units' bytes, pinned). `before(i)`/`after(i)` run from hooks.
+
+    Loading streams (`load_mode="stream"`): each tensor is copied to its place, the module pointed at the
+    copy and the source let go at once (its file pages paged out, see `_host_release`), so host memory
+    holds the DiT about once while the host buffer fills (`MemoryPlan.host_load_peak_bytes`), not twice.
+    `load_mode="copy"` keeps every source until the layout is done (the behaviour before issue 11; for
+    benchmarks). `progress(done, total)` is called after the always-resident layers and after each unit,
+    with the bytes of source tensors copied so far and in all.
     """
 
-    def __init__(self, transformer: torch.nn.Module, plan: MemoryPlan, device: torch.device | str):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        plan: MemoryPlan,
+        device: torch.device | str,
+        *,
+        load_mode: str = "stream",
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        if load_mode not in LOAD_MODES:
+            raise ValueError(f"load_mode: expected one of {', '.join(LOAD_MODES)}, got {load_mode!r}")
         self.device = torch.device(device)
         self.plan = plan
         self.stats = StreamStats()
@@ -114,23 +176,22 @@ class BlockStreamer:
         skip = frozenset(id(m) for m in adapters)
 
         # Resident: the top-level layers, the LoRA adapters and resident units, one device buffer.
-        resident_refs = tensor_refs(modules_outside_atoms(transformer), recurse=False, skip=skip)
-        resident_refs += tensor_refs(adapters, recurse=False)
-        for unit in plan.units:
-            if unit.resident:
-                resident_refs += tensor_refs([atoms[a] for a in unit.atoms], skip=skip)
-        self.resident_buffer = torch.empty(slab_layout(resident_refs), dtype=torch.uint8, device=self.device)
-        for ref in resident_refs:
-            view = slab_view(self.resident_buffer, ref)
-            view.copy_(ref.tensor)
-            ref.point_to(view)
-
+        resident_groups = [tensor_refs(modules_outside_atoms(transformer), recurse=False, skip=skip)]
+        resident_groups += [tensor_refs(adapters, recurse=False)]
+        resident_groups += [tensor_refs([atoms[a] for a in u.atoms], skip=skip) for u in plan.units if u.resident]
         # Streamed: a host slab per unit inside one host buffer, device views into rotating slots.
         streamed = [u for u in plan.units if not u.resident]
         unit_refs = [tensor_refs([atoms[a] for a in u.atoms], skip=skip) for u in streamed]
         sizes = [slab_layout(refs) for refs in unit_refs]
         self.slot_bytes = max(sizes, default=0)
         self.num_slots = plan.num_slots if streamed else 0
+
+        loader = _Loader(load_mode, progress, [*resident_groups, *unit_refs])
+        self.resident_buffer = torch.empty(
+            slab_layout([ref for group in resident_groups for ref in group]), dtype=torch.uint8, device=self.device
+        )
+        for refs in resident_groups:
+            loader.move(refs, self.resident_buffer, self.resident_buffer)
         self.host_buffer = torch.empty(sum(sizes), dtype=torch.uint8)
         self.slots = [
             torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)
@@ -141,10 +202,8 @@ class BlockStreamer:
             host = self.host_buffer[offset : offset + size]
             offset += size
             self.host_units.append(host)
-            slot = self.slots[i % self.num_slots]
-            for ref in refs:
-                slab_view(host, ref).copy_(ref.tensor)  # the original (CPU or GPU) copy is dropped below
-                ref.point_to(slab_view(slot, ref))
+            loader.move(refs, host, self.slots[i % self.num_slots])
+        loader.finish()
         self.pinned = False
         if cuda and self.host_buffer.numel():
             self.pinned = _pin(self.host_buffer)

@@ -176,12 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     _add_output_args(tiny)
-    demo = sub.add_parser("demo", help="tiny models -> server -> image, all on this machine")
+    demo = sub.add_parser("demo", help="encoder server + image on this machine (tiny models, or real ones on one GPU)")
     demo.add_argument("--workdir", type=Path, default=Path("out/demo"))
     demo.add_argument(
         "--model",
         default=None,
         help="real weights instead of tiny ones, e.g. black-forest-labs/FLUX.2-dev (needs HF_TOKEN and a GPU)",
+    )
+    demo.add_argument("--dit", default=None, help="as for generate; default: --model's NF4 DiT")
+    demo.add_argument(
+        "--encoder-precision",
+        choices=("bf16", "fp8", "int8", "nf4"),  # the server's --precision tiers
+        default="bf16",
+        help="the server's encoder weights: bf16 (exact) needs ~36 GiB beside the DiT for FLUX.2-dev; int8 fits a "
+        "24 GB card and nf4 a 16 GB one, with embeddings that differ from diffusers' (README, One machine)",
+    )
+    demo.add_argument(
+        "--vram",
+        default=None,
+        help="what the server and the DiT may hold on the card together, e.g. 24GB; default: the whole card",
     )
     demo.add_argument("--prompt", default="a watercolor fox reading a newspaper in a cafe")
     _add_output_args(demo)
@@ -423,8 +436,30 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+        from .planner import PlanError
+
+        if args.vram is not None:
+            try:
+                parse_size(args.vram)
+            except ValueError as exc:
+                raise UsageError(f"--vram: {exc}") from None
+        if args.model is not None:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--model: real weights need a CUDA GPU; without --model the demo runs tiny models")
         with library_logging_routed(), no_checkpoint_writing_bars(not args.verbose):
-            run_demo(args.workdir, model=args.model, prompt=args.prompt)
+            try:
+                run_demo(
+                    args.workdir,
+                    model=args.model,
+                    prompt=args.prompt,
+                    dit=args.dit,
+                    encoder_precision=args.encoder_precision,
+                    vram=args.vram,
+                )
+            except PlanError as exc:
+                raise UsageError(f"--vram: {exc}") from None
         return 0
     raise UsageError(f"unknown command {args.command!r}")
 

@@ -1,7 +1,9 @@
 """The quick-start demo: start an encoder server, encode a prompt through it, generate, stop the server.
 
 With no `--model` it runs on tiny random models built on the spot, so it works offline on a CPU in about
-a minute; their image is noise. `--model black-forest-labs/FLUX.2-dev` gives a real image (GPU, HF_TOKEN).
+a minute; their image is noise. `--model black-forest-labs/FLUX.2-dev` gives a real image (GPU, HF_TOKEN):
+the single-machine mode, server and DiT on one card, the DiT planned within what the server leaves
+(`--encoder-precision int8|nf4` to fit a 16-24 GB card).
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .planner import PlanError, fmt_bytes, parse_size
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
@@ -72,27 +78,102 @@ def stop_server(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
-def run_demo(workdir: Path, model: str | None = None, prompt: str = "a watercolor fox") -> Path:
-    """Start a server on `model` (tiny random models when None), generate one image through it with
-    `generate_to_files` (what `flux2-client generate` runs), stop the server; returns the PNG's path."""
+ENCODER_PRECISIONS = ("bf16", "fp8", "int8", "nf4")  # the server's --precision tiers
+
+
+@dataclass(frozen=True)
+class SharedCard:
+    """One card shared by the encoder server and this process (the single-machine mode).
+
+    `budget`: what both may hold on the card together (`--vram`), None for the whole card;
+    `encoder_bytes`: what the server holds, measured once it reports SERVING (its weights, CUDA context
+    and the activations of its warm-up batch, which is the size of the demo's own request).
+    """
+
+    budget: int | None
+    encoder_bytes: int
+
+    def dit_vram(self) -> int | None:
+        """The budget for this process's plan: `budget` minus what the encoder holds. None (no `budget`)
+        leaves the planner to read the free memory at planning time, which the server's share is
+        already missing from."""
+        if self.budget is None:
+            return None
+        left = self.budget - self.encoder_bytes
+        if left <= 0:
+            raise PlanError(
+                f"vram budget {fmt_bytes(self.budget)} is used up by the encoder server alone "
+                f"({fmt_bytes(self.encoder_bytes)}); give a lower --encoder-precision or a larger --vram"
+            )
+        return left
+
+    def describe(self) -> str:
+        whole = "the card's free memory" if self.budget is None else fmt_bytes(self.budget)
+        dit = self.dit_vram()
+        rest = "what is free when the DiT is planned" if dit is None else fmt_bytes(dit)
+        return f"{whole} shared: the encoder server holds {fmt_bytes(self.encoder_bytes)}, the DiT plans within {rest}"
+
+
+def _card_free(device: Any) -> int:
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def run_demo(
+    workdir: Path,
+    model: str | None = None,
+    prompt: str = "a watercolor fox",
+    *,
+    dit: str | None = None,
+    encoder_precision: str = "bf16",
+    vram: str | int | None = None,
+) -> Path:
+    """Start a server on `model` (tiny random models when None) with `encoder_precision` weights, generate
+    one image through it with `generate_to_files` (what `flux2-client generate` runs), stop the server;
+    returns the PNG's path.
+
+    With real weights on a GPU the server and the DiT share the card: the server is measured once it
+    reports SERVING and the DiT's plan gets what is left of `vram` (the whole card when None; see
+    `SharedCard`). On a 16-24 GB card that needs an 8-bit or 4-bit encoder (`encoder_precision` int8 or
+    nf4), whose embeddings are not bit-identical to diffusers' (README, "One machine").
+    """
     from .endpoints import EncoderPool
     from .generation import GenerationParams, generate_to_files
     from .tiny import make_tiny_flux2
 
+    if encoder_precision not in ENCODER_PRECISIONS:
+        choices = ", ".join(ENCODER_PRECISIONS)
+        raise ValueError(f"encoder_precision: expected one of {choices}, got {encoder_precision!r}")
     workdir.mkdir(parents=True, exist_ok=True)
+    card, free_before = None, 0
     if model is None:
         print("== building tiny random models (offline) ==", flush=True)
         paths = make_tiny_flux2(workdir / "models")
         encoder_model, dit = str(paths.pipeline), str(paths.nf4_repo)
         size, steps, device, offload, server_args = 128, 4, "cpu", "leaf_level", ["--device", "cpu"]
+        dit_vram = None
     else:
-        encoder_model, dit = model, "diffusers/FLUX.2-dev-bnb-4bit"
-        size, steps, device, offload, server_args = 1024, 50, None, None, []
+        import torch
 
-    print(f"== starting the encoder server on {encoder_model} ==", flush=True)
+        from .families import default_dit
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("demo --model: real weights need a CUDA GPU (without one, run the demo on tiny models)")
+        encoder_model, dit = model, dit or default_dit(model)
+        size, steps, device, offload, server_args = 1024, 50, "cuda", "plan", []
+        card = torch.device("cuda", torch.cuda.current_device())
+        free_before = _card_free(card)  # this process's CUDA context already counted
+    server_args = [*server_args, "--precision", encoder_precision]
+
+    print(f"== starting the encoder server on {encoder_model} ({encoder_precision}) ==", flush=True)
     proc, target = start_server(encoder_model, server_args, workdir / "server.log")
     try:
         wait_serving(target, proc)
+        if card is not None:
+            shared = SharedCard(parse_size(vram) if vram is not None else None, max(0, free_before - _card_free(card)))
+            print(f"== one card: {shared.describe()} ==", flush=True)
+            dit_vram = shared.dit_vram()
         print(f"== server SERVING at {target}; generating ==", flush=True)
         with EncoderPool([target], timeout=300.0) as pool:
             (path,) = generate_to_files(
@@ -104,6 +185,7 @@ def run_demo(workdir: Path, model: str | None = None, prompt: str = "a watercolo
                 dit=dit,
                 device=device,
                 offload=offload,
+                vram=dit_vram,
                 verbose=True,
             )
     finally:
@@ -112,8 +194,8 @@ def run_demo(workdir: Path, model: str | None = None, prompt: str = "a watercolo
     if model is None:
         print(
             "\nNote: the tiny models have random weights, so the image is noise. For a real image run\n"
-            "  flux2-client demo --model black-forest-labs/FLUX.2-dev\n"
-            "(needs a GPU and HF_TOKEN with access to the FLUX.2-dev repo).",
+            "  flux2-client demo --model black-forest-labs/FLUX.2-dev --encoder-precision nf4\n"
+            "(needs a GPU, 16 GB or more with nf4, and HF_TOKEN with access to the FLUX.2-dev repo).",
             flush=True,
         )
     print(f"\nimage: {path}  (server log: {workdir / 'server.log'}, HF_TOKEN set: {'HF_TOKEN' in os.environ})")

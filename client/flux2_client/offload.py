@@ -18,6 +18,7 @@ an NF4 DiT.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,11 +26,12 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ._allocator import auto_vram_bytes, configure_allocator, host_available_bytes
 from ._introspection import spec_from_module
-from ._streamer import STREAM_HOOK, BlockStreamer, StreamStats
+from ._streamer import LOAD_MODES, STREAM_HOOK, BlockStreamer, StreamStats
 from .planner import Budget, MemoryPlan, Workload, plan_memory
 from .step_cache import skip_schedule
 
 __all__ = [
+    "LOAD_MODES",
     "MEMORY_PLAN_HOOK",
     "STREAM_HOOK",
     "BlockStreamer",
@@ -101,25 +103,41 @@ def get_block_streamer(pipe_or_transformer: Any) -> BlockStreamer | None:
     return hook.streamer if hook is not None else None
 
 
-def apply_block_streaming(transformer: torch.nn.Module, plan: MemoryPlan, device: torch.device | str) -> BlockStreamer:
+def apply_block_streaming(
+    transformer: torch.nn.Module,
+    plan: MemoryPlan,
+    device: torch.device | str,
+    *,
+    load_mode: str = "stream",
+    progress: Callable[[int, int], None] | None = None,
+) -> BlockStreamer:
     """Lay out `transformer` (tensors in host memory) as `plan` says and hook its blocks; the plan and
-    the streamer are kept in the transformer's `MEMORY_PLAN_HOOK`."""
+    the streamer are kept in the transformer's `MEMORY_PLAN_HOOK`. Each loaded tensor is let go as soon
+    as it is copied (`load_mode`, `progress`: see `BlockStreamer`)."""
     if _plan_hook(transformer) is not None:
         raise ValueError("transformer: a memory plan is already applied; remove_memory_plan() first")
-    streamer = BlockStreamer(transformer, plan, device)
+    streamer = BlockStreamer(transformer, plan, device, load_mode=load_mode, progress=progress)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
         MemoryPlanHook(plan, streamer), MEMORY_PLAN_HOOK
     )
     return streamer
 
 
-def apply_memory_plan(pipe: Any, plan: MemoryPlan, device: torch.device | str) -> BlockStreamer:
+def apply_memory_plan(
+    pipe: Any,
+    plan: MemoryPlan,
+    device: torch.device | str,
+    *,
+    load_mode: str = "stream",
+    progress: Callable[[int, int], None] | None = None,
+) -> BlockStreamer:
     """Carry out `plan` on a `Flux2Pipeline` whose DiT is in host memory: allocator cap, VAE on `device`
-    (tiled as planned), DiT resident buffer + streamed slots + hooks."""
+    (tiled as planned), DiT resident buffer + streamed slots + hooks (`load_mode`, `progress`: see
+    `BlockStreamer`)."""
     device = torch.device(device)
     configure_allocator(plan, device)
-    pipe.vae.to(device)
-    streamer = apply_block_streaming(pipe.transformer, plan, device)
+    pipe.vae.to(device)  # first: its host copy is gone before the DiT's host buffer fills
+    streamer = apply_block_streaming(pipe.transformer, plan, device, load_mode=load_mode, progress=progress)
     configure_vae(pipe.vae, plan)
     return streamer
 

@@ -37,6 +37,10 @@ TENSOR_ALIGN = 256
 # margin. The benchmark measures it and can pass the measured value.
 DEFAULT_CUDA_OVERHEAD = 1 * GiB
 
+# Host memory of the client process itself (Python, torch, diffusers, the CUDA runtime) with no model
+# tensor in it: RSS 1.7 GiB with the whole NF4 DiT on the card, H100 (docs/benchmarks.md, low-VRAM table).
+HOST_PROCESS_BYTES = int(1.7 * GiB)
+
 OFFLOAD_CHOICES = ("plan", "leaf_level", "none")
 MAX_REFERENCE_IMAGES = 10  # what Flux2Pipeline (FLUX.2-dev) is documented to take
 
@@ -95,6 +99,9 @@ class ModelSpec:
     vae_bytes: int = 0
     adapter_bytes: int = 0  # LoRA weights: resident beside the embedders while base blocks stream
     adapter_out_features: int = 0  # widest Linear output that carries a LoRA (0: none)
+    # Biggest single tensor as loaded (the packed NF4 weight of that Linear): the one in flight while the
+    # block streamer copies tensors to their buffers; 0 = derive it from largest_dequantized_bytes.
+    largest_tensor_bytes: int = 0
     # VAE decode memory; the defaults are the FLUX.2 VAE's, a narrower VAE scales them down.
     vae_untiled_bytes_per_mpixel: int = VAE_UNTILED_BYTES_PER_MPIXEL
     vae_tiled_bytes: int = VAE_TILED_BYTES
@@ -102,6 +109,16 @@ class ModelSpec:
     @property
     def block_bytes(self) -> int:
         return sum(a.nbytes for a in self.atoms)
+
+    @property
+    def loaded_bytes(self) -> int:
+        """The DiT as loaded into host memory, before any plan: every block and the other layers."""
+        return self.block_bytes + self.other_bytes
+
+    @property
+    def largest_tensor(self) -> int:
+        # A packed NF4 weight is half a byte per value, its dequantised bf16 copy two bytes.
+        return self.largest_tensor_bytes or self.largest_dequantized_bytes // 4
 
     def blocks(self) -> list[list[Atom]]:
         out: list[list[Atom]] = []
@@ -176,9 +193,12 @@ class MemoryPlan:
     vae_tile_px: int
     vae_decode_bytes: int
     host_pinned_bytes: int
+    host_load_peak_bytes: int  # host RAM at its peak while loading, the process itself included
+    host_steady_bytes: int  # host RAM once loaded (pinned buffer + the process; on a CPU device everything)
     budget: Budget
     workload: Workload
     spec_other_bytes: int
+    spec_loaded_bytes: int = 0
     notes: tuple[str, ...] = field(default=())
     spec_adapter_bytes: int = 0
 
@@ -222,6 +242,13 @@ class MemoryPlan:
             ]
         else:
             lines.append("  streamed        nothing: the whole DiT fits")
+        lines += [
+            f"  host RAM        peak {fmt_bytes(self.host_load_peak_bytes)} while loading, "
+            f"{fmt_bytes(self.host_steady_bytes)} after (estimates, each with ~{fmt_bytes(HOST_PROCESS_BYTES)} "
+            "for the process itself)",
+            f"                  the DiT is read whole ({fmt_bytes(self.spec_loaded_bytes)}), then copied into "
+            "place one tensor at a time, each source let go",
+        ]
         vae = f"tiled, {self.vae_tile_px} px tiles" if self.vae_tiled else "untiled"
         lines.append(f"  VAE             {vae} (~{fmt_bytes(self.vae_decode_bytes)} while decoding)")
         for unit in self.units:
@@ -244,6 +271,8 @@ class MemoryPlan:
             "activation_bytes": self.activation_bytes,
             "vae_tiled": self.vae_tiled,
             "host_pinned_bytes": self.host_pinned_bytes,
+            "host_load_peak_bytes": self.host_load_peak_bytes,
+            "host_steady_bytes": self.host_steady_bytes,
         }
 
 
@@ -335,6 +364,24 @@ def vae_decode_bytes(spec: ModelSpec, workload: Workload, tiled: bool) -> int:
     untiled = int(spec.vae_untiled_bytes_per_mpixel * mpix * workload.batch)
     # A tile is at most 512x512: below that size tiling changes nothing.
     return min(untiled, spec.vae_tiled_bytes * workload.batch) if tiled else untiled
+
+
+def host_memory(spec: ModelSpec, budget: Budget, *, slots: int, pinned: int) -> dict[str, int]:
+    """Host RAM of a plan, the process itself included: `host_load_peak_bytes` and `host_steady_bytes`.
+
+    The DiT is first loaded whole into host memory (`spec.loaded_bytes`), then the VAE; the VAE moves to
+    the card before the block streamer starts, which copies one tensor at a time to the device buffer or
+    the pinned host buffer and lets each source go (`BlockStreamer`), so the peak is the larger of DiT +
+    VAE and DiT + the tensor in flight. On a CPU device the "device" side (resident buffer, slots, VAE)
+    is host memory as well.
+    """
+    loaded = spec.loaded_bytes
+    if budget.device_type == "cuda":
+        peak, steady = loaded + max(spec.vae_bytes, spec.largest_tensor), pinned
+    else:
+        steady = loaded + spec.vae_bytes + slots  # resident buffer + host buffer hold the DiT once
+        peak = steady + spec.largest_tensor
+    return {"host_load_peak_bytes": peak + HOST_PROCESS_BYTES, "host_steady_bytes": steady + HOST_PROCESS_BYTES}
 
 
 # --- the plan ---------------------------------------------------------------------------------------
@@ -442,9 +489,11 @@ def plan_memory(
             vae_tile_px=VAE_TILE_PX,
             vae_decode_bytes=vae_untiled,
             host_pinned_bytes=0,
+            **host_memory(spec, budget, slots=0, pinned=0),
             budget=budget,
             workload=workload,
             spec_other_bytes=spec.other_bytes,
+            spec_loaded_bytes=spec.loaded_bytes,
             notes=tuple(notes),
             spec_adapter_bytes=spec.adapter_bytes,
         )
@@ -507,9 +556,11 @@ def plan_memory(
         vae_tile_px=VAE_TILE_PX,
         vae_decode_bytes=vae_tiled_bytes if vae_tiled else vae_untiled,
         host_pinned_bytes=host,
+        **host_memory(spec, budget, slots=num_slots * slot_bytes, pinned=host),
         budget=budget,
         workload=workload,
         spec_other_bytes=spec.other_bytes,
+        spec_loaded_bytes=spec.loaded_bytes,
         notes=tuple(notes),
         spec_adapter_bytes=spec.adapter_bytes,
     )

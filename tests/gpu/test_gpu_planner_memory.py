@@ -55,3 +55,26 @@ def test_planner_estimates_hold_on_the_card_at_1024px(budget_gib, request):
 
     # CUDA context, cuBLAS/cuDNN workspaces, kernels: outside the allocator, within the planner's allowance.
     assert result["outside_allocator_now"] <= plan["overhead"]
+
+
+@pytest.mark.parametrize("budget_gib", [4, 8])
+def test_host_ram_stays_within_the_dit_plus_2gib_when_loading_a_checkpoint(budget_gib, request, tmp_path_factory):
+    """Issue 11: the CLI's path (pre-quantized DiT memory-mapped from disk, laid out by the streamer) never
+    holds the DiT twice in host memory: peak RSS while loading and while generating stays within the
+    packed weights + 2 GiB, and within the plan's own estimate. FLUX2_GPU_CHECKPOINT_DIR reuses a
+    checkpoint written by an earlier run (`python -m bench.lowvram --checkpoint DIR`)."""
+    import os
+    from pathlib import Path
+
+    from bench.lowvram import run_config, save_checkpoint
+
+    folder = Path(os.environ.get("FLUX2_GPU_CHECKPOINT_DIR") or tmp_path_factory.getbasetemp() / "nf4-dit")
+    if not (folder / "transformer" / "config.json").is_file():
+        save_checkpoint(folder)
+    result = run_config("plan", budget_gib, refs=0, steps=2, checkpoint=folder)
+    write_gpu_report(request, {k: v for k, v in result.items() if k != "log"} | {"log": result.get("log", "")[-3000:]})
+    assert result.get("ok"), result.get("error", "") + "\n" + result.get("log", "")[-3000:]
+    limit = result["dit_bytes"] + 2 * (1 << 30)
+    assert result["rss_peak_load"] <= limit, (result["rss_peak_load"] / MiB, limit / MiB)
+    assert result["rss_peak_generation"] <= limit, (result["rss_peak_generation"] / MiB, limit / MiB)
+    assert result["rss_peak_load"] <= result["plan"]["host_load_peak_bytes"]
