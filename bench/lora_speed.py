@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed calls per s/step figure (their median)")
     parser.add_argument("--image-steps", type=int, default=50, help="steps of the per-image timings")
     args = parser.parse_args(argv)
+    # The planner asks for expandable segments (read once, when CUDA starts); diffusers' rows share the process.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
     from flux2_client._quantization import keep_canonical_nf4_layout
