@@ -268,7 +268,7 @@ def test_encode_when_the_server_dies(tmp_path, tiny, engine):
         if stopper is not None:
             stopper.join(30)
         server.core.close(60)  # the held batch finishes before the test moves on
-    one_line(err, proc.returncode, ExitCode.UNREACHABLE, f"the encoder server {server.target}")
+    one_line(err, proc.returncode, ExitCode.UNREACHABLE, server.target, "rerun the same command to resume")
 
 
 def _failures():
