@@ -331,8 +331,11 @@ def test_out_of_memory_names_the_plan_that_was_tried(capsys, monkeypatch, fake_m
 def test_generate_reports_device_oom_with_its_plan():
     from flux2_client.generation import GenerationParams, PlannedOutOfMemoryError, generate
 
+    class Transformer(torch.nn.Linear):
+        is_cache_enabled = False  # diffusers' CacheMixin attribute generate() reads
+
     class OutOfMemoryPipe:
-        transformer = torch.nn.Linear(1, 1)  # no plan hook: run without the planner
+        transformer = Transformer(1, 1)  # no plan hook: run without the planner
         _execution_device = torch.device("cpu")
 
         def set_progress_bar_config(self, **kwargs):
