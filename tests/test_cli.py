@@ -268,7 +268,7 @@ def test_encode_when_the_server_dies(tmp_path, tiny, engine):
         if stopper is not None:
             stopper.join(30)
         server.core.close(60)  # the held batch finishes before the test moves on
-    one_line(err, proc.returncode, ExitCode.UNREACHABLE, f"the encoder server {server.target}")
+    one_line(err, proc.returncode, ExitCode.UNREACHABLE, server.target, "rerun the same command to resume")
 
 
 def _failures():
@@ -331,8 +331,11 @@ def test_out_of_memory_names_the_plan_that_was_tried(capsys, monkeypatch, fake_m
 def test_generate_reports_device_oom_with_its_plan():
     from flux2_client.generation import GenerationParams, PlannedOutOfMemoryError, generate
 
+    class Transformer(torch.nn.Linear):
+        is_cache_enabled = False  # diffusers' CacheMixin attribute generate() reads
+
     class OutOfMemoryPipe:
-        transformer = torch.nn.Linear(1, 1)  # no plan hook: run without the planner
+        transformer = Transformer(1, 1)  # no plan hook: run without the planner
         _execution_device = torch.device("cpu")
 
         def set_progress_bar_config(self, **kwargs):
