@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         if name in files:
             pipe.delete_adapters(name)
     result["resident"] = resident
-    del pipe
+    del pipe, call  # `call` holds the pipeline as a default argument: both go, or the card keeps the DiT
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
