@@ -55,8 +55,9 @@ class WorkerCrash(BaseException):
 
 
 def local_settings(model: str = "fake", **overrides: Any) -> Settings:
-    """Settings for a server on 127.0.0.1 with free ports, on the CPU, without warm-up; `overrides` win."""
-    base = Settings(model=model, host="127.0.0.1", port=0, device="cpu", warmup=False)
+    """Settings for a server on 127.0.0.1 with free ports, on the CPU, without warm-up and without the idle
+    self-test (tests that count what reaches the model must see only their own prompts); `overrides` win."""
+    base = Settings(model=model, host="127.0.0.1", port=0, device="cpu", warmup=False, self_test_interval_s=0.0)
     return dataclasses.replace(base, **overrides)
 
 
