@@ -61,7 +61,8 @@ def test_demo_arguments_are_checked_before_anything_starts(tmp_path):
     proc = _demo("--workdir", str(tmp_path), "--encoder-precision", "int4")
     assert proc.returncode == 2 and "invalid choice: 'int4'" in proc.stderr
     proc = _demo("--workdir", str(tmp_path), "--vram", "lots")
-    assert proc.returncode != 0 and "--vram: size: expected a number" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode != 0 and "--vram: size: expected a number" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
 
 
