@@ -176,8 +176,8 @@ class BlockStreamer:
         skip = frozenset(id(m) for m in adapters)
 
         # Resident: the top-level layers, the LoRA adapters and resident units, one device buffer.
-        resident_groups = [tensor_refs(modules_outside_atoms(transformer), recurse=False, skip=skip)]
-        resident_groups += [tensor_refs(adapters, recurse=False)]
+        always = tensor_refs(modules_outside_atoms(transformer), recurse=False, skip=skip)
+        resident_groups = [always + tensor_refs(adapters, recurse=False)]  # one layout step, LoRA weights included
         resident_groups += [tensor_refs([atoms[a] for a in u.atoms], skip=skip) for u in plan.units if u.resident]
         # Streamed: a host slab per unit inside one host buffer, device views into rotating slots.
         streamed = [u for u in plan.units if not u.resident]
