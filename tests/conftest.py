@@ -31,6 +31,15 @@ def reference_pipe(tiny: TinyPaths):
     return Flux2Pipeline.from_pretrained(str(tiny.pipeline), dtype=torch.bfloat16)
 
 
+@pytest.fixture
+def uncapped_cuda_allocator() -> Iterator[None]:
+    """`load_pipeline(vram=...)` caps this process's CUDA allocator; give the next GPU test the whole card."""
+    yield
+    torch.cuda.synchronize()
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="module")
 def server(tiny: TinyPaths, engine: EncoderEngine) -> Iterator[ServerThread]:
     thread = ServerThread(local_settings(str(tiny.pipeline)), lambda _s: engine).start()
