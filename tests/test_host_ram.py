@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,12 +123,16 @@ def _pageout_reclaims_file_pages(directory: Path) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 @pytest.mark.parametrize("load_mode", ["stream", "copy"])
-def test_checkpoint_pages_are_given_back_while_copying(tiny, load_mode):
+def test_checkpoint_pages_are_given_back_while_copying(tiny, tmp_path, load_mode):
     """diffusers loads the DiT on the CPU as views into a private memory map of the safetensors file, which
     lives while any of its tensors does. The streamer pages out what it has copied (MADV_PAGEOUT): with
     one source still held (as another shard's tensors would hold a real checkpoint's map), the map keeps
-    only the pages no tensor covers (the safetensors header)."""
-    checkpoint = (tiny.nf4_repo / "transformer" / "diffusion_pytorch_model.safetensors").resolve()
+    only the pages no tensor covers (the safetensors header).
+
+    The kernel pages out only pages no other map holds, and earlier tests in this process keep pipelines
+    loaded from the shared tiny checkpoint: this test loads its own copy of it."""
+    nf4_repo = Path(shutil.copytree(tiny.nf4_repo, tmp_path / "nf4"))
+    checkpoint = (nf4_repo / "transformer" / "diffusion_pytorch_model.safetensors").resolve()
     if load_mode == "stream" and not _pageout_reclaims_file_pages(checkpoint.parent):
         pytest.skip("MADV_PAGEOUT reclaims no file pages on this kernel/filesystem: the release is best effort")
     # The fixture wrote the file moments ago: the kernel reclaims its pages only once they are on disk.
@@ -136,7 +141,7 @@ def test_checkpoint_pages_are_given_back_while_copying(tiny, load_mode):
         os.fsync(fd)
     finally:
         os.close(fd)
-    model = load_nf4_transformer(str(tiny.nf4_repo), device="cpu")
+    model = load_nf4_transformer(str(nf4_repo), device="cpu")
     if any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
         pytest.skip("bitsandbytes repacks NF4 weights on this CPU before the layout: the sources are not the map")
     before = _mapped_rss(checkpoint)
