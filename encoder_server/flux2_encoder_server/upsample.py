@@ -205,12 +205,12 @@ def _split_images(prompts: list[str], spec: UpsampleSpec, limits: UpsampleLimits
             raise InvalidArgument(
                 f"{f}images_per_prompt: counts {counts} must be non-negative and add up to the {len(files)} images"
             )
+    decoded = [_decode_image(data, i, limits, f) for i, data in enumerate(files)]
     if not limits.images:
         raise FailedPrecondition(
             f"{f}images: this server upsamples text-to-image prompts only (image-to-image mode needs the model's "
             "vision processor, which needs torchvision on the server); send no images"
         )
-    decoded = [_decode_image(data, i, limits, f) for i, data in enumerate(files)]
     if not counts:
         return [list(decoded) for _ in prompts]
     per_prompt, start = [], 0
