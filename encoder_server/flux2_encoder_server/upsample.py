@@ -161,7 +161,7 @@ def check_upsample_request(
         raise InvalidArgument(f"{f}temperature: expected a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or not 0 <= temperature <= limits.max_temperature:
         raise InvalidArgument(
-            f"{f}temperature: {temperature} is outside 0 to upsample_max_temperature={limits.max_temperature:g} "
+            f"{f}temperature: {temperature:g} is outside 0 to upsample_max_temperature={limits.max_temperature:g} "
             "(0: greedy decoding)"
         )
     max_new_tokens = spec.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
