@@ -341,6 +341,7 @@ class EncoderCore:
         self.draining = False
         #: The engine's prompt upsampler (`--upsampling`), None when the server does not upsample.
         self.upsampler: Upsampler | None = None
+        self._upsample_limits: UpsampleLimits | None = None
         self._batcher: Batcher | None = None
         self._failed_batches = 0  # in a row; a batch that succeeds resets it
         self._self_test_error: str | None = None
@@ -374,6 +375,16 @@ class EncoderCore:
             task_share=self.settings.upsample_share,
         )
         self.upsampler = getattr(engine, "upsampler", None)
+        s = self.settings
+        self._upsample_limits = UpsampleLimits(
+            max_prompts=s.upsample_max_prompts,
+            max_images=s.upsample_max_images,
+            max_image_bytes=s.upsample_max_image_bytes,
+            max_image_pixels=s.upsample_max_image_pixels,
+            max_temperature=s.upsample_max_temperature,
+            max_new_tokens=s.upsample_max_new_tokens,
+            images=bool(self.upsampler is not None and self.upsampler.supports_images),
+        )
         batcher = self._batcher
         self.metrics.track(self.metrics.upsample_queue_depth, lambda: batcher.queued_tasks)
 
@@ -502,18 +513,7 @@ class EncoderCore:
     @property
     def upsample_limits(self) -> UpsampleLimits | None:
         """What upsampling requests may ask for; None when this server does not upsample."""
-        if self.upsampler is None:
-            return None
-        s = self.settings
-        return UpsampleLimits(
-            max_prompts=s.upsample_max_prompts,
-            max_images=s.upsample_max_images,
-            max_image_bytes=s.upsample_max_image_bytes,
-            max_image_pixels=s.upsample_max_image_pixels,
-            max_temperature=s.upsample_max_temperature,
-            max_new_tokens=s.upsample_max_new_tokens,
-            images=self.upsampler.supports_images,
-        )
+        return self._upsample_limits if self.upsampler is not None else None
 
     async def _check_upsample(self, prompts: list[str], spec: UpsampleSpec, field_prefix: str = "") -> UpsampleJob:
         limits = self.upsample_limits

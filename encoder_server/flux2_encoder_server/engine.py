@@ -253,7 +253,10 @@ class EncoderEngine:
         full_model = None
         if upsampling:
             if precision != "bf16" or compile or fam.name != "mistral3":
-                raise ValueError("upsampling needs the mistral3 family (FLUX.2-dev) in precision bf16 without compile")
+                raise ValueError(
+                    "--upsampling needs a FLUX.2-dev (mistral3) text encoder, --precision bf16 and no --compile "
+                    "(generation shares the decoder layers with encoding; only bf16 eager layers can be shared)"
+                )
             full_model, load_report = load_full_model(
                 model,
                 fam,

@@ -322,11 +322,6 @@ class Settings:
             out.append("--upsample-share must be above 0 and at most 1")
         if self.upsample_max_images < 0 or not 0 <= self.upsample_max_temperature <= 100:
             out.append("--upsample-max-images must not be negative; --upsample-max-temperature must be 0 to 100")
-        if self.upsampling and (self.precision != "bf16" or self.compile):
-            out.append(
-                "--upsampling needs --precision bf16 and no --compile (generation shares the decoder layers with "
-                "encoding, and only the bf16 eager layers are shared)"
-            )
         if self.http_max_concurrent_requests < 1:
             out.append("--http-max-concurrent-requests must be at least 1")
         if self.rate_limit_prompts_per_s > 0 and self.rate_limit_burst_prompts < self.max_prompts_per_request:
