@@ -223,6 +223,15 @@ NON_DEFAULT: dict[str, object] = {
     "self_test_interval_s": 12.5,
     "log_level": "DEBUG",
     "log_format": "text",
+    "upsampling": True,
+    "upsample_share": 0.5,
+    "upsample_max_queued_requests": 7,
+    "upsample_max_prompts": 3,
+    "upsample_max_new_tokens": 100,
+    "upsample_max_temperature": 1.5,
+    "upsample_max_images": 4,
+    "upsample_max_image_bytes": 1000000,
+    "upsample_max_image_pixels": 1000000,
 }
 
 

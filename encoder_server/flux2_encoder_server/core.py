@@ -18,6 +18,10 @@ The front-end sends the answer inside the scope, each write through `req.send`, 
 until the last byte is written (or the client is gone), and a client that stops reading is cut off after
 `send_timeout_s` (`SendTimeout`, counted as dropped with reason "send_timeout").
 
+`req.upsample(prompts, spec)` rewrites prompts (prompt upsampling, `upsample.py`) on the model's worker
+thread, in turn with the encode batches; `req.encode(prompts, upsample=spec)` upsamples first and encodes
+the rewritten prompts. A scope does one of the two.
+
 `req.encode` admits the request: its `Admission` (the response bytes it reserves and its per-token
 concurrency slot) is a context manager held by the scope. Leaving the `async with` gives the admission
 back, records the request's status in the metrics and writes one access-log line. Any exception,
@@ -46,6 +50,7 @@ from .cache import EmbeddingCache
 from .errors import (
     ClientGone,
     DeadlineExceeded,
+    EncodeFailed,
     FailedPrecondition,
     InvalidArgument,
     RateLimited,
@@ -59,6 +64,7 @@ from .logs import access_log
 from .metrics import Metrics
 from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
+from .upsample import Upsampled, UpsampleJob, UpsampleLimits, Upsampler, UpsampleSpec, check_upsample_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,6 +120,8 @@ class EncodeResult:
     cache_hit: list[bool]
     queue_seconds: float = 0.0
     encode_seconds: float = 0.0
+    #: With `encode(upsample=...)`: the rewritten prompts (the ones encoded) and their seed.
+    upsampled: Upsampled | None = None
 
 
 class Admission:
@@ -153,6 +161,8 @@ class RequestScope:
         self.stages: dict[str, float] = {}
         self.status = "OK"
         self.error: str | None = None
+        #: "encode" or "upsample": what the scope did (its metrics and access-log line say which).
+        self.kind = "encode"
         self._bearer_token = bearer_token
         self._held = contextlib.ExitStack()  # what the request holds (its admission) until it ends
         self._admission: Admission | None = None
@@ -186,9 +196,11 @@ class RequestScope:
         timeout: float | None = None,
         bypass_cache: bool = False,
         field: str = "prompts",
+        upsample: UpsampleSpec | None = None,
     ) -> EncodeResult:
         """Admit and encode `prompts` (`field` names them in error messages, as the front-end's request
-        spells it). Raises a ServiceError when the server refuses."""
+        spells it); with `upsample`, rewrite them first and encode the rewritten ones. Raises a
+        ServiceError when the server refuses."""
         if self._admission is not None:
             raise RuntimeError("one request scope encodes once")
         core = self.core
@@ -199,15 +211,51 @@ class RequestScope:
             raise FailedPrecondition(
                 shared.fingerprint_mismatch_message(expected_fingerprint, fingerprint.digest, fingerprint.weights_id)
             )
-        timeout = core.settings.default_timeout_s if timeout is None else min(timeout, core.settings.default_timeout_s)
-        if timeout <= 0:
-            raise DeadlineExceeded("the request's deadline had passed when it arrived")
+        timeout = self._timeout(timeout)
+        job = await core._check_upsample(valid, upsample, "upsample.") if upsample is not None else None
         self._admission = self._held.enter_context(core.admit(self.principal, len(valid)))
+        upsampled = None
+        if job is not None:
+            started = time.monotonic()
+            upsampled = await core._upsample_admitted(job, timeout)
+            self.stages["upsample"] = time.monotonic() - started
+            timeout -= self.stages["upsample"]
+            valid = upsampled.prompts
+            if timeout <= 0:
+                raise DeadlineExceeded("the request's deadline passed while its prompts were upsampled")
         result = await core._encode_admitted(valid, timeout, bypass_cache)
+        result.upsampled = upsampled
         self.cache_hits = sum(result.cache_hit)
         self.stages["queue"] = result.queue_seconds
         self.stages["encode"] = result.encode_seconds
         return result
+
+    async def upsample(
+        self, prompts: Sequence[object], spec: UpsampleSpec, *, timeout: float | None = None, field: str = "prompts"
+    ) -> Upsampled:
+        """Admit and rewrite `prompts` (prompt upsampling); see `upsample.py`. Raises a ServiceError when the
+        server refuses (FailedPrecondition when it does not upsample)."""
+        if self._admission is not None:
+            raise RuntimeError("one request scope runs once")
+        self.kind = "upsample"
+        core = self.core
+        self.prompts = len(prompts)
+        core._serving_fingerprint()
+        valid = core.validate_prompts(prompts, field)
+        timeout = self._timeout(timeout)
+        job = await core._check_upsample(valid, spec)
+        self._admission = self._held.enter_context(core.admit(self.principal, len(valid), nbytes=job.image_bytes))
+        started = time.monotonic()
+        upsampled = await core._upsample_admitted(job, timeout)
+        self.stages["upsample"] = time.monotonic() - started
+        return upsampled
+
+    def _timeout(self, timeout: float | None) -> float:
+        settings = self.core.settings
+        timeout = settings.default_timeout_s if timeout is None else min(timeout, settings.default_timeout_s)
+        if timeout <= 0:
+            raise DeadlineExceeded("the request's deadline had passed when it arrived")
+        return timeout
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -250,12 +298,14 @@ class RequestScope:
         self._held.close()
         total = time.monotonic() - self._started
         metrics = self.core.metrics
-        metrics.requests.labels(self.frontend, self.status).inc()
+        counter = metrics.upsample_requests if self.kind == "upsample" else metrics.requests
+        counter.labels(self.frontend, self.status).inc()
         metrics.request_duration.labels(self.frontend).observe(total)
         self.core._exit()  # after the metrics: a request no longer in flight has been counted
         fields: dict[str, object] = {
             "request_id": self.request_id,
             "frontend": self.frontend,
+            "rpc": self.kind,
             "principal": self.principal.name,
             "prompts": self.prompts,
             "cache_hits": self.cache_hits,
@@ -289,6 +339,9 @@ class EncoderCore:
             on_lookup=lambda tier, hit: self.metrics.cache_lookups.labels(tier, "hit" if hit else "miss").inc(),
         )
         self.draining = False
+        #: The engine's prompt upsampler (`--upsampling`), None when the server does not upsample.
+        self.upsampler: Upsampler | None = None
+        self._upsample_limits: UpsampleLimits | None = None
         self._batcher: Batcher | None = None
         self._failed_batches = 0  # in a row; a batch that succeeds resets it
         self._self_test_error: str | None = None
@@ -318,7 +371,22 @@ class EncoderCore:
             pipeline_depth=self.settings.pipeline_depth,
             on_batch=self._on_batch,
             on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
+            max_queued_tasks=self.settings.upsample_max_queued_requests,
+            task_share=self.settings.upsample_share,
         )
+        self.upsampler = getattr(engine, "upsampler", None)
+        s = self.settings
+        self._upsample_limits = UpsampleLimits(
+            max_prompts=s.upsample_max_prompts,
+            max_images=s.upsample_max_images,
+            max_image_bytes=s.upsample_max_image_bytes,
+            max_image_pixels=s.upsample_max_image_pixels,
+            max_temperature=s.upsample_max_temperature,
+            max_new_tokens=s.upsample_max_new_tokens,
+            images=bool(self.upsampler is not None and self.upsampler.supports_images),
+        )
+        batcher = self._batcher
+        self.metrics.track(self.metrics.upsample_queue_depth, lambda: batcher.queued_tasks)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop batching: queued requests get UNAVAILABLE, the batches on the device finish. Waits up to
@@ -442,15 +510,53 @@ class EncoderCore:
             out.append(prompt)
         return out
 
+    @property
+    def upsample_limits(self) -> UpsampleLimits | None:
+        """What upsampling requests may ask for; None when this server does not upsample."""
+        return self._upsample_limits if self.upsampler is not None else None
+
+    async def _check_upsample(self, prompts: list[str], spec: UpsampleSpec, field_prefix: str = "") -> UpsampleJob:
+        limits = self.upsample_limits
+        if limits is None:
+            raise FailedPrecondition(
+                f"{field_prefix or 'upsampling: '}this server does not upsample prompts (start it with --upsampling)"
+            )
+        if not spec.images:
+            return check_upsample_request(prompts, spec, limits, field_prefix)
+        # Image files are decoded here, in a thread: neither the event loop nor the model thread waits on it.
+        return await asyncio.to_thread(check_upsample_request, prompts, spec, limits, field_prefix)
+
+    async def _upsample_admitted(self, job: UpsampleJob, timeout: float) -> Upsampled:
+        assert self._batcher is not None and self.upsampler is not None
+        upsampler = self.upsampler
+        try:
+            done = await self._batcher.run_task(lambda should_stop: upsampler.generate(job, should_stop), timeout)
+        except ResourceExhausted:
+            self.metrics.rejected.labels("upsample_max_queued_requests").inc()
+            raise
+        except ServiceError:
+            raise
+        except Exception as exc:  # the model raised: this request fails, the server carries on
+            log.error("upsampling failed for %d prompts", len(job.prompts), exc_info=exc)
+            raise EncodeFailed(f"upsampling failed: {type(exc).__name__}: {exc}") from None
+        upsampled = done.value
+        assert isinstance(upsampled, Upsampled)
+        self.metrics.upsample_seconds.labels("queue").observe(done.queue_seconds)
+        self.metrics.upsample_seconds.labels("generate").observe(done.run_seconds)
+        self.metrics.upsample_prompts.inc(len(job.prompts))
+        self.metrics.upsample_tokens.inc(sum(upsampled.new_tokens))
+        return upsampled
+
     def response_bytes(self, prompts: int) -> int:
         """Bytes of the embeddings for `prompts` prompts: what admission reserves."""
         fp = self._serving_fingerprint()
         return prompts * fp.max_length * self.embedding_dim * fp.itemsize
 
-    def admit(self, principal: Principal, prompts: int) -> Admission:
-        """Reserve the response bytes of `prompts` prompts and a concurrency slot of `principal`, or raise
-        (InvalidArgument when the request could never fit, ResourceExhausted / RateLimited when full)."""
-        nbytes = self.response_bytes(prompts)
+    def admit(self, principal: Principal, prompts: int, *, nbytes: int | None = None) -> Admission:
+        """Reserve the response bytes of `prompts` prompts (or `nbytes`, e.g. an upsampling request's images)
+        and a concurrency slot of `principal`, or raise (InvalidArgument when the request could never fit,
+        ResourceExhausted / RateLimited when full)."""
+        nbytes = self.response_bytes(prompts) if nbytes is None else nbytes
         limit = self.settings.max_inflight_bytes
         if nbytes > limit:
             raise InvalidArgument(

@@ -4,6 +4,9 @@
                     -> 200 application/octet-stream: torch.save() of the bf16 tensor (B, 512, D)
     GET  /health    readiness (also /healthz): 200 while SERVING, 503 while loading or draining
     GET  /info      the model fingerprint and the limits, as JSON
+    POST /upsample  {"prompt": "..." or [...], "images": [base64 PNG/JPEG/WebP, ...], "temperature": 0.15,
+                    "max_new_tokens": 512, "seed": 0} -> 200 {"prompts": [...], "seed": ..., "new_tokens": [...]}
+                    (prompt upsampling, servers started with --upsampling; same token rule as /predict)
 
 Scripts written for the hosted endpoint (the FLUX.2 docs snippet, diffusers'
 `train_dreambooth_lora_flux2.py --remote_text_encoder`, ComfyUI nodes) work by changing only the URL.
@@ -60,6 +63,7 @@ from .errors import (
 )
 from .fingerprint import fingerprint_message
 from .security import bearer_token
+from .upsample import UpsampleSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +105,61 @@ def parse_prompts(body: bytes) -> list[object]:
         return prompt
     kind = "null" if prompt is None else _JSON_TYPES.get(type(prompt), type(prompt).__name__)
     raise InvalidArgument(f"prompt: expected a string or a list of strings, got {kind}")
+
+
+_UPSAMPLE_KEYS = ("prompt", "images", "images_per_prompt", "temperature", "max_new_tokens", "seed")
+
+
+def parse_upsample(body: bytes) -> tuple[list[object], UpsampleSpec]:
+    """The prompts and options of a /upsample body; the core checks the values against the limits."""
+    import base64
+    import binascii
+
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"body: not valid JSON ({type(exc).__name__}: {exc})"[:300]) from None
+    if not isinstance(document, dict) or "prompt" not in document:
+        raise InvalidArgument('body: expected a JSON object {"prompt": "..." or ["...", ...], "images": [...], ...}')
+    unknown = sorted(set(document) - set(_UPSAMPLE_KEYS))
+    if unknown:
+        raise InvalidArgument(f"body: unknown key {unknown[0]!r} (known: {', '.join(_UPSAMPLE_KEYS)})")
+    prompts = parse_prompts(json.dumps({"prompt": document["prompt"]}).encode())
+    images = document.get("images") or []
+    if not isinstance(images, list):
+        raise InvalidArgument(f"images: expected a list of base64 strings, got {_kind(images)}")
+    files = []
+    for i, item in enumerate(images):
+        if not isinstance(item, str):
+            raise InvalidArgument(f"images[{i}]: expected a base64 string, got {_kind(item)}")
+        try:
+            files.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidArgument(f"images[{i}]: not valid base64") from None
+    counts = document.get("images_per_prompt") or []
+    if not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in counts):
+        raise InvalidArgument("images_per_prompt: expected a list of integers, one per prompt")
+    temperature = document.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise InvalidArgument(f"temperature: expected a number, got {_kind(temperature)}")
+    max_new_tokens = document.get("max_new_tokens") or 0
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise InvalidArgument(f"max_new_tokens: expected an integer, got {_kind(max_new_tokens)}")
+    seed = document.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidArgument(f"seed: expected an integer, got {_kind(seed)}")
+    spec = UpsampleSpec(
+        temperature=None if temperature is None else float(temperature),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        images=files,
+        images_per_prompt=counts,
+    )
+    return prompts, spec
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -217,7 +276,54 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             return Response(status_code=499)
         return None
 
-    unfinished = 0  # /predict requests being read, encoded or sent
+    # An upsampling request carries its reference images in base64 (4 bytes for every 3).
+    upsample_body = max_body
+    if settings.upsampling:
+        images_base64 = settings.upsample_max_images * settings.upsample_max_image_bytes * 4 // 3
+        upsample_body = max(max_body, images_base64 + (1 << 20))
+
+    async def upsample(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        request_id = request.headers.get("x-request-id") or None
+        try:
+            async with core.request("http", request_id=request_id, bearer_token=token) as req:
+                body = await read_body(request, upsample_body, settings.http_read_timeout_s)
+                prompts, spec = parse_upsample(body)
+                del body
+                upsampled = await _unless_disconnected(request, req.upsample(prompts, spec, field="prompt"))
+                return JSONResponse(
+                    {
+                        "prompts": upsampled.prompts,
+                        "seed": upsampled.seed,
+                        "new_tokens": upsampled.new_tokens,
+                        "request_id": req.request_id,
+                    },
+                    headers={"X-Request-Id": req.request_id},
+                )
+        except ServiceError as exc:
+            log.info("POST /upsample failed: %d %s %s", status_for(exc, HTTP_STATUS), exc.code, exc)
+            return service_error_response(exc, close=isinstance(exc, BodyTimeout))
+        except ClientGone:
+            return Response(status_code=499)
+
+    unfinished = 0  # /predict and /upsample requests being read, encoded or sent
+
+    async def upsample_app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal unfinished
+        if unfinished >= settings.http_max_concurrent_requests:
+            core.metrics.rejected.labels("http_max_concurrent_requests").inc()
+            full = ResourceExhausted(
+                f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
+                "retry shortly, preferably on another replica"
+            )
+            await service_error_response(full, close=True)(scope, receive, send)
+            return
+        unfinished += 1
+        try:
+            response = await upsample(Request(scope, receive))
+            await response(scope, receive, send)
+        finally:
+            unfinished -= 1
 
     async def predict_app(scope: Scope, receive: Receive, send: Send) -> None:
         nonlocal unfinished
@@ -264,6 +370,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
                     "http_max_body_bytes": s.http_max_body_bytes,
                 },
                 "server_version": __version__,
+                **_upsampling_info(core),
             }
         )
 
@@ -283,9 +390,28 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
             Route("/info", info, methods=["GET"]),
+            Route("/upsample", _AsgiEndpoint(upsample_app), methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
+
+
+def _upsampling_info(core: EncoderCore) -> dict[str, Any]:
+    """/info's "upsampling" limits, on servers that upsample."""
+    limits = core.upsample_limits
+    if limits is None:
+        return {}
+    return {
+        "upsampling": {
+            "max_prompts": limits.max_prompts,
+            "max_images": limits.max_images,
+            "max_image_bytes": limits.max_image_bytes,
+            "max_image_pixels": limits.max_image_pixels,
+            "max_temperature": limits.max_temperature,
+            "max_new_tokens": limits.max_new_tokens,
+            "images": limits.images,
+        }
+    }
 
 
 class _AsgiEndpoint:

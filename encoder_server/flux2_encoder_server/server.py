@@ -75,6 +75,7 @@ def load_engine(settings: Settings) -> EncoderEngine:
         precision=settings.precision,
         batching_mode=settings.batching_mode,
         compile=settings.compile,
+        upsampling=settings.upsampling,
     )
     if settings.cuda_graphs:
         sizes = engine.capture_cuda_graphs(graph_batch_sizes(settings.max_batch_prompts, engine.min_batch))
@@ -125,6 +126,8 @@ class EncoderServer:
         s = self.settings
         # Requests are small; allow the largest one the limits admit (UTF-8: up to 4 bytes a character).
         max_request = max(4 << 20, s.max_prompts_per_request * (s.max_prompt_chars * 4 + 16) + (64 << 10))
+        if s.upsampling:  # an upsampling request also carries its reference images
+            max_request += s.upsample_max_images * (s.upsample_max_image_bytes + 16)
         server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.core)],
             options=[
