@@ -188,8 +188,9 @@ class EncoderServer:
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
         self.engine = engine
         self.core.start(engine)
-        # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING.
-        if self.settings.warmup and not await self.core.self_test(self.settings.default_timeout_s):
+        # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING,
+        # and none reports it before that forward has passed.
+        if not await self.core.warm_up(self.settings.default_timeout_s):
             raise RuntimeError(f"the engine failed its self-test: {self.core.engine_problem}")
         self._watcher = asyncio.get_running_loop().create_task(self._watch_engine())
         await self._refresh_health()
