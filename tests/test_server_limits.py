@@ -168,6 +168,48 @@ def test_a_slow_loris_body_is_cut_at_the_read_timeout_and_does_not_hold_the_drai
         server.stop()
 
 
+def test_slow_loris_headers_are_cut_at_the_read_timeout_and_do_not_hold_the_drain():
+    """uvicorn alone waits for request headers forever (its keep-alive timeout covers only idle connections
+    between answers): a connection that sends nothing, one that sends its headers a byte at a time, and a
+    kept-alive one whose next request stalls mid-head must each get 408 and be closed."""
+    server = limited_server(http_read_timeout_s=1.0, grace_period_s=30.0)
+    port = int(server.http_url.rsplit(":", 1)[1])
+    try:
+        silent = _socket(port)
+        trickling = _socket(port)
+        trickling.sendall(b"POST /predict HTTP/1.1\r\nHo")
+        kept_alive = _socket(port)
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept_alive.settimeout(5)
+        first = b""
+        while not first.endswith(b"}"):  # the whole answer (a JSON body), then the next request starts
+            first += kept_alive.recv(1 << 16)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        kept_alive.sendall(b"GET /hea")
+        opened = time.monotonic()
+        for _ in range(3):  # a byte every 0.25 s: the head never completes within the read timeout
+            time.sleep(0.25)
+            trickling.sendall(b"s")
+            kept_alive.sendall(b"l")
+        for sock in (silent, trickling, kept_alive):
+            answer = _read_all(sock, 5)  # the server answers and closes (EOF)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            assert b"headers: not received within http_read_timeout_s=1" in answer
+            sock.close()
+        assert time.monotonic() - opened < 3
+        assert counter(server, "dropped_total", reason="http_header_timeout") == 3
+        assert server.core.inflight_requests == 0  # none of them ever was a request
+        # Drain on SIGTERM (the settings' 30 s grace) does not wait for a connection stuck mid-head.
+        stalled = _socket(port)
+        stalled.sendall(b"POST /predict HTTP/1.1\r\n")
+        stopping = time.monotonic()
+        server.stop(grace=None)
+        assert time.monotonic() - stopping < 5
+        stalled.close()
+    finally:
+        server.stop()
+
+
 def test_unfinished_http_requests_are_capped_with_503_and_retry_after():
     server = limited_server(http_read_timeout_s=2.0, http_max_concurrent_requests=2)
     try:

@@ -169,8 +169,15 @@ class EncoderServer:
             "plaintext" if credentials is None else ("mutual TLS" if s.tls_client_ca else "TLS"),
             "on for " + ", ".join(self.core.authenticator.labels) if self.core.authenticator.enabled else "off",
         )
-        if self.settings.http_port is not None:
-            self._http = HttpFrontEnd(create_app(self.core, self.serving), self.settings.host, self.settings.http_port)
+        if s.http_port is not None:
+            dropped = self.metrics.dropped.labels("http_header_timeout")
+            self._http = HttpFrontEnd(
+                create_app(self.core, self.serving),
+                s.host,
+                s.http_port,
+                head_timeout_s=s.http_read_timeout_s,
+                on_head_timeout=dropped.inc,
+            )
             try:
                 self.http_port = await self._http.start()
             except OSError as exc:
