@@ -90,24 +90,12 @@ def encode_requests(draw):
     return b"".join(parts), valid, len(prompts)
 
 
-class TokenizingFake(FakeEngine):
-    """Fixed rows (no decoder time), but every batch goes through the real engine's tokenizer and chat
-    template first: that is where the text is read (the decoder layers only ever see token ids), so
-    whatever text would break the engine still breaks it here."""
-
-    def __init__(self, engine):
-        super().__init__()
-        self._tokenize = engine.tokenize
-
-    def launch(self, prompts: list[str]):
-        self._tokenize(prompts)
-        return super().launch(prompts)
-
-
 @pytest.fixture(scope="module")
-def fuzz_server(tiny, engine):
-    settings_ = local_settings(str(tiny.pipeline), max_prompts_per_request=MAX_PROMPTS, max_prompt_chars=MAX_CHARS)
-    thread = ServerThread(settings_, lambda _s: TokenizingFake(engine)).start()
+def fuzz_server(engine):
+    """Fixed rows (no decoder time), but every batch goes through the real engine's tokenizer and chat
+    template first: that is where the text is read, so whatever text would break the engine still does."""
+    settings_ = local_settings(max_prompts_per_request=MAX_PROMPTS, max_prompt_chars=MAX_CHARS)
+    thread = ServerThread(settings_, lambda _s: FakeEngine(tokenize=engine.tokenize)).start()
     yield thread
     thread.stop()
 

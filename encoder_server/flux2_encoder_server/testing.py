@@ -194,6 +194,10 @@ class FakeEngine:
         device_ms_per_prompt: imitated device time; a batch's rows are ready once the device has run it,
             after the previous batch (a pipelined launch does not make the device faster).
         on_rows: called with (prompts, rows) as each batch is answered (e.g. to keep rows for analysis).
+        distinct_rows: how many different fixed rows there are (a prompt's row is chosen by its hash).
+        tokenize: called with each batch's prompts before the fixed rows are made, e.g. a real engine's
+            `tokenize`, so that the text meets the real tokenizer and chat template without the model's
+            time (fuzzing: the decoder layers only ever see token ids).
 
     `fail_every_batch = True` fails every batch (as a GPU in a sticky error state would) until set back;
     `crash_worker()` makes the next launch kill the batcher's worker thread.
@@ -215,6 +219,7 @@ class FakeEngine:
         device_ms_per_prompt: float = 0.0,
         on_rows: Callable[[list[str], torch.Tensor], None] | None = None,
         distinct_rows: int = 16,
+        tokenize: Callable[[list[str]], object] | None = None,
     ):
         if fail_in not in ("launch", "result"):
             raise ValueError(f"fail_in must be 'launch' or 'result', got {fail_in!r}")
@@ -225,6 +230,7 @@ class FakeEngine:
         self.launch_ops = launch_ops
         self.device_s_per_prompt = device_ms_per_prompt / 1000
         self.on_rows = on_rows
+        self.tokenize = tokenize
         self.fail_every_batch = False
         self._crash_next = False
         self.gate = threading.Event()
@@ -300,6 +306,8 @@ class FakeEngine:
     def _start(self, prompts: list[str], *, skip: bool) -> Callable[[], torch.Tensor]:
         if skip:
             return lambda: torch.empty(0)
+        if self.tokenize is not None:
+            self.tokenize(prompts)
         if self.inner is not None:
             handle = self.inner.launch(prompts)
             return handle.result
