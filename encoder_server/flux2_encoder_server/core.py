@@ -3,7 +3,8 @@ drain. The gRPC service and the HTTP /predict front-end are thin layers over it;
 either transport (errors are typed `ServiceError`s that each front-end maps in its own table).
 
 Lifetimes: the core owns its batcher. `core.start(engine)` builds and starts it over the engine once the
-model is loaded (before that every request gets UNAVAILABLE); `core.close()` stops it.
+model is loaded (before that every request gets UNAVAILABLE), `await core.warm_up(timeout)` runs the first
+self-test (readiness waits for it); `core.close()` stops it.
 
 A request goes through one API, its scope:
 
@@ -345,6 +346,7 @@ class EncoderCore:
         self._batcher: Batcher | None = None
         self._failed_batches = 0  # in a row; a batch that succeeds resets it
         self._self_test_error: str | None = None
+        self._warmed = False  # the warm-up encode passed (or was switched off): readiness waits for it
         self._closed = False
         self._lock = threading.Lock()
         self._inflight_bytes = 0
@@ -420,8 +422,17 @@ class EncoderCore:
 
     @property
     def ready(self) -> bool:
-        """Readiness: loaded, not draining, and the engine works."""
-        return self._batcher is not None and not self.draining and not self._closed and self.live
+        """Readiness: loaded, warmed up, not draining, and the engine works."""
+        return self._batcher is not None and self._warmed and not self.draining and not self._closed and self.live
+
+    async def warm_up(self, timeout: float) -> bool:
+        """The first self-test, run once after `start`: readiness stays False until it passes, so no probe
+        sees SERVING while the first forward (kernel selection, compilation, CUDA graph capture) still runs.
+        With `settings.warmup` off the core is ready at once, without a forward. Returns whether it passed."""
+        if self.settings.warmup and not await self.self_test(timeout):
+            return False
+        self._warmed = True
+        return True
 
     @property
     def needs_self_test(self) -> bool:

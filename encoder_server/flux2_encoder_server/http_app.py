@@ -33,6 +33,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import h11
 import torch
 import uvicorn
 from flux2split_proto.shared import FINGERPRINT_HEADER, fingerprint_to_dict
@@ -42,6 +43,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
 from .core import EncoderCore, RequestScope
@@ -459,6 +461,70 @@ async def _abort_connection(request: Request) -> None:
         await asyncio.sleep(0)  # lets the server see the disconnect before the app returns
 
 
+class _HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on the request head. uvicorn waits for request headers for
+    as long as a client cares to send them (its keep-alive timeout covers only idle connections between
+    answers), so a client sending a byte a second, or nothing at all, would hold a connection forever.
+    Here the head must be complete `head_timeout_s` seconds after the connection opens, or after the
+    first byte of the next request on a kept-alive connection; otherwise the client gets 408 and the
+    connection is closed. The app never sees such a connection (no request has begun), so the body's own
+    deadline (`read_body`) starts where this one ends. `HttpFrontEnd` sets the class attributes."""
+
+    head_timeout_s: float = 30.0
+    on_head_timeout: Callable[[], None] = staticmethod(lambda: None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:  # a request head has begun (or is still awaited) but is not complete
+            self._arm_head_deadline()
+        else:  # headers complete (the app has the request), or the connection is done or in error
+            self._cancel_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is None:  # armed once per request head: each new byte does not extend it
+            self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        self.on_head_timeout()
+        message = f"headers: not received within http_read_timeout_s={self.head_timeout_s:g}"
+        body = json.dumps({"error": {"code": "DEADLINE_EXCEEDED", "message": message}}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:  # h11 lets a server answer before a request has arrived (for exactly this: 408 and close)
+            output = self.conn.send(h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"))
+            output = (output or b"") + (self.conn.send(h11.Data(data=body)) or b"")
+            self.transport.write(output + (self.conn.send(h11.EndOfMessage()) or b""))
+        except h11.LocalProtocolError:  # not in a state to answer: just close
+            pass
+        self.transport.close()
+
+
+def head_deadline_protocol(head_timeout_s: float, on_head_timeout: Callable[[], None]) -> type[H11Protocol]:
+    """The uvicorn protocol class for one front-end: `_HeadDeadlineProtocol` with its deadline and callback."""
+    attributes = {"head_timeout_s": head_timeout_s, "on_head_timeout": staticmethod(on_head_timeout)}
+    return type("HeadDeadlineProtocol", (_HeadDeadlineProtocol,), attributes)
+
+
 class _EmbeddedUvicorn(uvicorn.Server):
     """uvicorn inside the encoder server's event loop. The encoder server owns SIGTERM/SIGINT (it drains
     gRPC and HTTP together), so uvicorn must not install its own handlers."""
@@ -484,10 +550,19 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpFrontEnd:
     """The ASGI app served by uvicorn on the caller's running loop: `await start()`, `await stop(grace)`."""
 
-    def __init__(self, app: Starlette, host: str, port: int):
+    def __init__(
+        self,
+        app: Starlette,
+        host: str,
+        port: int,
+        *,
+        head_timeout_s: float = 30.0,
+        on_head_timeout: Callable[[], None] = lambda: None,
+    ):
         self.app = app
         self.host = host
         self.requested_port = port
+        self.protocol = head_deadline_protocol(head_timeout_s, on_head_timeout)
         self.port: int | None = None
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task | None = None
@@ -495,7 +570,9 @@ class HttpFrontEnd:
     async def start(self) -> int:
         sock = _bind(self.host, self.requested_port)  # bound here so port 0 can be reported at once
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, timeout_graceful_shutdown=None)
+        config = uvicorn.Config(
+            self.app, http=self.protocol, lifespan="off", log_config=None, timeout_graceful_shutdown=None
+        )
         server = _EmbeddedUvicorn(config)
         self._server = server
         self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))

@@ -18,12 +18,13 @@ _PROMPTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: The known label values, created at zero.
 FRONTENDS = ("grpc", "http")
 STAGES = ("queue", "encode", "serialize", "send")
-DROP_REASONS = ("cancelled", "deadline")
+DROP_REASONS = ("cancelled", "deadline", "send_timeout", "http_header_timeout")
 LIMITS = (
     "max_queued_requests",
     "max_inflight_bytes",
     "rate_limit_prompts_per_s",
     "max_concurrent_requests_per_token",
+    "http_max_concurrent_requests",
     "upsample_max_queued_requests",
 )
 
@@ -91,8 +92,9 @@ class Metrics:
         )
         self.dropped = Counter(
             _PREFIX + "dropped",
-            "Requests dropped by reason: queued ones skipped before the model (cancelled, deadline) and answers "
-            "cut off because the client did not read them (send_timeout)",
+            "Requests dropped by reason: queued ones skipped before the model (cancelled, deadline), answers "
+            "cut off because the client did not read them (send_timeout), and HTTP connections closed because "
+            "the request headers did not arrive in time (http_header_timeout)",
             ["reason"],
             registry=r,
         )
@@ -150,6 +152,7 @@ class Metrics:
         self.upsample_queue_depth = Gauge(
             _PREFIX + "upsample_queue_depth", "Upsampling requests waiting for the model", registry=r
         )
+        self._start_at_zero()
 
     def record_load(self, seconds: float, bytes_read: int | None, bytes_downloaded: int) -> None:
         """The model load's cost, once SERVING (bytes_read None: the loader did not count them)."""
@@ -157,8 +160,6 @@ class Metrics:
         if bytes_read is not None:
             self.load_bytes.labels("read").set(bytes_read)
         self.load_bytes.labels("downloaded").set(bytes_downloaded)
-
-        self._start_at_zero()
 
     def _start_at_zero(self) -> None:
         from .errors import service_errors

@@ -172,8 +172,15 @@ class EncoderServer:
             "plaintext" if credentials is None else ("mutual TLS" if s.tls_client_ca else "TLS"),
             "on for " + ", ".join(self.core.authenticator.labels) if self.core.authenticator.enabled else "off",
         )
-        if self.settings.http_port is not None:
-            self._http = HttpFrontEnd(create_app(self.core, self.serving), self.settings.host, self.settings.http_port)
+        if s.http_port is not None:
+            dropped = self.metrics.dropped.labels("http_header_timeout")
+            self._http = HttpFrontEnd(
+                create_app(self.core, self.serving),
+                s.host,
+                s.http_port,
+                head_timeout_s=s.http_read_timeout_s,
+                on_head_timeout=dropped.inc,
+            )
             try:
                 self.http_port = await self._http.start()
             except OSError as exc:
@@ -191,8 +198,9 @@ class EncoderServer:
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
         self.engine = engine
         self.core.start(engine)
-        # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING.
-        if self.settings.warmup and not await self.core.self_test(self.settings.default_timeout_s):
+        # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING,
+        # and none reports it before that forward has passed.
+        if not await self.core.warm_up(self.settings.default_timeout_s):
             raise RuntimeError(f"the engine failed its self-test: {self.core.engine_problem}")
         self._watcher = asyncio.get_running_loop().create_task(self._watch_engine())
         await self._refresh_health()

@@ -108,9 +108,10 @@ class Settings:
     )
     http_read_timeout_s: float = _setting(
         30.0,
-        "an HTTP request's body must arrive within this many seconds of its headers (and each wait for the "
-        "next piece of it may last no longer), or the connection is closed: slow or stalled uploads cannot "
-        "hold a request slot",
+        "an HTTP request's headers must arrive within this many seconds of the connection opening (or of the "
+        "first byte of the next request on a kept-alive connection), and its body within this many seconds "
+        "of its headers, or it gets 408 and the connection is closed: slow or stalled clients cannot hold a "
+        "connection or a request slot",
     )
     http_max_concurrent_requests: int = _setting(
         256,

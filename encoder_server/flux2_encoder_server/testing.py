@@ -197,6 +197,9 @@ class FakeEngine:
         distinct_rows: how many fixed rows the prompts share (picked by a hash of the prompt); None: every
             prompt gets a row of its own, drawn from a generator seeded by its hash (slower, and a row
             answered for the wrong prompt shows).
+        tokenize: called with each batch's prompts before the fixed rows are made, e.g. a real engine's
+            `tokenize`, so that the text meets the real tokenizer and chat template without the model's
+            time (fuzzing: the decoder layers only ever see token ids).
 
     `fail_every_batch = True` fails every batch (as a GPU in a sticky error state would) until set back;
     `crash_worker()` makes the next launch kill the batcher's worker thread.
@@ -218,6 +221,7 @@ class FakeEngine:
         device_ms_per_prompt: float = 0.0,
         on_rows: Callable[[list[str], torch.Tensor], None] | None = None,
         distinct_rows: int | None = 16,
+        tokenize: Callable[[list[str]], object] | None = None,
     ):
         if fail_in not in ("launch", "result"):
             raise ValueError(f"fail_in must be 'launch' or 'result', got {fail_in!r}")
@@ -228,6 +232,7 @@ class FakeEngine:
         self.launch_ops = launch_ops
         self.device_s_per_prompt = device_ms_per_prompt / 1000
         self.on_rows = on_rows
+        self.tokenize = tokenize
         self.fail_every_batch = False
         self._crash_next = False
         self.gate = threading.Event()
@@ -307,6 +312,8 @@ class FakeEngine:
     def _start(self, prompts: list[str], *, skip: bool) -> Callable[[], torch.Tensor]:
         if skip:
             return lambda: torch.empty(0)
+        if self.tokenize is not None:
+            self.tokenize(prompts)
         if self.inner is not None:
             handle = self.inner.launch(prompts)
             return handle.result
