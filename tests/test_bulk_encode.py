@@ -39,6 +39,7 @@ class CountingEngine:
         self.rows: dict[str, torch.Tensor] = {}  # what the model produced for each prompt
         self.metric_model_prompts: float | None = None  # set from the server's metrics after a run
         self.block_after = block_after
+        self.seconds_per_batch = 0.0  # a slow model, e.g. while a client handles its Ctrl-C
         self.blocked = threading.Event()
         self.release = threading.Event()
         self._lock = threading.Lock()
@@ -53,6 +54,7 @@ class CountingEngine:
         if reached:
             self.blocked.set()
             self.release.wait(60)
+        time.sleep(self.seconds_per_batch)
         embeds = self._engine.encode(prompts)
         with self._lock:
             for prompt, row in zip(prompts, embeds, strict=True):
@@ -110,8 +112,13 @@ def interrupted_then_resumed(tmp_path, tiny, engine, *, unique, duplicates, shar
         time.sleep(0.5)  # let the client finish writing the shards it has
         first.send_signal(sig)
         time.sleep(0.2)
+        # Python runs the SIGINT handler on the main thread, which sleeps in `wait()` for a request to come
+        # back unless the signal happened to land on it: the model goes on slowly, so that the first answer
+        # wakes it and the rest of the captions are still to come.
+        counting.seconds_per_batch = 0.2
         counting.unblock()
         output, _ = first.communicate(timeout=120)
+        counting.seconds_per_batch = 0.0
         halfway = json.loads((out / "index.json").read_text())["captions"]
         assert 0 < len(halfway) < unique, output  # it really was interrupted halfway
         second = run_encode_cli(args)
