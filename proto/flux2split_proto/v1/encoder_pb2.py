@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flux2split_proto/v1/encoder.proto\x12\rflux2split.v1\"\xbb\x01\n\x10ModelFingerprint\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nweights_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x15\n\rhidden_layers\x18\x04 \x03(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12#\n\x05\x64type\x18\x06 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\"\x95\x01\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12\x1c\n\x14\x65xpected_fingerprint\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\"\xa5\x02\n\x0cTensorHeader\x12+\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x34\n\x0b\x66ingerprint\x18\x06 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x11\n\tcache_hit\x18\x07 \x03(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x32\n\rbatching_mode\x18\t \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"t\n\x0e\x45ncodeResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.flux2split.v1.TensorHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.flux2split.v1.TensorChunkH\x00\x42\x06\n\x04part\"\r\n\x0bInfoRequest\"\xb2\x01\n\x0cServerLimits\x12\x1f\n\x17max_prompts_per_request\x18\x01 \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\x05\x12\x1a\n\x12max_inflight_bytes\x18\x05 \x01(\x03\x12\x19\n\x11max_batch_prompts\x18\x06 \x01(\x05\"\xe9\x01\n\x0cInfoResponse\x12\x34\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12+\n\x06limits\x18\x03 \x01(\x0b\x32\x1b.flux2split.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x05 \x01(\t\x12\x32\n\rbatching_mode\x18\x06 \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode*c\n\x0cTensorFormat\x12\x1d\n\x19TENSOR_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_FORMAT_RAW\x10\x01\x12\x1d\n\x19TENSOR_FORMAT_SAFETENSORS\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*h\n\x0c\x42\x61tchingMode\x12\x1d\n\x19\x42\x41TCHING_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41TCHING_MODE_DYNAMIC\x10\x01\x12\x1e\n\x1a\x42\x41TCHING_MODE_REPRODUCIBLE\x10\x02\x32\x97\x01\n\x0bTextEncoder\x12G\n\x06\x45ncode\x12\x1c.flux2split.v1.EncodeRequest\x1a\x1d.flux2split.v1.EncodeResponse0\x01\x12?\n\x04Info\x12\x1a.flux2split.v1.InfoRequest\x1a\x1b.flux2split.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flux2split_proto/v1/encoder.proto\x12\rflux2split.v1\"\xbb\x01\n\x10ModelFingerprint\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nweights_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x15\n\rhidden_layers\x18\x04 \x03(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12#\n\x05\x64type\x18\x06 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\"\xa4\x01\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12\x1c\n\x14\x65xpected_fingerprint\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"\xb4\x02\n\x0cTensorHeader\x12+\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x34\n\x0b\x66ingerprint\x18\x06 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x11\n\tcache_hit\x18\x07 \x03(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x32\n\rbatching_mode\x18\t \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12\r\n\x05model\x18\n \x01(\t\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"t\n\x0e\x45ncodeResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.flux2split.v1.TensorHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.flux2split.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x1c\n\x0bInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb2\x01\n\x0cServerLimits\x12\x1f\n\x17max_prompts_per_request\x18\x01 \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\x05\x12\x1a\n\x12max_inflight_bytes\x18\x05 \x01(\x03\x12\x19\n\x11max_batch_prompts\x18\x06 \x01(\x05\"\xdd\x01\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.flux2split.v1.ServerLimits\x12\x32\n\rbatching_mode\x18\x05 \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12\x12\n\nis_default\x18\x06 \x01(\x08\"\xac\x02\n\x0cInfoResponse\x12\x34\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12+\n\x06limits\x18\x03 \x01(\x0b\x32\x1b.flux2split.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x05 \x01(\t\x12\x32\n\rbatching_mode\x18\x06 \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.flux2split.v1.ServedModel\x12\x15\n\rdefault_model\x18\x08 \x01(\t*c\n\x0cTensorFormat\x12\x1d\n\x19TENSOR_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_FORMAT_RAW\x10\x01\x12\x1d\n\x19TENSOR_FORMAT_SAFETENSORS\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*h\n\x0c\x42\x61tchingMode\x12\x1d\n\x19\x42\x41TCHING_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41TCHING_MODE_DYNAMIC\x10\x01\x12\x1e\n\x1a\x42\x41TCHING_MODE_REPRODUCIBLE\x10\x02\x32\x97\x01\n\x0bTextEncoder\x12G\n\x06\x45ncode\x12\x1c.flux2split.v1.EncodeRequest\x1a\x1d.flux2split.v1.EncodeResponse0\x01\x12?\n\x04Info\x12\x1a.flux2split.v1.InfoRequest\x1a\x1b.flux2split.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flux2split_proto.v1.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORFORMAT']._serialized_start=1285
-  _globals['_TENSORFORMAT']._serialized_end=1384
-  _globals['_DTYPE']._serialized_start=1386
-  _globals['_DTYPE']._serialized_end=1474
-  _globals['_BATCHINGMODE']._serialized_start=1476
-  _globals['_BATCHINGMODE']._serialized_end=1580
+  _globals['_TENSORFORMAT']._serialized_start=1621
+  _globals['_TENSORFORMAT']._serialized_end=1720
+  _globals['_DTYPE']._serialized_start=1722
+  _globals['_DTYPE']._serialized_end=1810
+  _globals['_BATCHINGMODE']._serialized_start=1812
+  _globals['_BATCHINGMODE']._serialized_end=1916
   _globals['_MODELFINGERPRINT']._serialized_start=53
   _globals['_MODELFINGERPRINT']._serialized_end=240
   _globals['_ENCODEREQUEST']._serialized_start=243
-  _globals['_ENCODEREQUEST']._serialized_end=392
-  _globals['_TENSORHEADER']._serialized_start=395
-  _globals['_TENSORHEADER']._serialized_end=688
-  _globals['_TENSORCHUNK']._serialized_start=690
-  _globals['_TENSORCHUNK']._serialized_end=733
-  _globals['_ENCODERESPONSE']._serialized_start=735
-  _globals['_ENCODERESPONSE']._serialized_end=851
-  _globals['_INFOREQUEST']._serialized_start=853
-  _globals['_INFOREQUEST']._serialized_end=866
-  _globals['_SERVERLIMITS']._serialized_start=869
-  _globals['_SERVERLIMITS']._serialized_end=1047
-  _globals['_INFORESPONSE']._serialized_start=1050
-  _globals['_INFORESPONSE']._serialized_end=1283
-  _globals['_TEXTENCODER']._serialized_start=1583
-  _globals['_TEXTENCODER']._serialized_end=1734
+  _globals['_ENCODEREQUEST']._serialized_end=407
+  _globals['_TENSORHEADER']._serialized_start=410
+  _globals['_TENSORHEADER']._serialized_end=718
+  _globals['_TENSORCHUNK']._serialized_start=720
+  _globals['_TENSORCHUNK']._serialized_end=763
+  _globals['_ENCODERESPONSE']._serialized_start=765
+  _globals['_ENCODERESPONSE']._serialized_end=881
+  _globals['_INFOREQUEST']._serialized_start=883
+  _globals['_INFOREQUEST']._serialized_end=911
+  _globals['_SERVERLIMITS']._serialized_start=914
+  _globals['_SERVERLIMITS']._serialized_end=1092
+  _globals['_SERVEDMODEL']._serialized_start=1095
+  _globals['_SERVEDMODEL']._serialized_end=1316
+  _globals['_INFORESPONSE']._serialized_start=1319
+  _globals['_INFORESPONSE']._serialized_end=1619
+  _globals['_TEXTENCODER']._serialized_start=1919
+  _globals['_TEXTENCODER']._serialized_end=2070
 # @@protoc_insertion_point(module_scope)
