@@ -1,7 +1,8 @@
 """Definitions both sides of the wire must agree on, kept in one place: the dtype table, the fingerprint
-as a message and as JSON, the HTTP headers that name the model digest and the served model, the fingerprint-mismatch message,
-and the retry delay a server suggests (`google.rpc.RetryInfo`, the google.rpc way: a structured status
-detail in the `grpc-status-details-bin` trailer, and `Retry-After` on HTTP).
+as a message and as JSON, the HTTP headers that name the model digest and the served model, the
+fingerprint-mismatch message, and the retry delay a server suggests (`google.rpc.RetryInfo`, the
+google.rpc way: a structured status detail in the `grpc-status-details-bin` trailer, and `Retry-After`
+on HTTP).
 
 Only protobuf types here; torch dtypes live in `codec` (imported lazily there).
 """
