@@ -2,13 +2,17 @@
 drain. The gRPC service and the HTTP /predict front-end are thin layers over it; nothing here knows
 either transport (errors are typed `ServiceError`s that each front-end maps in its own table).
 
-Lifetimes: the core owns its batcher. `core.start(engine)` builds and starts it over the engine once the
-model is loaded (before that every request gets UNAVAILABLE); `core.close()` stops it.
+Models: the core hosts every model the settings name (`Settings.models`), each a `HostedModel` with its
+own batcher, so a model batch never mixes models. `core.start(engine, model=name)` starts one once it is
+loaded (before that its requests get UNAVAILABLE); `core.close()` stops them all. Authentication, the
+per-token limits, the in-flight byte budget, the embedding cache (keyed by fingerprint digest), the
+metrics and draining are shared by all models. A request names its model (empty: the default one); a
+name the server does not host is `ModelNotFound`, whose message names the hosted ones.
 
 A request goes through one API, its scope:
 
-    async with core.request("http", request_id=rid, bearer_token=token) as req:   # authenticates
-        result = await req.encode(prompts, timeout=..., bypass_cache=...)           # limits, cache, model
+    async with core.request("http", request_id=rid, bearer_token=token, model=name) as req:  # authenticates
+        result = await req.encode(prompts, timeout=..., bypass_cache=...)      # model, limits, cache, batch
         with req.stage("serialize"):
             body = ...
         with req.stage("send"):
@@ -41,13 +45,14 @@ import torch
 from flux2split_proto import shared
 
 from . import __version__
-from .batcher import Batcher, BatchStats, PendingBatch
+from .batcher import PendingBatch
 from .cache import EmbeddingCache
 from .errors import (
     ClientGone,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    ModelNotFound,
     RateLimited,
     ResourceExhausted,
     SendTimeout,
@@ -55,8 +60,9 @@ from .errors import (
     Unavailable,
 )
 from .fingerprint import Fingerprint
+from .hosted import SELF_TEST_PROMPT, HostedModel
 from .logs import access_log
-from .metrics import Metrics
+from .metrics import NO_MODEL, Metrics
 from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
 
@@ -71,14 +77,11 @@ __all__ = [
     "EncodeResult",
     "EncoderCore",
     "Engine",
+    "HostedModel",
     "Principal",
     "RequestScope",
     "clean_request_id",
 ]
-
-
-#: What the self-test encodes (as text-embeddings-inference's health check runs a forward on a fixed input).
-SELF_TEST_PROMPT = "A photo of a red apple on a wooden table."
 
 
 #: Longest request id kept (the client's id is cut to this, after escaping).
@@ -114,6 +117,9 @@ class EncodeResult:
     cache_hit: list[bool]
     queue_seconds: float = 0.0
     encode_seconds: float = 0.0
+    #: The hosted model that answered (its served name) and its fingerprint, for the response header.
+    model: str = ""
+    fingerprint: Fingerprint | None = None
 
 
 class Admission:
@@ -123,7 +129,7 @@ class Admission:
     def __init__(self, core: EncoderCore, principal: Principal, nbytes: int):
         self._core = core
         self.principal = principal
-        self.nbytes = nbytes
+        self.nbytes = nbytes  # reserved in the server-wide in-flight budget, whatever the model
         self._released = False
 
     def __enter__(self) -> Admission:
@@ -142,10 +148,14 @@ class Admission:
 class RequestScope:
     """One request through a front-end; see the module docstring."""
 
-    def __init__(self, core: EncoderCore, frontend: str, request_id: str, bearer_token: str | None):
+    def __init__(self, core: EncoderCore, frontend: str, request_id: str, bearer_token: str | None, model: str = ""):
         self.core = core
         self.frontend = frontend
         self.request_id = request_id
+        #: The model the request named ("" for the default) and the label its metrics carry: the served
+        #: name, or NO_MODEL for a name the server does not host (never a client's string as a label).
+        self.requested_model = model
+        self.model = core.model_label(model)
         self.principal = ANONYMOUS
         self.prompts = 0
         self.cache_hits = 0
@@ -160,7 +170,10 @@ class RequestScope:
         self._send_deadline: float | None = None
 
     def __repr__(self) -> str:  # never the bearer token
-        return f"RequestScope({self.frontend!r}, request_id={self.request_id!r}, principal={self.principal.name!r})"
+        return (
+            f"RequestScope({self.frontend!r}, request_id={self.request_id!r}, principal={self.principal.name!r}, "
+            f"model={self.model!r})"
+        )
 
     async def __aenter__(self) -> RequestScope:
         self.core._enter()
@@ -187,13 +200,14 @@ class RequestScope:
         bypass_cache: bool = False,
         field: str = "prompts",
     ) -> EncodeResult:
-        """Admit and encode `prompts` (`field` names them in error messages, as the front-end's request
-        spells it). Raises a ServiceError when the server refuses."""
+        """Admit and encode `prompts` with the scope's model (`field` names them in error messages, as the
+        front-end's request spells it). Raises a ServiceError when the server refuses."""
         if self._admission is not None:
             raise RuntimeError("one request scope encodes once")
         core = self.core
         self.prompts = len(prompts)
-        fingerprint = core._serving_fingerprint()
+        hosted = core.model(self.requested_model)
+        fingerprint = core._serving_fingerprint(hosted)
         valid = core.validate_prompts(prompts, field)
         if expected_fingerprint and expected_fingerprint != fingerprint.digest:
             raise FailedPrecondition(
@@ -202,8 +216,8 @@ class RequestScope:
         timeout = core.settings.default_timeout_s if timeout is None else min(timeout, core.settings.default_timeout_s)
         if timeout <= 0:
             raise DeadlineExceeded("the request's deadline had passed when it arrived")
-        self._admission = self._held.enter_context(core.admit(self.principal, len(valid)))
-        result = await core._encode_admitted(valid, timeout, bypass_cache)
+        self._admission = self._held.enter_context(core.admit(self.principal, len(valid), hosted))
+        result = await core._encode_admitted(hosted, valid, timeout, bypass_cache)
         self.cache_hits = sum(result.cache_hit)
         self.stages["queue"] = result.queue_seconds
         self.stages["encode"] = result.encode_seconds
@@ -218,7 +232,7 @@ class RequestScope:
         finally:
             elapsed = time.monotonic() - started
             self.stages[name] = self.stages.get(name, 0.0) + elapsed
-            self.core.metrics.stage_seconds.labels(name).observe(elapsed)
+            self.core.metrics.stage_seconds.labels(name, self.model).observe(elapsed)
 
     async def send(self, write: Awaitable[T]) -> T:
         """Await one write of the answer (a front-end's transport write, which blocks while the client does
@@ -231,14 +245,14 @@ class RequestScope:
             # A deadline already past still lets a write that completes at once through.
             return await asyncio.wait_for(write, max(self._send_deadline - now, 0.001))
         except TimeoutError:
-            self.core.metrics.dropped.labels("send_timeout").inc()
+            self.core.metrics.dropped.labels("send_timeout", self.model).inc()
             raise SendTimeout(
                 f"the answer was not read within send_timeout_s={self.core.settings.send_timeout_s:g}"
             ) from None
 
     def add_bytes_sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
-        self.core.metrics.sent_bytes.labels(self.frontend).inc(nbytes)
+        self.core.metrics.sent_bytes.labels(self.frontend, self.model).inc(nbytes)
 
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
@@ -250,13 +264,14 @@ class RequestScope:
         self._held.close()
         total = time.monotonic() - self._started
         metrics = self.core.metrics
-        metrics.requests.labels(self.frontend, self.status).inc()
-        metrics.request_duration.labels(self.frontend).observe(total)
+        metrics.requests.labels(self.frontend, self.status, self.model).inc()
+        metrics.request_duration.labels(self.frontend, self.model).observe(total)
         self.core._exit()  # after the metrics: a request no longer in flight has been counted
         fields: dict[str, object] = {
             "request_id": self.request_id,
             "frontend": self.frontend,
             "principal": self.principal.name,
+            "model": self.model if self.model != NO_MODEL else clean_request_id(self.requested_model),
             "prompts": self.prompts,
             "cache_hits": self.cache_hits,
             "status": self.status,
@@ -272,9 +287,9 @@ class RequestScope:
 class EncoderCore:
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
-        self.metrics = metrics or Metrics()
-        self.fingerprint: Fingerprint | None = None
-        self.embedding_dim = 0
+        specs = settings.models  # the default first
+        self.default_model = settings.default_model_name
+        self.metrics = metrics or Metrics([spec.name for spec in specs])
         tokens = settings.auth_tokens.get_secret_value() if settings.auth_tokens is not None else None
         self.authenticator = TokenAuthenticator.from_sources(settings.auth_tokens_file, tokens)
         self.limiter = PrincipalLimiter(
@@ -282,106 +297,110 @@ class EncoderCore:
             settings.rate_limit_burst_prompts,
             settings.max_concurrent_requests_per_token,
         )
-        self.cache = EmbeddingCache(
-            settings.cache_bytes,
-            settings.cache_dir,
-            settings.cache_dir_bytes,
-            on_lookup=lambda tier, hit: self.metrics.cache_lookups.labels(tier, "hit" if hit else "miss").inc(),
-        )
+        self.cache = EmbeddingCache(settings.cache_bytes, settings.cache_dir, settings.cache_dir_bytes)
+        #: Every hosted model by its served name, the default first.
+        self.models: dict[str, HostedModel] = {
+            spec.name: HostedModel(spec.name, settings, self.metrics, is_default=spec.name == self.default_model)
+            for spec in specs
+        }
         self.draining = False
-        self._batcher: Batcher | None = None
-        self._failed_batches = 0  # in a row; a batch that succeeds resets it
-        self._self_test_error: str | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._inflight_bytes = 0
         self._inflight_requests = 0
         self.metrics.track(self.metrics.inflight_bytes, lambda: self._inflight_bytes)
         self.metrics.track(self.metrics.inflight_requests, lambda: self._inflight_requests)
-        self.metrics.track(self.metrics.queue_depth, lambda: self.queued_requests)
         memory = self.cache.memory
         self.metrics.track(self.metrics.cache_bytes, lambda: memory.bytes if memory is not None else 0)
 
+    # -- models -------------------------------------------------------------------------------------------
+    def model(self, name: str = "") -> HostedModel:
+        """The hosted model named `name` ("" for the default), or ModelNotFound naming the hosted ones."""
+        hosted = self.models.get(name or self.default_model)
+        if hosted is None:
+            served = ", ".join(self.models)
+            raise ModelNotFound(
+                f"model: {clean_request_id(name[:64])!r} is not served here; this server serves {served} "
+                f"(default {self.default_model})"
+            )
+        return hosted
+
+    def model_label(self, name: str) -> str:
+        """The `model` metrics label of a request naming `name`: the served name, NO_MODEL if not hosted."""
+        name = name or self.default_model
+        return name if name in self.models else NO_MODEL
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """The default model's fingerprint (None until it is loaded)."""
+        return self.models[self.default_model].fingerprint
+
+    @property
+    def embedding_dim(self) -> int:
+        """The default model's embedding width (0 until it is loaded)."""
+        return self.models[self.default_model].embedding_dim
+
     # -- lifecycle ----------------------------------------------------------------------------------------
-    def start(self, engine: Engine) -> None:
-        """Serve `engine` from now on: builds and starts the batcher (its worker threads) over it."""
-        if self._batcher is not None or self._closed:
-            raise RuntimeError("an EncoderCore serves one engine for its lifetime")
-        self.fingerprint = engine.fingerprint
-        self.embedding_dim = engine.embedding_dim
-        self.metrics.set_build_info(__version__, engine.fingerprint.weights_id, engine.fingerprint.precision)
-        self._batcher = Batcher(
-            engine.launch,
-            max_batch_prompts=self.settings.max_batch_prompts,
-            max_wait_s=self.settings.max_wait_ms / 1000,
-            max_queued_requests=self.settings.max_queued_requests,
-            pipeline_depth=self.settings.pipeline_depth,
-            on_batch=self._on_batch,
-            on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
-        )
+    def start(self, engine: Engine, model: str = "") -> None:
+        """Serve `engine` as the model named `model` ("" for the default) from now on: builds and starts
+        that model's batcher (its worker threads) over it."""
+        if self._closed:
+            raise RuntimeError("this EncoderCore is closed")
+        hosted = self.model(model)
+        hosted.start(engine)
+        fp = engine.fingerprint
+        self.metrics.set_build_info(__version__, hosted.name, fp.weights_id, fp.precision)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop batching: queued requests get UNAVAILABLE, the batches on the device finish. Waits up to
-        `timeout` seconds for the batcher's threads (blocking: from a loop, run it in a thread)."""
+        `timeout` seconds for each model's batcher threads (blocking: from a loop, run it in a thread)."""
         self._closed = True
-        batcher = self._batcher
-        if batcher is not None:
-            batcher.close()
-            batcher.join(timeout)
+        for hosted in self.models.values():
+            hosted.close()
+        for hosted in self.models.values():
+            hosted.join(timeout)
 
     @property
     def engine_problem(self) -> str | None:
-        """Why the loaded engine cannot serve, None while it can (or is still loading): its worker thread
-        died, `unhealthy_after_failed_batches` batches failed in a row, or the last self-test failed."""
-        batcher = self._batcher
-        if batcher is None:
+        """Why a loaded model cannot serve, None while every one can (or is still loading): its worker
+        thread died, `unhealthy_after_failed_batches` batches failed in a row, or its last self-test failed.
+        With several models each problem is prefixed with the model's name."""
+        problems = [(name, hosted.problem) for name, hosted in self.models.items() if hosted.problem is not None]
+        if not problems:
             return None
-        if not batcher.alive:
-            return "the batcher's worker thread died"
-        if self._self_test_error is not None:
-            return f"the self-test encode failed: {self._self_test_error}"
-        limit = self.settings.unhealthy_after_failed_batches
-        if self._failed_batches >= limit:
-            return f"{self._failed_batches} model batches failed in a row (unhealthy_after_failed_batches={limit})"
-        return None
+        if len(self.models) == 1:
+            return problems[0][1]
+        return "; ".join(f"model {name}: {problem}" for name, problem in problems)
 
     @property
     def live(self) -> bool:
-        """Liveness: False only when the engine is broken (loading and draining are alive)."""
+        """Liveness: False only when an engine is broken (loading and draining are alive)."""
         return self.engine_problem is None
 
     @property
     def ready(self) -> bool:
-        """Readiness: loaded, not draining, and the engine works."""
-        return self._batcher is not None and not self.draining and not self._closed and self.live
+        """Readiness: every model loaded and working, not draining."""
+        return all(self.model_ready(name) for name in self.models)
+
+    def model_ready(self, name: str) -> bool:
+        """Readiness of one model: loaded, working, and the server not draining."""
+        hosted = self.models[name]
+        return hosted.started and not self.draining and not self._closed and hosted.problem is None
 
     @property
     def needs_self_test(self) -> bool:
-        """Batches have been failing (or the last self-test failed): only a passing self-test clears it."""
-        return self._self_test_error is not None or self._failed_batches >= self.settings.unhealthy_after_failed_batches
+        """Some model's batches have been failing (or its last self-test failed)."""
+        return any(hosted.needs_self_test for hosted in self.models.values())
 
-    async def self_test(self, timeout: float) -> bool:
-        """Encode `SELF_TEST_PROMPT` through the batcher (no cache, no admission) and check its rows; a pass
-        clears the failure count, a failure keeps the engine unhealthy until a later pass."""
-        batcher = self._batcher
-        if batcher is None or self._closed or not batcher.alive:
+    async def self_test(self, timeout: float, model: str | None = None) -> bool:
+        """Encode `SELF_TEST_PROMPT` with the model named `model` (None: every model, one after the other)
+        through its batcher (no cache, no admission) and check the rows; True when all passed. A pass clears
+        a model's failure count, a failure keeps it unhealthy until a later pass."""
+        if self._closed:
             return False
-        try:
-            encoded = await batcher.submit([SELF_TEST_PROMPT], timeout=timeout)
-            embeds = encoded.embeds
-            if embeds.shape[0] != 1 or embeds.shape[-1] != self.embedding_dim:
-                raise RuntimeError(f"unexpected shape {tuple(embeds.shape)}")
-            if not bool(torch.isfinite(embeds).all()):
-                raise RuntimeError("the rows are not finite")
-        except Exception as exc:
-            self._self_test_error = f"{type(exc).__name__}: {exc}"
-            self.metrics.self_tests.labels("failed").inc()
-            log.error("self-test failed: %s", self._self_test_error)
-            return False
-        self._self_test_error = None
-        self._failed_batches = 0
-        self.metrics.self_tests.labels("passed").inc()
-        return True
+        hosted_models = list(self.models.values()) if model is None else [self.model(model)]
+        results = [await hosted.self_test(timeout) for hosted in hosted_models]
+        return all(results)
 
     def start_draining(self) -> None:
         """New requests get UNAVAILABLE from now on; admitted ones run to completion."""
@@ -397,8 +416,8 @@ class EncoderCore:
 
     @property
     def queued_requests(self) -> int:
-        """Requests waiting for the model."""
-        return self._batcher.queued if self._batcher is not None else 0
+        """Requests waiting for a model (all models)."""
+        return sum(hosted.queued for hosted in self.models.values())
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (or `timeout` passes); True when idle."""
@@ -410,10 +429,13 @@ class EncoderCore:
         return True
 
     # -- requests -----------------------------------------------------------------------------------------
-    def request(self, frontend: str, *, request_id: str | None = None, bearer_token: str | None = None) -> RequestScope:
+    def request(
+        self, frontend: str, *, request_id: str | None = None, bearer_token: str | None = None, model: str = ""
+    ) -> RequestScope:
         """The scope of one request (see the module docstring); `bearer_token` is the raw token the request
-        carried, None when it carried none."""
-        return RequestScope(self, frontend, clean_request_id(request_id) or uuid.uuid4().hex[:16], bearer_token)
+        carried, None when it carried none; `model` the model it names ("" for the default)."""
+        rid = clean_request_id(request_id) or uuid.uuid4().hex[:16]
+        return RequestScope(self, frontend, rid, bearer_token, model)
 
     def authenticate(self, bearer_token: str | None) -> Principal:
         """For calls that are not encodes (Info, reflection): who sent `bearer_token`, or Unauthenticated."""
@@ -442,15 +464,19 @@ class EncoderCore:
             out.append(prompt)
         return out
 
-    def response_bytes(self, prompts: int) -> int:
-        """Bytes of the embeddings for `prompts` prompts: what admission reserves."""
-        fp = self._serving_fingerprint()
-        return prompts * fp.max_length * self.embedding_dim * fp.itemsize
+    def response_bytes(self, prompts: int, hosted: HostedModel | None = None) -> int:
+        """Bytes of the embeddings for `prompts` prompts of `hosted` (default: the default model): what
+        admission reserves."""
+        hosted = hosted or self.model()
+        self._serving_fingerprint(hosted)
+        return hosted.response_bytes(prompts)
 
-    def admit(self, principal: Principal, prompts: int) -> Admission:
-        """Reserve the response bytes of `prompts` prompts and a concurrency slot of `principal`, or raise
-        (InvalidArgument when the request could never fit, ResourceExhausted / RateLimited when full)."""
-        nbytes = self.response_bytes(prompts)
+    def admit(self, principal: Principal, prompts: int, hosted: HostedModel | None = None) -> Admission:
+        """Reserve the response bytes of `prompts` prompts of `hosted` (default: the default model) in the
+        server-wide budget and a concurrency slot of `principal`, or raise (InvalidArgument when the request
+        could never fit, ResourceExhausted / RateLimited when full)."""
+        hosted = hosted or self.model()
+        nbytes = self.response_bytes(prompts, hosted)
         limit = self.settings.max_inflight_bytes
         if nbytes > limit:
             raise InvalidArgument(
@@ -459,7 +485,7 @@ class EncoderCore:
             )
         with self._lock:
             if self._inflight_bytes + nbytes > limit:
-                self.metrics.rejected.labels("max_inflight_bytes").inc()
+                self.metrics.rejected.labels("max_inflight_bytes", hosted.name).inc()
                 raise ResourceExhausted(
                     f"server busy: {self._inflight_bytes} response bytes in flight, this request needs {nbytes} "
                     f"more (max_inflight_bytes={limit})"
@@ -467,30 +493,34 @@ class EncoderCore:
             try:
                 self.limiter.acquire(principal, prompts)
             except RateLimited as exc:
-                self.metrics.rejected.labels(exc.limit).inc()
+                self.metrics.rejected.labels(exc.limit, hosted.name).inc()
                 raise
             self._inflight_bytes += nbytes
         return Admission(self, principal, nbytes)
 
-    def _serving_fingerprint(self) -> Fingerprint:
+    def _serving_fingerprint(self, hosted: HostedModel) -> Fingerprint:
         if self.draining or self._closed:
             raise Unavailable("the server is draining for shutdown; retry on another replica")
-        if self._batcher is None or self.fingerprint is None:
-            raise Unavailable("the model is still loading; retry shortly")
-        if not self._batcher.alive:  # nothing would ever answer: send the client elsewhere at once
-            raise Unavailable("the server's model worker has stopped; retry on another replica")
-        return self.fingerprint
+        return hosted.serving_fingerprint()
 
-    async def _encode_admitted(self, prompts: list[str], timeout: float, bypass_cache: bool) -> EncodeResult:
-        assert self._batcher is not None and self.fingerprint is not None
-        digest = self.fingerprint.digest
+    async def _encode_admitted(
+        self, hosted: HostedModel, prompts: list[str], timeout: float, bypass_cache: bool
+    ) -> EncodeResult:
+        fingerprint = hosted.serving_fingerprint()
+        digest = fingerprint.digest
+        lookups = self.metrics.cache_lookups
+
+        def count(tier: str, hit: bool) -> None:
+            lookups.labels(tier, "hit" if hit else "miss", hosted.name).inc()
+
+        def lookup() -> list[torch.Tensor | None]:
+            return [self.cache.get(digest, p, on_lookup=count) for p in prompts]
+
         rows: list[torch.Tensor | None] = [None] * len(prompts)
         hits = [False] * len(prompts)
         if self.cache.enabled and not bypass_cache:
-            if self.cache.disk is not None:  # file reads stay off the event loop
-                found = await asyncio.to_thread(lambda: [self.cache.get(digest, p) for p in prompts])
-            else:
-                found = [self.cache.get(digest, p) for p in prompts]
+            # File reads stay off the event loop.
+            found = await asyncio.to_thread(lookup) if self.cache.disk is not None else lookup()
             for i, row in enumerate(found):
                 if row is not None:
                     rows[i], hits[i] = row, True
@@ -499,14 +529,9 @@ class EncoderCore:
         queue_s = encode_s = 0.0
         embeds: torch.Tensor | None = None
         if missing:
-            try:
-                encoded = await self._batcher.submit(missing, timeout=timeout)
-            except ResourceExhausted:  # the queue is full (requests answered from the cache never queue)
-                self.metrics.rejected.labels("max_queued_requests").inc()
-                raise
+            # Requests answered from the cache never queue; a full queue is counted by the model.
+            encoded = await hosted.submit(missing, timeout)
             queue_s, encode_s = encoded.queue_seconds, encoded.encode_seconds
-            self.metrics.stage_seconds.labels("queue").observe(queue_s)
-            self.metrics.stage_seconds.labels("encode").observe(encode_s)
             if len(missing) == len(prompts):  # nothing cached, no repeats: the model's rows as they are
                 embeds = encoded.embeds
                 rows = []
@@ -515,19 +540,25 @@ class EncoderCore:
                 rows = [row if row is not None else by_prompt[p] for p, row in zip(prompts, rows, strict=True)]
             if self.cache.enabled:
                 if self.cache.disk is not None:
-                    await asyncio.to_thread(self._store, missing, encoded.embeds)
+                    await asyncio.to_thread(self._store, digest, missing, encoded.embeds)
                 else:
-                    self._store(missing, encoded.embeds)
+                    self._store(digest, missing, encoded.embeds)
         if embeds is None:
             embeds = torch.stack(rows)  # type: ignore[arg-type]
-        self.metrics.prompts.labels("model").inc(len(missing))
-        self.metrics.prompts.labels("cache").inc(sum(hits))
-        return EncodeResult(embeds=embeds, cache_hit=hits, queue_seconds=queue_s, encode_seconds=encode_s)
+        self.metrics.prompts.labels("model", hosted.name).inc(len(missing))
+        self.metrics.prompts.labels("cache", hosted.name).inc(sum(hits))
+        return EncodeResult(
+            embeds=embeds,
+            cache_hit=hits,
+            queue_seconds=queue_s,
+            encode_seconds=encode_s,
+            model=hosted.name,
+            fingerprint=fingerprint,
+        )
 
-    def _store(self, prompts: list[str], embeds: torch.Tensor) -> None:
-        assert self.fingerprint is not None
+    def _store(self, digest: str, prompts: list[str], embeds: torch.Tensor) -> None:
         for prompt, row in zip(prompts, embeds, strict=True):
-            self.cache.put(self.fingerprint.digest, prompt, row)
+            self.cache.put(digest, prompt, row)
 
     # -- accounting ---------------------------------------------------------------------------------------
     def _release(self, admission: Admission) -> None:
@@ -542,14 +573,3 @@ class EncoderCore:
     def _exit(self) -> None:
         with self._lock:
             self._inflight_requests -= 1
-
-    def _on_batch(self, stats: BatchStats) -> None:
-        if stats.failed:
-            self._failed_batches += 1
-            self.metrics.batch_failures.inc()
-            return
-        self._failed_batches = 0
-        self.metrics.batch_prompts.observe(stats.prompts)
-        self.metrics.batch_requests.observe(stats.jobs)
-        assert self.fingerprint is not None
-        self.metrics.model_tokens.inc(stats.prompts * self.fingerprint.max_length)
