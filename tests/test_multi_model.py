@@ -55,16 +55,13 @@ def two_models(tiny, engine, tiny_klein, klein_engine) -> Iterator[tuple[ServerT
 
 @pytest.fixture(scope="module")
 def references(reference_pipe, klein_reference):
-    """diffusers' own encode_prompt of one prompt, per model, each computed once."""
-    pipes = {DEV: reference_pipe, KLEIN: klein_reference}
-    memo: dict[tuple[str, str], torch.Tensor] = {}
-
-    def get(model: str, prompt: str) -> torch.Tensor:
-        if (model, prompt) not in memo:
-            memo[model, prompt] = pipes[model].encode_prompt(prompt=[prompt], device=CPU)[0][0]
-        return memo[model, prompt]
-
-    return get
+    """diffusers' own encode_prompt rows of each model's prompts: one call per model (512-token forwards of
+    the full encoders are the expensive part here; on the CPU a row does not depend on its batch)."""
+    rows = {
+        model: dict(zip(prompts, pipe.encode_prompt(prompt=prompts, device=CPU)[0], strict=True))
+        for model, pipe, prompts in ((DEV, reference_pipe, DEV_PROMPTS), (KLEIN, klein_reference, KLEIN_PROMPTS))
+    }
+    return lambda model, prompt: rows[model][prompt]
 
 
 def test_both_families_answer_bit_identically_under_mixed_load_and_no_batch_mixes_models(two_models, references):

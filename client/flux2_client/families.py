@@ -128,11 +128,11 @@ def check_embedding_width(embedding_dim: int, dit: str, *, revision: str | None 
 
 def choose_served_model(info: Any, joint_attention_dim: int, dit: str = "") -> str | None:
     """Which model of a server to encode with for a DiT taking `joint_attention_dim`-wide embeddings, from
-    the server's `EncoderInfo`: None when the model `info` describes fits (or the server names none), else
-    the name of the first hosted model that fits. Raises `EmbeddingWidthError` naming every hosted model's
-    width when none fits."""
-    if info.embedding_dim == joint_attention_dim or not info.models:
-        return None  # it fits, or a single-model server: the width check before loading decides
+    the server's `EncoderInfo`: None when the model `info` describes fits or the server hosts one model
+    (`check_embedding_width` then decides), else the name of the first hosted model that fits. Raises
+    `EmbeddingWidthError` naming every hosted model's width when none fits."""
+    if info.embedding_dim == joint_attention_dim or len(info.models) <= 1:
+        return None
     for served in info.models:
         if served.embedding_dim == joint_attention_dim:
             return str(served.name)
