@@ -36,8 +36,9 @@ lint: install k8s-lint
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy proto/flux2split_proto encoder_server/flux2_encoder_server client/flux2_client
 
+# One pytest worker per core, each test file on one worker (its module fixtures, e.g. a server, built once).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # Rendered manifests through checkov (skips are annotated, with their reason, in the manifests) and the
 # Dockerfile through hadolint. tests/test_k8s.py validates the same renders against their schemas.

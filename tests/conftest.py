@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,8 +10,12 @@ from flux2_client.tiny_klein import TinyKleinPaths, make_tiny_klein
 from flux2_encoder_server import EncoderEngine
 from flux2_encoder_server.testing import ServerThread, local_settings
 
-# Two CPU cores: keep torch from oversubscribing them when a server thread and the test both compute.
-torch.set_num_threads(2)
+# One intra-op thread per process, subprocesses included: a server's model thread and the test's own
+# reference computations run at the same time, and OpenMP teams of two on two busy cores spin against each
+# other (measured: a tiny fp32 linear 1.2 ms with one thread, 21 ms with two under load; the server test
+# files 1.7x faster). The tiny models gain nothing from a second thread.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +34,15 @@ def reference_pipe(tiny: TinyPaths):
     from diffusers import Flux2Pipeline
 
     return Flux2Pipeline.from_pretrained(str(tiny.pipeline), dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def uncapped_cuda_allocator() -> Iterator[None]:
+    """`load_pipeline(vram=...)` caps this process's CUDA allocator; give the next GPU test the whole card."""
+    yield
+    torch.cuda.synchronize()
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from flux2_client.captions import read_captions
 from flux2_client.http_encoder import HttpTextEncoder
 from flux2_client.shards import EmbeddingShards, ShardFingerprintError, ShardWriter
 from flux2_client.training import open_encoder
-from flux2_encoder_server.testing import ServerThread, local_settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 from flux2split_proto.v1 import encoder_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +64,15 @@ class CountingEngine:
     def unblock(self) -> None:
         self.block_after = None
         self.release.set()
+
+
+@pytest.fixture(scope="module")
+def rows_engine() -> FakeEngine:
+    """The model behind the bulk servers: a row of its own for every caption, drawn from the caption's hash
+    (what these tests check is that each saved row is its own caption's, never another's, and that nothing
+    is encoded twice; the real model's bytes against diffusers are test_embeddings_exact's job, and the
+    tiny model's bf16 forward costs about half a second per prompt on a CPU without native bf16)."""
+    return FakeEngine(distinct_rows=None)
 
 
 def make_captions(unique: int, duplicates: int) -> list[str]:
@@ -130,12 +139,12 @@ def check_complete_and_exact(engine, captions, out, counting):
     assert torch.equal(saved[sample], engine.encode([unique[i] for i in sample]))
 
 
-def test_bulk_encode_interrupted_by_ctrl_c_resumes_without_encoding_anything_twice(tmp_path, tiny, engine):
+def test_bulk_encode_interrupted_by_ctrl_c_resumes_without_encoding_anything_twice(tmp_path, tiny, rows_engine):
     captions, out, counting, first_output, _ = interrupted_then_resumed(
-        tmp_path, tiny, engine, unique=96, duplicates=104, shard_rows=16, block_after=48, sig=signal.SIGINT
+        tmp_path, tiny, rows_engine, unique=96, duplicates=104, shard_rows=16, block_after=48, sig=signal.SIGINT
     )
     assert "interrupted: rerun the same command" in first_output
-    check_complete_and_exact(engine, captions, out, counting)
+    check_complete_and_exact(rows_engine, captions, out, counting)
     # Server-side count: every unique caption reached the model exactly once over both runs.
     assert set(counting.counts) == set(captions)
     assert max(counting.counts.values()) == 1
@@ -143,19 +152,19 @@ def test_bulk_encode_interrupted_by_ctrl_c_resumes_without_encoding_anything_twi
     assert not list(out.glob("*.tmp"))
 
 
-def test_bulk_encode_killed_hard_resumes_from_complete_shards(tmp_path, tiny, engine):
+def test_bulk_encode_killed_hard_resumes_from_complete_shards(tmp_path, tiny, rows_engine):
     captions, out, counting, _, saved_before_kill = interrupted_then_resumed(
-        tmp_path, tiny, engine, unique=40, duplicates=10, shard_rows=4, block_after=20, sig=signal.SIGKILL
+        tmp_path, tiny, rows_engine, unique=40, duplicates=10, shard_rows=4, block_after=20, sig=signal.SIGKILL
     )
-    check_complete_and_exact(engine, captions, out, counting)
+    check_complete_and_exact(rows_engine, captions, out, counting)
     # A hard kill loses what was in flight or not yet in a shard, never a saved shard: no caption saved
     # before the kill reached the model again, and nothing reached it more than twice.
     assert all(counting.counts[c] == 1 for c in saved_before_kill)
     assert max(counting.counts.values()) <= 2
 
 
-def test_bulk_encode_over_http_and_the_loader(tmp_path, tiny, engine):
-    counting = CountingEngine(engine)
+def test_bulk_encode_over_http_and_the_loader(tmp_path, tiny, rows_engine):
+    counting = CountingEngine(rows_engine)
     server = ServerThread(local_settings(str(tiny.pipeline), http_port=0, cache_bytes=0), lambda _s: counting).start()
     captions = make_captions(12, 6)
     try:
@@ -167,10 +176,10 @@ def test_bulk_encode_over_http_and_the_loader(tmp_path, tiny, engine):
     assert (result.captions, result.unique, result.encoded, result.shards_written) == (18, 12, 12, 3)
     assert (again.already_done, again.encoded) == (12, 1)
     assert max(counting.counts.values()) == 1
-    shards = EmbeddingShards(tmp_path, expected_fingerprint=engine.fingerprint.digest)
+    shards = EmbeddingShards(tmp_path, expected_fingerprint=rows_engine.fingerprint.digest)
     batch = [captions[3], "one more", captions[0]]
     prompt_embeds, text_ids = shards.get(batch)
-    assert torch.equal(prompt_embeds, engine.encode(batch))
+    assert torch.equal(prompt_embeds, rows_engine.encode(batch))
     assert torch.equal(text_ids, Flux2Pipeline._prepare_text_ids(prompt_embeds))
     with pytest.raises(KeyError, match="caption not in"):
         shards.get(["never encoded"])
@@ -192,19 +201,19 @@ def test_loader_and_writer_refuse_another_models_shards(tmp_path, server, engine
             EmbeddingShards(tmp_path, expected_fingerprint="f" * 64).get(["a"])
 
 
-def test_a_shard_written_just_before_a_crash_is_adopted(tmp_path, engine):
-    fingerprint = pb.ModelFingerprint(digest=engine.fingerprint.digest, weights_id="tiny")
+def test_a_shard_written_just_before_a_crash_is_adopted(tmp_path, rows_engine):
+    fingerprint = pb.ModelFingerprint(digest=rows_engine.fingerprint.digest, weights_id="tiny")
     folder = ShardWriter(tmp_path, fingerprint)
-    folder.write_shard([("x", engine.encode(["x"])[0])])
+    folder.write_shard([("x", rows_engine.encode(["x"])[0])])
     index_before = (tmp_path / "index.json").read_text()
-    folder.write_shard([("y", engine.encode(["y"])[0]), ("z", engine.encode(["z"])[0])])
+    folder.write_shard([("y", rows_engine.encode(["y"])[0]), ("z", rows_engine.encode(["z"])[0])])
     (tmp_path / "index.json").write_text(index_before)  # crash between the shard rename and the index write
     (tmp_path / "shard-00009.safetensors.tmp").write_bytes(b"half a shard")
     reopened = ShardWriter(tmp_path, fingerprint)
     assert set(reopened.captions) == {"x", "y", "z"}
     assert reopened.next_number == 2
     assert not list(tmp_path.glob("*.tmp"))
-    assert torch.equal(EmbeddingShards(tmp_path).prompt_embeds(["z"]), engine.encode(["z"]))
+    assert torch.equal(EmbeddingShards(tmp_path).prompt_embeds(["z"]), rows_engine.encode(["z"]))
 
 
 def test_caption_readers(tmp_path):
@@ -237,10 +246,10 @@ class HeldEngine(CountingEngine):
         super().__init__(engine, block_after=1)
 
 
-def test_bulk_encode_survives_a_killed_server_when_another_is_in_the_pool(tmp_path, tiny, engine):
+def test_bulk_encode_survives_a_killed_server_when_another_is_in_the_pool(tmp_path, tiny, rows_engine):
     from flux2_client.endpoints import EncoderPool, RetryPolicy
 
-    doomed_engine, survivor_engine = HeldEngine(engine), CountingEngine(engine)
+    doomed_engine, survivor_engine = HeldEngine(rows_engine), CountingEngine(rows_engine)
     settings = local_settings(str(tiny.pipeline), cache_bytes=0)
     doomed = ServerThread(settings, lambda _s: doomed_engine).start()
     survivor = ServerThread(settings, lambda _s: survivor_engine).start()
@@ -276,14 +285,14 @@ def test_bulk_encode_survives_a_killed_server_when_another_is_in_the_pool(tmp_pa
     assert stats.served_by.get(survivor.target, 0) >= 1
     unique = list(dict.fromkeys(captions))
     assert (result.unique, result.encoded, result.interrupted) == (12, 12, False)
-    shards = EmbeddingShards(tmp_path, expected_fingerprint=engine.fingerprint.digest)
+    shards = EmbeddingShards(tmp_path, expected_fingerprint=rows_engine.fingerprint.digest)
     assert sorted(shards.captions) == sorted(unique)
     # Every row is exactly what a model produced for its own caption, whichever server answered it...
     produced = {**doomed_engine.rows, **survivor_engine.rows}  # the survivor's answer where both ran it
     assert torch.equal(shards.prompt_embeds(unique), torch.stack([produced[c] for c in unique]))
     # ...and equals a direct encode outside any server (a sample keeps the test fast on 2 cores).
     sample = unique[::4]
-    assert torch.equal(shards.prompt_embeds(sample), engine.encode(sample))
+    assert torch.equal(shards.prompt_embeds(sample), rows_engine.encode(sample))
 
 
 def test_encode_command_builds_one_pool_from_every_server_flag(tmp_path):

@@ -1,5 +1,6 @@
 """Several encoder servers: requests spread over them, the client fails over when one is killed, gives
-up with a clear error when all are down, and an on-disk cache returns the received tensors unchanged."""
+up with a clear error when all are down, and an on-disk cache returns the received tensors unchanged.
+The servers answer from `FakeEngine` (a fixed row per prompt, no model time): this is the client's pool."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from flux2_client.cache import EmbeddingCache
 from flux2_client.endpoints import EncoderPool, RetryPolicy
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
-from flux2_encoder_server.testing import ServerThread, local_settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk"]
 FAST = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05, cooldown=30.0, deadline=60.0)
@@ -27,8 +28,8 @@ def closed_port() -> str:
 
 
 @pytest.fixture
-def two_servers(tiny, engine):
-    servers = [ServerThread(local_settings(str(tiny.pipeline)), lambda _s: engine).start() for _ in range(2)]
+def two_servers():
+    servers = [ServerThread(local_settings(), lambda _s: FakeEngine()).start() for _ in range(2)]
     yield servers
     for s in servers:
         if not getattr(s, "killed", False):
@@ -107,13 +108,13 @@ def test_cache_returns_identical_tensors_without_a_server(two_servers, tmp_path)
     assert cache.get("0" * 64, PROMPTS[0]) is None
 
 
-def test_pool_sends_the_token_and_does_not_retry_a_refused_one(tiny, engine):
-    settings = local_settings(str(tiny.pipeline), auth_tokens="alice:s3cret-s3cret-s3cret")
-    server = ServerThread(settings, lambda _s: engine).start()
+def test_pool_sends_the_token_and_does_not_retry_a_refused_one():
+    settings = local_settings(auth_tokens="alice:s3cret-s3cret-s3cret")
+    server = ServerThread(settings, lambda _s: FakeEngine()).start()
     try:
         with EncoderPool([server.target], token="s3cret-s3cret-s3cret") as pool:
             got = pool.encode(["a fox"]).prompt_embeds
-        assert torch.equal(got, engine.encode(["a fox"]))
+        assert torch.equal(got, FakeEngine().encode(["a fox"]))
         with EncoderPool([server.target, server.target], token="wrong") as pool:
             with pytest.raises(RemoteEncoderError) as err:
                 pool.encode(["a fox"])

@@ -45,7 +45,7 @@ def test_from_model_is_bit_identical_and_leaves_the_model_alone(reference_pipe, 
     assert len(full.model.language_model.layers) == 40
     assert not isinstance(full.model.language_model.norm, torch.nn.Identity)
     assert len(engine.decoder.layers) == 30
-    assert torch.equal(diffusers_embeds(reference_pipe, PROMPTS), want)
+    assert torch.equal(diffusers_embeds(reference_pipe, PROMPTS[:2]), want[:2])
 
 
 def test_reproducible_mode_never_runs_a_batch_of_one(reference_pipe):
@@ -103,8 +103,8 @@ def test_quantized_tiers_are_close_not_identical(reference_pipe, precision):
     full = reference_pipe.text_encoder
     bf16 = EncoderEngine.from_model(full, reference_pipe.tokenizer)
     quant = EncoderEngine.from_model(full, reference_pipe.tokenizer, precision=precision)
-    want = bf16.encode(PROMPTS).float()
-    got = quant.encode(PROMPTS).float()
+    want = bf16.encode(PROMPTS[:2]).float()
+    got = quant.encode(PROMPTS[:2]).float()
     cosine = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1))
     # Toy width (64) makes quantization noise large (measured on this model: cosine 0.99 fp8, 0.9996 int8,
     # 0.956 nf4); a wrong scale or transposed operand gives cosine near 0.
@@ -116,7 +116,7 @@ def test_quantized_tiers_are_close_not_identical(reference_pipe, precision):
     assert "Linear" not in linear_types, linear_types
     assert module_bytes(quant.decoder.layers) < module_bytes(bf16.decoder.layers)
     # The bf16 layers the tier was made from are untouched.
-    assert torch.equal(bf16.encode(PROMPTS).float(), want)
+    assert torch.equal(bf16.encode(PROMPTS[:2]).float(), want)
 
 
 @needs_cpu_fp8
@@ -164,22 +164,25 @@ def test_compiled_engine_is_close_and_batch_invariant(reference_pipe):
     torch._dynamo.reset()
     full = reference_pipe.text_encoder
     eager = EncoderEngine.from_model(full, reference_pipe.tokenizer)
-    want = eager.encode(PROMPTS)  # before compiling: the engines share the layers
+    # Two prompts: a lone prompt runs in a batch of two in reproducible mode, so every call below is one
+    # compiled shape (each new shape is another inductor compile, ~15 s on two CPU cores).
+    prompts = PROMPTS[:2]
+    want = eager.encode(prompts)  # before compiling: the engines share the layers
     compiled = EncoderEngine.from_model(full, reference_pipe.tokenizer, compile=True)
     try:
         assert compiled.compiled and compiled.fingerprint.precision == "bf16+compiled"
         assert compiled.fingerprint.digest != eager.fingerprint.digest
-        batch = compiled.encode(PROMPTS)
+        batch = compiled.encode(prompts)
         # Fused kernels keep intermediates in float32 where eager rounds each op to bf16: close, not equal.
         rel = (batch.float() - want.float()).norm() / want.float().norm()
         assert rel < 0.05, rel
-        for i in range(3):
-            assert torch.equal(compiled.encode([PROMPTS[i]]), batch[i : i + 1])
+        for i in range(2):
+            assert torch.equal(compiled.encode([prompts[i]]), batch[i : i + 1])
     finally:
         compiled.uncompile()  # the layers are shared with `full` and `eager`: their eager forward comes back
     assert not compiled.compiled and compiled.fingerprint == eager.fingerprint
-    assert torch.equal(eager.encode(PROMPTS), want)
-    assert torch.equal(compiled.encode(PROMPTS), want)
+    assert torch.equal(eager.encode(prompts), want)
+    assert torch.equal(compiled.encode(prompts), want)
 
 
 @pytest.mark.gpu

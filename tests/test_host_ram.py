@@ -12,10 +12,12 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from flux2_client._host_release import HostReleaser
 from flux2_client._introspection import tensor_refs
 from flux2_client._quantization import load_nf4_transformer
 from flux2_client.offload import apply_block_streaming, get_memory_plan, spec_from_module
@@ -94,21 +96,52 @@ def _mapped_rss(path: Path) -> int | None:
     return rss if mapped else None
 
 
+def _pageout_reclaims_file_pages(directory: Path) -> bool:
+    """Whether the streamer's releaser reclaims a private file map's pages here: not before Linux 5.4,
+    nor where the sandbox ignores MADV_PAGEOUT or hides file maps from /proc/self/maps. The release is
+    best effort there (flux2_client/_host_release.py); this probe, the same releaser on a 1 MiB file map,
+    tells the test to skip instead of failing on what the kernel does not offer."""
+    probe = directory / "pageout-probe.bin"
+    probe.write_bytes(os.urandom(1 << 20))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) as mapped:
+            pages = torch.frombuffer(mapped, dtype=torch.uint8)
+            pages[:: mmap.PAGESIZE].sum()  # read every page in
+            before = _mapped_rss(probe.resolve()) or 0
+            releaser = HostReleaser()
+            releaser.copied(pages)
+            releaser.release()
+            after = _mapped_rss(probe.resolve()) or 0
+            del pages
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return after < before // 2
+
+
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 @pytest.mark.parametrize("load_mode", ["stream", "copy"])
-def test_checkpoint_pages_are_given_back_while_copying(tiny, load_mode):
+def test_checkpoint_pages_are_given_back_while_copying(tiny, tmp_path, load_mode):
     """diffusers loads the DiT on the CPU as views into a private memory map of the safetensors file, which
     lives while any of its tensors does. The streamer pages out what it has copied (MADV_PAGEOUT): with
     one source still held (as another shard's tensors would hold a real checkpoint's map), the map keeps
-    only the pages no tensor covers (the safetensors header)."""
-    checkpoint = (tiny.nf4_repo / "transformer" / "diffusion_pytorch_model.safetensors").resolve()
+    only the pages no tensor covers (the safetensors header).
+
+    The kernel pages out only pages no other map holds, and earlier tests in this process keep pipelines
+    loaded from the shared tiny checkpoint: this test loads its own copy of it."""
+    nf4_repo = Path(shutil.copytree(tiny.nf4_repo, tmp_path / "nf4"))
+    checkpoint = (nf4_repo / "transformer" / "diffusion_pytorch_model.safetensors").resolve()
+    if load_mode == "stream" and not _pageout_reclaims_file_pages(checkpoint.parent):
+        pytest.skip("MADV_PAGEOUT reclaims no file pages on this kernel/filesystem: the release is best effort")
     # The fixture wrote the file moments ago: the kernel reclaims its pages only once they are on disk.
     fd = os.open(checkpoint, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    model = load_nf4_transformer(str(tiny.nf4_repo), device="cpu")
+    model = load_nf4_transformer(str(nf4_repo), device="cpu")
     if any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
         pytest.skip("bitsandbytes repacks NF4 weights on this CPU before the layout: the sources are not the map")
     before = _mapped_rss(checkpoint)

@@ -286,3 +286,56 @@ def test_predict_urls_and_model_settings():
     assert "--default-model 'c'" in " ".join(Settings(model="a=/x", default_model="c").problems())
     assert "--revision" in " ".join(Settings(model="a=/x,b=/y", revision="main").problems())
     assert json.dumps([m.name for m in Settings().models]) == '["default"]'  # the old single --model
+
+
+class _StubUpsampler:
+    """Stands in for `Upsampler` (generation is tested against diffusers in test_upsample.py): routing,
+    per-model availability and metrics are under test here."""
+
+    supports_images = False
+
+    def generate(self, job, should_stop):
+        from flux2_encoder_server.upsample import Upsampled
+
+        return Upsampled([f"{p} upsampled" for p in job.prompts], job.seed, [1] * len(job.prompts))
+
+
+def test_upsampling_is_a_property_of_the_model_that_has_it():
+    """Only model "a" has an upsampler: Upsample / Encode(upsample=) / POST /upsample route by model name
+    like Encode (empty: the default; unknown: NOT_FOUND), model "b" is FAILED_PRECONDITION / 409, Info
+    gives the limits per model, and the upsampling metrics carry the model."""
+    from flux2_client.encoder import UpsampleOptions
+
+    fakes = {"a": FakeEngine(width=64), "b": FakeEngine(width=96)}
+    fakes["a"].upsampler = _StubUpsampler()
+    settings = local_settings("a=/models/a,b=/models/b", http_port=0, cache_bytes=0)
+    with ServerThread(settings, lambda s: fakes[s.model.rsplit("/", 1)[1]]) as thread:
+        with RemoteTextEncoder(thread.target) as default, RemoteTextEncoder(thread.target, model="a") as a:
+            assert default.upsample("x", UpsampleOptions(seed=3)).prompts == ("x upsampled",)
+            assert a.upsample(["y"]).prompts == ("y upsampled",)
+            result = a.encode("z", upsample=UpsampleOptions(seed=5))
+            assert result.upsampled_prompts == ("z upsampled",) and fakes["a"].prompts_seen[-1] == "z upsampled"
+            info = a.info()
+            served = {m.name: m for m in info.models}
+            assert served["a"].HasField("upsampling") and not served["b"].HasField("upsampling")
+        with RemoteTextEncoder(thread.target, model="b") as b, pytest.raises(RemoteEncoderError) as refused:
+            b.upsample("x")
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "model b does not upsample prompts" in refused.value.message
+        with RemoteTextEncoder(thread.target, model="zzz") as unknown, pytest.raises(RemoteEncoderError) as missing:
+            unknown.upsample("x")
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+        with httpx.Client(base_url=thread.http_url, timeout=10) as http:
+            ok = http.post("/models/a/upsample", json={"prompt": "w"})
+            assert ok.status_code == 200 and ok.json()["prompts"] == ["w upsampled"]
+            assert ok.headers[shared.MODEL_NAME_HEADER] == "a"
+            assert http.post("/models/b/upsample", json={"prompt": "w"}).status_code == 409
+            assert http.post("/models/zzz/upsample", json={"prompt": "w"}).status_code == 404
+            assert "upsampling" in http.get("/models/a/info").json()
+            assert "upsampling" not in http.get("/models/b/info").json()
+        m = thread.core.metrics
+        assert m.value("flux2_encoder_upsample_requests_total", {"model": "a", "code": "OK"}) == 3
+        assert m.value("flux2_encoder_upsample_requests_total", {"model": "b", "code": "FAILED_PRECONDITION"}) == 2
+        assert m.value("flux2_encoder_upsample_requests_total", {"model": "", "code": "NOT_FOUND"}) == 2
+        assert m.value("flux2_encoder_upsample_prompts_total", {"model": "a"}) == 4
+        assert m.value("flux2_encoder_upsample_prompts_total", {"model": "b"}) == 0

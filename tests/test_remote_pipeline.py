@@ -114,7 +114,10 @@ def test_images_equal_diffusers_with_its_local_text_encoder(remote_pipe, residen
 
 
 def test_options_that_need_the_local_text_encoder_are_refused_by_name(remote_pipe):
-    with pytest.raises(ValueError, match=r"^caption_upsample_temperature: .*leave caption_upsample_temperature unset"):
+    from flux2_client.encoder import RemoteEncoderError
+
+    # Caption upsampling runs on the server (tests/test_upsample.py); this one was started without it.
+    with pytest.raises(RemoteEncoderError, match=r"FAILED_PRECONDITION: upsampling: .*start it with --upsampling"):
         remote_pipe(prompt=PROMPTS[0], caption_upsample_temperature=0.15, **CALL)
     with pytest.raises(ValueError, match=r"^max_sequence_length: .* to 512 tokens, got 256"):
         remote_pipe(prompt=PROMPTS[0], max_sequence_length=256, **CALL)

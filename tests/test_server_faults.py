@@ -1,6 +1,7 @@
 """Faults and backpressure on a real in-process gRPC server: overload, in-flight bytes, deadlines,
-cancellation, a failing batch. The model is the real tiny encoder behind `FakeEngine`, which
-can hold the worker at a gate so that requests pile up in a known state."""
+cancellation, a failing batch. The engine is `FakeEngine` (a fixed row per prompt, no model time), which
+can hold the worker at a gate so that requests pile up in a known state; what is tested is the server's
+queue and limits, not the model's bytes (tests/test_embeddings_exact.py)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,21 @@ from flux2split_proto import shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 
-PER_PROMPT = 512 * 192 * 2  # bytes of one tiny embedding
+PER_PROMPT = 512 * 192 * 2  # bytes of one embedding of FakeEngine's default width
+
+
+def alone(prompts: list[str]) -> torch.Tensor:
+    """The rows of `prompts` encoded by themselves, on an engine of their own."""
+    return FakeEngine().encode(prompts)
 
 
 @pytest.fixture
-def make_server(tiny, engine):
+def make_server():
     started: list[tuple[ServerThread, FakeEngine]] = []
 
     def make(**overrides):
-        wrapped = FakeEngine(engine)
-        thread = ServerThread(local_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
+        wrapped = FakeEngine()
+        thread = ServerThread(local_settings(**overrides), lambda _s: wrapped).start()
         started.append((thread, wrapped))
         return thread, wrapped
 
@@ -110,14 +116,14 @@ def test_expired_deadlines_never_reach_the_model(make_server):
     assert "late one" not in seen and "late two" not in seen
 
 
-def test_batcher_drops_a_job_whose_deadline_passed_in_the_queue(engine):
+def test_batcher_drops_a_job_whose_deadline_passed_in_the_queue():
     """Below the front-end: the worker itself skips an expired job it finds at the head of the queue."""
     import asyncio
 
     from flux2_encoder_server.batcher import Batcher
     from flux2_encoder_server.errors import DeadlineExceeded
 
-    wrapped = FakeEngine(engine)
+    wrapped = FakeEngine()
     drops: list[str] = []
     batcher = Batcher(wrapped.launch, max_batch_prompts=4, max_wait_s=0.0, on_drop=drops.append)
 
@@ -181,7 +187,7 @@ def test_cancel_while_queued_frees_the_slot(make_server):
     assert "queued then cancelled" not in wrapped.prompts_seen
 
 
-def test_a_failing_batch_fails_only_its_requests(make_server, engine):
+def test_a_failing_batch_fails_only_its_requests(make_server):
     thread, wrapped = make_server(cache_bytes=0, max_batch_prompts=2)
     poison = [wrapped.poison + " a", wrapped.poison + " b"]  # fills one batch of 2
     with ThreadPoolExecutor(3) as pool:
@@ -197,20 +203,20 @@ def test_a_failing_batch_fails_only_its_requests(make_server, engine):
         assert err.value.code == grpc.StatusCode.INTERNAL
         assert "injected failure" in err.value.message
         got = good.result(30).prompt_embeds
-    assert torch.equal(got, engine.encode(["innocent bystander"]))
+    assert torch.equal(got, alone(["innocent bystander"]))
     assert poison in wrapped.batches and ["innocent bystander"] in wrapped.batches
     assert thread.server.metrics.value("flux2_encoder_batch_failures_total") == 1
     with RemoteTextEncoder(thread.target) as enc:
-        assert torch.equal(enc.encode("after the failure").prompt_embeds, engine.encode(["after the failure"]))
+        assert torch.equal(enc.encode("after the failure").prompt_embeds, alone(["after the failure"]))
 
 
-def test_each_request_is_answered_when_its_own_batches_are_done(engine):
+def test_each_request_is_answered_when_its_own_batches_are_done():
     """A request does not wait for later batches; one spread over several batches is reassembled exactly."""
     import asyncio
 
     from flux2_encoder_server.batcher import Batcher
 
-    fake = FakeEngine(engine, hold_results=True)
+    fake = FakeEngine(hold_results=True)
     batcher = Batcher(fake.launch, max_batch_prompts=2, max_wait_s=0.05)
 
     async def scenario():
@@ -232,8 +238,8 @@ def test_each_request_is_answered_when_its_own_batches_are_done(engine):
         batcher.close()
         batcher.join(5)
     assert fake.batches == [["a", "b"], ["c", "d"], ["e"]]
-    assert torch.equal(first.embeds, engine.encode(["a", "b"]))
-    assert torch.equal(spread.embeds, engine.encode(["c", "d", "e"]))
+    assert torch.equal(first.embeds, alone(["a", "b"]))
+    assert torch.equal(spread.embeds, alone(["c", "d", "e"]))
 
 
 def test_http_client_disconnect_drops_its_queued_request(make_server):
@@ -266,7 +272,7 @@ def test_http_client_disconnect_drops_its_queued_request(make_server):
     )
 
 
-def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
+def test_pipelined_batches_launch_while_one_runs_and_answer_in_order():
     """Depth 2: the next batch is formed and launched while the first is still on the device, never a third;
     each caller gets its own rows; a batch whose device work fails fails only its callers."""
     import asyncio
@@ -274,7 +280,7 @@ def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
     from flux2_encoder_server.batcher import Batcher
     from flux2_encoder_server.errors import EncodeFailed
 
-    fake = FakeEngine(engine, hold_results=True, poison="poison", fail_in="result")
+    fake = FakeEngine(hold_results=True, poison="poison", fail_in="result")
     launched = fake.launched
     batcher = Batcher(fake.launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=2)
 
@@ -291,12 +297,12 @@ def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
         await asyncio.sleep(0.1)
         assert not second.done()
         launched[0].release()
-        assert torch.equal((await first).embeds, engine.encode(["a"]))
+        assert torch.equal((await first).embeds, alone(["a"]))
         with pytest.raises(EncodeFailed, match="injected failure"):
             await second
         await asyncio.to_thread(wait_until, lambda: len(launched) == 3, 30, "the third launch")
         launched[2].release()
-        assert torch.equal((await third).embeds, engine.encode(["c"]))
+        assert torch.equal((await third).embeds, alone(["c"]))
 
     try:
         asyncio.run(scenario())
@@ -307,12 +313,12 @@ def test_pipelined_batches_launch_while_one_runs_and_answer_in_order(engine):
     assert fake.batches == [["a"], ["poison"], ["c"]]
 
 
-def test_pipeline_depth_one_runs_one_batch_at_a_time(engine):
+def test_pipeline_depth_one_runs_one_batch_at_a_time():
     import asyncio
 
     from flux2_encoder_server.batcher import Batcher
 
-    fake = FakeEngine(engine, hold_results=True)
+    fake = FakeEngine(hold_results=True)
     launched = fake.launched
     batcher = Batcher(fake.launch, max_batch_prompts=1, max_wait_s=0.0, pipeline_depth=1)
 
@@ -332,6 +338,6 @@ def test_pipeline_depth_one_runs_one_batch_at_a_time(engine):
         fake.release_all()
         batcher.close()
         batcher.join(5)
-    assert [torch.equal(r.embeds, engine.encode([p])) for r, p in zip(results, "ab", strict=True)] == [True, True]
+    assert [torch.equal(r.embeds, alone([p])) for r, p in zip(results, "ab", strict=True)] == [True, True]
     with pytest.raises(ValueError, match="pipeline_depth must be at least 1"):
         Batcher(fake.launch, pipeline_depth=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from flux2_encoder_server.testing import ServerThread, local_settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 from flux2split_proto import SERVICE_NAME, codec
 from flux2split_proto.v1 import encoder_pb2 as pb
 from hypothesis import HealthCheck, given, settings
@@ -52,9 +52,10 @@ raw_invalid = st.sampled_from([b"\xff", b"\xc3\x28", b"\xe2\x82", b"abc\x80", b"
 )
 huge = st.integers(MAX_CHARS + 1, 200_000).map(lambda n: (b"x" * n, True, n))
 prompt = st.one_of(valid_text, valid_text, valid_text, lone_surrogate, raw_invalid, huge)
+# Field numbers past EncodeRequest's own (1-7; 7 is the upsample option).
 unknown_field = st.one_of(
-    st.tuples(st.integers(6, 500), st.integers(0, 2**63)).map(lambda t: _int_field(*t)),
-    st.tuples(st.integers(6, 500), st.binary(max_size=32)).map(lambda t: _len_field(*t)),
+    st.tuples(st.integers(8, 500), st.integers(0, 2**63)).map(lambda t: _int_field(*t)),
+    st.tuples(st.integers(8, 500), st.binary(max_size=32)).map(lambda t: _len_field(*t)),
 )
 
 
@@ -91,9 +92,11 @@ def encode_requests(draw):
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny, engine):
-    settings_ = local_settings(str(tiny.pipeline), max_prompts_per_request=MAX_PROMPTS, max_prompt_chars=MAX_CHARS)
-    thread = ServerThread(settings_, lambda _s: engine).start()
+def fuzz_server(engine):
+    """Fixed rows (no decoder time), but every batch goes through the real engine's tokenizer and chat
+    template first: that is where the text is read, so whatever text would break the engine still does."""
+    settings_ = local_settings(max_prompts_per_request=MAX_PROMPTS, max_prompt_chars=MAX_CHARS)
+    thread = ServerThread(settings_, lambda _s: FakeEngine(tokenize=engine.tokenize)).start()
     yield thread
     thread.stop()
 

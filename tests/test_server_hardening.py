@@ -30,6 +30,26 @@ def test_a_second_server_on_a_bound_port_exits_non_zero_with_one_line(open_serve
     assert "listening on" not in done.stdout
 
 
+def test_an_http_port_in_use_is_one_clear_error_and_frees_the_grpc_port():
+    import socket
+
+    from flux2_encoder_server.server import PortInUseError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        thread = ServerThread(local_settings(http_port=port), lambda _s: FakeEngine())
+        try:
+            with pytest.raises(PortInUseError, match=f"cannot listen on 127.0.0.1:{port} \\(--http-port\\)"):
+                thread.start()
+            grpc_port = thread.server.port
+        finally:
+            thread.stop()
+    with socket.socket() as again:  # the gRPC port it had bound is free again
+        again.bind(("127.0.0.1", grpc_port))
+
+
 TOKEN = "harden-token-0123456789abcdef"
 
 

@@ -4,10 +4,13 @@ No model: `FakeEngine` with fixed rows."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import httpx
 import pytest
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
+from flux2_encoder_server.core import SELF_TEST_PROMPT
 from flux2_encoder_server.server import LIVENESS_SERVICE
 from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings, wait_until
 from flux2split_proto import SERVICE_NAME
@@ -57,6 +60,23 @@ def test_liveness_is_serving_while_loading_and_draining_readiness_is_not(served)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash, on purpose
+def test_readiness_waits_for_the_warm_up_encode_to_pass(served):
+    engine = FakeEngine()
+    thread = served(engine, load=False, warmup=True)
+    engine.hold()  # the warm-up forward reaches the engine and stops there
+    loading = asyncio.run_coroutine_threadsafe(thread.server.load(), thread.loop)
+    assert engine.entered.wait(10)
+    # Loaded, batcher running, warm-up forward under way: not ready yet, on both front-ends.
+    assert _health(thread.target) == {"": NOT_SERVING, SERVICE_NAME: NOT_SERVING, LIVENESS_SERVICE: SERVING}
+    assert httpx.get(thread.http_url + "/health").status_code == 503
+    engine.release()
+    loading.result(10)
+    assert engine.batches == [[SELF_TEST_PROMPT]]
+    assert _health(thread.target) == _all(SERVING)
+    assert httpx.get(thread.http_url + "/health").status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash, on purpose
 def test_a_dead_worker_thread_turns_health_not_serving(served):
     engine = FakeEngine()
     thread = served(engine)
@@ -103,7 +123,7 @@ def test_a_failing_self_test_at_load_never_reports_serving(served):
 
 
 def test_metrics_follow_the_naming_guide_and_start_at_zero(served):
-    thread = served(FakeEngine())
+    thread = served(FakeEngine(), load=False)  # from the start, before the model is loaded
     text = thread.core.metrics.exposition().decode()
     for line in (
         'flux2_encoder_requests_total{code="UNAVAILABLE",frontend="http",model="default"} 0.0',
@@ -116,8 +136,14 @@ def test_metrics_follow_the_naming_guide_and_start_at_zero(served):
         'flux2_encoder_cache_lookups_total{model="default",result="miss",tier="disk"} 0.0',
         'flux2_encoder_self_tests_total{model="default",result="failed"} 0.0',
         'flux2_encoder_batch_failures_total{model="default"} 0.0',
+        'flux2_encoder_dropped_total{model="default",reason="send_timeout"} 0.0',
+        'flux2_encoder_dropped_total{model="",reason="http_header_timeout"} 0.0',
+        'flux2_encoder_rejected_total{limit="http_max_concurrent_requests",model="default"} 0.0',
+        'flux2_encoder_upsample_requests_total{code="OK",frontend="http",model="default"} 0.0',
     ):
         assert line in text, line
+    thread.run(thread.server.load())
+    text = thread.core.metrics.exposition().decode()
     assert 'flux2_encoder_build_info{model="default",precision="bf16",version="' in text
     assert 'weights="fake"} 1.0' in text
     assert "bytes_sent" not in text and "flux2_encoder_request_seconds" not in text

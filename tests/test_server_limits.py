@@ -168,6 +168,48 @@ def test_a_slow_loris_body_is_cut_at_the_read_timeout_and_does_not_hold_the_drai
         server.stop()
 
 
+def test_slow_loris_headers_are_cut_at_the_read_timeout_and_do_not_hold_the_drain():
+    """uvicorn alone waits for request headers forever (its keep-alive timeout covers only idle connections
+    between answers): a connection that sends nothing, one that sends its headers a byte at a time, and a
+    kept-alive one whose next request stalls mid-head must each get 408 and be closed."""
+    server = limited_server(http_read_timeout_s=1.0, grace_period_s=30.0)
+    port = int(server.http_url.rsplit(":", 1)[1])
+    try:
+        silent = _socket(port)
+        trickling = _socket(port)
+        trickling.sendall(b"POST /predict HTTP/1.1\r\nHo")
+        kept_alive = _socket(port)
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept_alive.settimeout(5)
+        first = b""
+        while not first.endswith(b"}"):  # the whole answer (a JSON body), then the next request starts
+            first += kept_alive.recv(1 << 16)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        kept_alive.sendall(b"GET /hea")
+        opened = time.monotonic()
+        for _ in range(3):  # a byte every 0.25 s: the head never completes within the read timeout
+            time.sleep(0.25)
+            trickling.sendall(b"s")
+            kept_alive.sendall(b"l")
+        for sock in (silent, trickling, kept_alive):
+            answer = _read_all(sock, 5)  # the server answers and closes (EOF)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            assert b"headers: not received within http_read_timeout_s=1" in answer
+            sock.close()
+        assert time.monotonic() - opened < 3
+        assert counter(server, "dropped_total", reason="http_header_timeout") == 3
+        assert server.core.inflight_requests == 0  # none of them ever was a request
+        # Drain on SIGTERM (the settings' 30 s grace) does not wait for a connection stuck mid-head.
+        stalled = _socket(port)
+        stalled.sendall(b"POST /predict HTTP/1.1\r\n")
+        stopping = time.monotonic()
+        server.stop(grace=None)
+        assert time.monotonic() - stopping < 5
+        stalled.close()
+    finally:
+        server.stop()
+
+
 def test_unfinished_http_requests_are_capped_with_503_and_retry_after():
     server = limited_server(http_read_timeout_s=2.0, http_max_concurrent_requests=2)
     try:
@@ -205,9 +247,10 @@ def _rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
-def _scrape(port: int, name: str) -> float:
+def _scrape(port: int, *names: str) -> float:
+    """The sum of the samples whose lines start with any of `names`, from one scrape."""
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(names))
 
 
 class _Peer:  # what the helpers above need of a server: its addresses
@@ -215,15 +258,18 @@ class _Peer:  # what the helpers above need of a server: its addresses
         self.target, self.http_url = target, http_url
 
 
-def test_rss_stays_within_the_inflight_limit_while_80_clients_never_read_and_comes_back():
-    """40 HTTP clients and 40 gRPC streams ask for 16 MiB each and never read. The server (a subprocess,
-    glibc's mmap threshold fixed at 1 MiB so freed answers go back to the OS) must stay within
-    --max-inflight-bytes (64 MiB) plus OVERHEAD, and come back once they go."""
+def test_rss_stays_within_the_inflight_limit_while_32_clients_never_read_and_comes_back():
+    """16 HTTP clients and 16 gRPC streams, one after the other, ask for 16 MiB each and never read. The
+    server (a subprocess, glibc's mmap threshold fixed at 1 MiB so freed answers go back to the OS) must
+    stay within --max-inflight-bytes (64 MiB: four such answers) plus 96 MiB of overhead, 160 MiB in all,
+    and come back once they go. Measured: +72 MiB. Before answers were sent inside their reservation,
+    each unread HTTP answer (~15 MiB left in the transport's buffer) let the next one in: +271 MiB with
+    these 16 (+592 MiB with 40), so 16 clients are enough to fail the old code by a wide margin."""
     import os
     import subprocess
     import sys
 
-    limit, overhead = 64 << 20, 96 << 20
+    limit, overhead, clients = 64 << 20, 96 << 20, 16
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     code = _RSS_SERVER.format(limit=limit, width=WIDTH)
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -239,12 +285,12 @@ def test_rss_stays_within_the_inflight_limit_while_80_clients_never_read_and_com
         socks: list[socket.socket] = []
 
         def settled() -> bool:  # every request so far refused, or admitted and stuck sending (or done)
-            done = _scrape(metrics_port, "flux2_encoder_requests_total{")
-            return done + _scrape(metrics_port, "flux2_encoder_inflight_requests ") >= 2 + len(socks)
+            counted = _scrape(metrics_port, "flux2_encoder_requests_total{", "flux2_encoder_inflight_requests ")
+            return counted >= 2 + len(socks)
 
         # One at a time, so each is admitted if the limit allows (all HTTP first: answers that escaped the
         # reservation while being sent would pile up here).
-        for open_unread in [unread_http] * 40 + [unread_grpc] * 40:
+        for open_unread in [unread_http] * clients + [unread_grpc] * clients:
             socks.append(open_unread(peer, 16))  # type: ignore[arg-type]
             wait_until(settled, 30, "the unread request to be answered or stuck")
         peak = max(_rss(proc.pid) for _ in range(5) if time.sleep(0.1) is None)

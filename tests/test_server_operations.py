@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from flux2_client.demo import start_server, wait_serving
+from flux2_client.demo import wait_serving
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
 from flux2_encoder_server.cache import EmbeddingCache, MemoryLRU
 from flux2_encoder_server.settings import ENV_PREFIX, SecretStr, Settings
@@ -24,13 +24,37 @@ from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
 # -- SIGTERM ---------------------------------------------------------------------------------------------
 
 
-def test_sigterm_mid_load_drains_and_exits(tiny, engine, tmp_path):
+#: `flux2-encoder-server serve` (settings from the same flags, the same logging, the same `serve` with its
+#: signal handlers) over a `FakeEngine` whose batches take 50 ms a prompt, so requests are in flight when
+#: the signal comes without the cost of the model (what SIGTERM does is the server's, not the model's).
+_SERVE_FAKE = """
+import asyncio, sys
+from flux2_encoder_server.logs import configure_logging
+from flux2_encoder_server.server import serve
+from flux2_encoder_server.settings import Settings
+from flux2_encoder_server.testing import FakeEngine
+settings = Settings.from_cli(sys.argv[1:], {})
+configure_logging(settings.log_level, settings.log_format)
+asyncio.run(serve(settings, lambda _s: FakeEngine(device_ms_per_prompt=50)))
+"""
+
+
+def test_sigterm_mid_load_drains_and_exits(tmp_path):
+    import re
+    import subprocess
+    import sys
+
     log_path = tmp_path / "server.log"
-    proc, target = start_server(
-        str(tiny.pipeline),
-        ["--no-warmup", "--grace-period-s", "60", "--cache-bytes", "0", "--log-format", "json"],
-        log_path,
-    )
+    flags = ["--model", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--no-warmup"]
+    flags += ["--grace-period-s", "60", "--cache-bytes", "0", "--log-format", "json"]
+    with log_path.open("w") as log:
+        cmd = [sys.executable, "-c", _SERVE_FAKE, *flags]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.stdout.readline())
+    assert listening, log_path.read_text()
+    target = f"127.0.0.1:{listening.group(1)}"
+    alone = FakeEngine()
     outcomes: list[tuple[float, float, list[str], object]] = []  # (start, end, prompts, tensor or error)
     lock = threading.Lock()
     stop = threading.Event()
@@ -74,7 +98,7 @@ def test_sigterm_mid_load_drains_and_exits(tiny, engine, tmp_path):
     assert not any(isinstance(e, codec.WireError) for e in errors)  # no stream was cut short
     # Every accepted tensor is complete and exact; every refusal is a clean UNAVAILABLE.
     for _, _, prompts, tensor in successes:
-        assert torch.equal(tensor, engine.encode(prompts))  # type: ignore[arg-type]
+        assert torch.equal(tensor, alone.encode(prompts))  # type: ignore[arg-type]
     assert errors, "requests sent after SIGTERM must be refused"
     for start, _, _, error in outcomes:
         if not isinstance(error, Exception):
@@ -97,12 +121,13 @@ def test_sigterm_mid_load_drains_and_exits(tiny, engine, tmp_path):
 
 
 @pytest.fixture
-def counted(tiny, engine):
+def counted():
+    """Servers over `FakeEngine`s (a fixed row per prompt, no model time) that count what reaches them."""
     servers = []
 
     def make(**overrides):
-        wrapped = FakeEngine(engine)
-        thread = ServerThread(local_settings(str(tiny.pipeline), **overrides), lambda _s: wrapped).start()
+        wrapped = FakeEngine()
+        thread = ServerThread(local_settings(**overrides), lambda _s: wrapped).start()
         servers.append(thread)
         return thread, wrapped
 
@@ -111,7 +136,8 @@ def counted(tiny, engine):
         thread.stop()
 
 
-def test_memory_cache_hits_skip_the_model_and_stay_exact(counted, engine):
+def test_memory_cache_hits_skip_the_model_and_stay_exact(counted):
+    engine = FakeEngine()  # the rows each prompt has alone
     thread, wrapped = counted()
     want = engine.encode(["cached a", "cached b"])
     with RemoteTextEncoder(thread.target) as enc:
@@ -130,7 +156,8 @@ def test_memory_cache_hits_skip_the_model_and_stay_exact(counted, engine):
     assert metrics.value("flux2_encoder_prompts_total", {"source": "cache"}) == 2
 
 
-def test_repeated_prompts_in_one_request_run_once(counted, engine):
+def test_repeated_prompts_in_one_request_run_once(counted):
+    engine = FakeEngine()  # the rows each prompt has alone
     thread, wrapped = counted(cache_bytes=0)
     with RemoteTextEncoder(thread.target) as enc:
         got = enc.encode(["same", "other", "same"]).prompt_embeds
@@ -138,7 +165,8 @@ def test_repeated_prompts_in_one_request_run_once(counted, engine):
     assert torch.equal(got, engine.encode(["same", "other", "same"]))
 
 
-def test_disk_cache_survives_a_restart(counted, engine, tmp_path):
+def test_disk_cache_survives_a_restart(counted, tmp_path):
+    engine = FakeEngine()  # the rows each prompt has alone
     folder = tmp_path / "cache"
     first, _ = counted(cache_dir=str(folder))
     with RemoteTextEncoder(first.target) as enc:
@@ -224,6 +252,15 @@ NON_DEFAULT: dict[str, object] = {
     "self_test_interval_s": 12.5,
     "log_level": "DEBUG",
     "log_format": "text",
+    "upsampling": True,
+    "upsample_share": 0.5,
+    "upsample_max_queued_requests": 7,
+    "upsample_max_prompts": 3,
+    "upsample_max_new_tokens": 100,
+    "upsample_max_temperature": 1.5,
+    "upsample_max_images": 4,
+    "upsample_max_image_bytes": 1000000,
+    "upsample_max_image_pixels": 1000000,
 }
 
 
@@ -314,8 +351,9 @@ def test_the_running_server_reads_every_setting_and_obeys_flags_and_environment(
     read.clear()  # construction reads every field once
     loaded: list[FakeEngine] = []
 
-    def load_and_count(s: Settings) -> FakeEngine:  # the real loader, so the model settings are read too
-        loaded.append(FakeEngine(load_engine(s)))
+    def load_and_count(s: Settings) -> FakeEngine:
+        load_engine(s)  # the real loader, so the model settings are read too
+        loaded.append(FakeEngine())  # answers without the model's time: what is tested is the settings
         return loaded[0]
 
     auth = (("authorization", f"Bearer {token}"),)

@@ -1,5 +1,6 @@
 """Bearer-token auth, per-token limits, reflection behind auth, TLS and mutual TLS with certificates made
-here, and the access log naming the caller."""
+here, and the access log naming the caller. The engine is `FakeEngine` (a fixed row per prompt, no model
+time): what is tested is who gets in, not the model's bytes."""
 
 from __future__ import annotations
 
@@ -32,12 +33,17 @@ def token_file(tmp_path_factory) -> Path:
     return path
 
 
+def alone(prompts: list[str]) -> torch.Tensor:
+    """The rows of `prompts` encoded by themselves, on an engine of their own."""
+    return FakeEngine().encode(prompts)
+
+
 @pytest.fixture(scope="module")
-def authed(tiny, engine, token_file):
+def authed(token_file):
     # One token from the file, one from the inline/env setting.
+    engine = FakeEngine()
     thread = ServerThread(
-        local_settings(str(tiny.pipeline), auth_tokens_file=str(token_file), auth_tokens=f"bob:{BOB}"),
-        lambda _s: engine,
+        local_settings(auth_tokens_file=str(token_file), auth_tokens=f"bob:{BOB}"), lambda _s: engine
     ).start()
     yield thread
     thread.stop()
@@ -63,13 +69,13 @@ def test_health_needs_no_token(authed):
     assert _health(authed.target) == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_each_token_works_and_is_named_in_the_access_log(authed, engine, caplog):
+def test_each_token_works_and_is_named_in_the_access_log(authed, caplog):
     caplog.set_level(logging.INFO, logger="flux2_encoder_server.access")
     for token, label in ((ALICE, "alice"), (BOB, "bob")):
         with RemoteTextEncoder(authed.target, token=token) as enc:
             got = enc.encode("authorized prompt", request_id=f"req-{label}").prompt_embeds
             assert enc.info().api_version == "v1"
-        assert torch.equal(got, engine.encode(["authorized prompt"]))
+        assert torch.equal(got, alone(["authorized prompt"]))
     with RemoteTextEncoder(authed.target, token="not-a-valid-token-000000") as enc, pytest.raises(RemoteEncoderError):
         enc.encode("refused")
     lines = [r.fields for r in caplog.records if r.name == "flux2_encoder_server.access"]
@@ -146,7 +152,7 @@ def test_tokens_never_appear_in_help_repr_or_settings_errors(capsys, monkeypatch
                 assert secret not in refused.err + refused.out
 
 
-def test_tokens_never_appear_in_logs_or_answers(tiny, engine, token_file, caplog):
+def test_tokens_never_appear_in_logs_or_answers(token_file, caplog):
     """A server configured with tokens from the file and the environment: its start-up and access logs,
     and every error it sends over gRPC and HTTP (including for near-miss tokens), never hold a token."""
     import httpx
@@ -155,11 +161,11 @@ def test_tokens_never_appear_in_logs_or_answers(tiny, engine, token_file, caplog
     near_misses = [ALICE[:-1], ALICE + "x", BOB.upper()]
     caplog.set_level(logging.DEBUG)
     settings = Settings.from_cli(
-        ["--model", str(tiny.pipeline), "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--no-warmup"],
+        ["--model", "fake", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--no-warmup"],
         {"FLUX2_ENCODER_AUTH_TOKENS_FILE": str(token_file), "FLUX2_ENCODER_AUTH_TOKENS": f"bob:{BOB}"},
     )
     answers: list[str] = []
-    with ServerThread(settings, lambda _s: engine) as server:
+    with ServerThread(settings, lambda _s: FakeEngine()) as server:
         for token in (None, *near_misses):
             with RemoteTextEncoder(server.target, token=token) as enc:
                 for call in (lambda enc=enc: enc.encode("hello"), enc.info):
@@ -184,15 +190,14 @@ def test_tokens_never_appear_in_logs_or_answers(tiny, engine, token_file, caplog
             assert secret not in text, text
 
 
-def test_per_token_rate_limit(tiny, engine):
+def test_per_token_rate_limit():
     settings = local_settings(
-        str(tiny.pipeline),
         auth_tokens=f"alice:{ALICE},bob:{BOB}",
         rate_limit_prompts_per_s=0.001,
         rate_limit_burst_prompts=4,
         max_prompts_per_request=4,
     )
-    thread = ServerThread(settings, lambda _s: engine).start()
+    thread = ServerThread(settings, lambda _s: FakeEngine()).start()
     try:
         with RemoteTextEncoder(thread.target, token=ALICE) as alice, RemoteTextEncoder(thread.target, token=BOB) as bob:
             alice.encode(["one", "two", "three"])
@@ -217,10 +222,10 @@ def test_per_token_rate_limit(tiny, engine):
         thread.stop()
 
 
-def test_per_token_concurrency_limit(tiny, engine):
-    wrapped = FakeEngine(engine)
+def test_per_token_concurrency_limit():
+    wrapped = FakeEngine()
     settings = local_settings(
-        str(tiny.pipeline), auth_tokens=f"alice:{ALICE},bob:{BOB}", max_concurrent_requests_per_token=1, cache_bytes=0
+        auth_tokens=f"alice:{ALICE},bob:{BOB}", max_concurrent_requests_per_token=1, cache_bytes=0
     )
     thread = ServerThread(settings, lambda _s: wrapped).start()
     try:
@@ -315,18 +320,17 @@ def certs(tmp_path_factory) -> dict[str, Path]:
     return _certificates(tmp_path_factory.mktemp("certs"))
 
 
-def test_tls(tiny, engine, certs):
+def test_tls(certs):
     settings = local_settings(
-        str(tiny.pipeline),
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),
         auth_tokens=f"alice:{ALICE}",
     )
-    thread = ServerThread(settings, lambda _s: engine).start()
+    thread = ServerThread(settings, lambda _s: FakeEngine()).start()
     ca = certs["ca"].read_bytes()
     try:
         with RemoteTextEncoder(thread.target, token=ALICE, root_certificates=ca) as enc:
-            assert torch.equal(enc.encode("over TLS").prompt_embeds, engine.encode(["over TLS"]))
+            assert torch.equal(enc.encode("over TLS").prompt_embeds, alone(["over TLS"]))
         assert _health(thread.target, grpc.ssl_channel_credentials(ca)) == health_pb2.HealthCheckResponse.SERVING
         with RemoteTextEncoder(thread.target, token=ALICE, timeout=5) as plaintext, pytest.raises(RemoteEncoderError):
             plaintext.encode("plaintext to a TLS port")
@@ -334,14 +338,13 @@ def test_tls(tiny, engine, certs):
         thread.stop()
 
 
-def test_mutual_tls(tiny, engine, certs):
+def test_mutual_tls(certs):
     settings = local_settings(
-        str(tiny.pipeline),
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),
         tls_client_ca=str(certs["ca"]),
     )
-    thread = ServerThread(settings, lambda _s: engine).start()
+    thread = ServerThread(settings, lambda _s: FakeEngine()).start()
     ca = certs["ca"].read_bytes()
     try:
         with RemoteTextEncoder(
@@ -350,7 +353,7 @@ def test_mutual_tls(tiny, engine, certs):
             client_certificate=certs["client_cert"].read_bytes(),
             client_private_key=certs["client_key"].read_bytes(),
         ) as enc:
-            assert torch.equal(enc.encode("over mTLS").prompt_embeds, engine.encode(["over mTLS"]))
+            assert torch.equal(enc.encode("over mTLS").prompt_embeds, alone(["over mTLS"]))
         with RemoteTextEncoder(thread.target, root_certificates=ca, timeout=5) as no_cert:
             with pytest.raises(RemoteEncoderError) as err:
                 no_cert.encode("no client certificate")

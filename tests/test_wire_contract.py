@@ -120,6 +120,9 @@ class _CorruptingService:
     async def Info(self, request, context):
         return await self.inner.Info(request, context)
 
+    async def Upsample(self, request, context):
+        return await self.inner.Upsample(request, context)
+
 
 def test_corrupted_chunk_is_refused(tiny, engine, monkeypatch):
     from flux2_encoder_server import server as server_module

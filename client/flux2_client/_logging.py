@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import sys
-import time
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import TextIO
+
+from flux2split_proto.jsonlog import JsonFormatter
 
 LOG_FORMATS = ("text", "json")
 
@@ -49,24 +49,6 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, and a record's `fields` (a dict) merged in."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 @contextlib.contextmanager

@@ -127,6 +127,17 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         help="FLUX.2 [klein] base models: the negative prompt of classifier-free guidance, encoded by the server",
     )
     p.add_argument("--seed", type=int, default=0, help="image k of the call uses seed + k")
+    p.add_argument(
+        "--upsample",
+        nargs="?",
+        const=0.15,
+        default=None,
+        type=finite_float,
+        metavar="TEMPERATURE",
+        help="prompt upsampling on the encoder server (started with --upsampling): the prompts are rewritten "
+        "the way FLUX.2 expects (diffusers' caption_upsample_temperature; 0.15 when no value is given, 0 greedy; "
+        "with --image, image-to-image mode), sampled with --seed, printed and saved in the PNGs",
+    )
     p.add_argument("--num-images-per-prompt", type=at_least_one, default=1)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; default cuda if available")
     p.add_argument(
@@ -224,6 +235,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
         args.steps = TURBO_STEPS
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.guidance = (TURBO_GUIDANCE if args.turbo else DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
+    if getattr(args, "upsample", None) is not None and args.upsample < 0:
+        raise UsageError(f"--upsample: the temperature must be 0 (greedy) or more, got {args.upsample:g}")
     try:
         args.lora = [spec if isinstance(spec, LoraSpec) else LoraSpec.parse(spec) for spec in args.lora]
     except ValueError as exc:
@@ -401,6 +414,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 dit_revision=args.dit_revision,
                 loras=args.lora,
                 turbo=args.turbo,
+                upsample_temperature=args.upsample,
             )
         except (LoraSourceError, LoraKeyError) as exc:
             raise UsageError(f"--{exc}") from None

@@ -11,9 +11,11 @@ edge), and the delay the server suggested before a retry, when it sent one.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from flux2split_proto.v1 import encoder_pb2 as pb
@@ -93,6 +95,76 @@ class EncodeResult:
     sha256: bytes | None = None
     served_by: str | None = None
     header: pb.TensorHeader | None = None
+    #: With `encode(..., upsample=...)`: the rewritten prompts the rows are the embeddings of, and the seed
+    #: the upsampling ran with; None otherwise.
+    upsampled_prompts: tuple[str, ...] | None = None
+    upsample_seed: int | None = None
+
+
+#: Reference images as `upsample` takes them: encoded files (bytes), paths to them, or PIL images.
+ImageInput = Any
+
+
+@dataclass(frozen=True)
+class UpsampleOptions:
+    """How a server upsamples prompts (its `Upsample` rpc, `POST /upsample`, `encode(upsample=...)`), as
+    diffusers' `Flux2Pipeline.upsample_prompt` does.
+
+    temperature: sampling temperature; 0.15 is diffusers' default, 0 greedy decoding, None the server's
+        default (0.15).
+    max_new_tokens: most tokens per prompt; 0: the server's default (512, diffusers').
+    seed: the sampling seed; None: the server draws one (and reports it).
+    images: reference images (image-to-image mode), up to 10.
+    images_per_prompt: how `images` split between the prompts (one count per prompt); empty: every prompt
+        gets all of them.
+    """
+
+    temperature: float | None = 0.15
+    max_new_tokens: int = 0
+    seed: int | None = None
+    images: Sequence[ImageInput] = ()
+    images_per_prompt: Sequence[int] = ()
+
+    def image_files(self) -> list[bytes]:
+        """`images` as encoded files: bytes as they are, paths read, PIL images written as PNG."""
+        return [image_file(image) for image in self.images]
+
+    def message(self) -> pb.UpsampleOptions:
+        options = pb.UpsampleOptions(
+            max_new_tokens=self.max_new_tokens,
+            images=self.image_files(),
+            images_per_prompt=list(self.images_per_prompt),
+        )
+        if self.temperature is not None:
+            options.temperature = self.temperature
+        if self.seed is not None:
+            options.seed = self.seed
+        return options
+
+
+def image_file(image: ImageInput) -> bytes:
+    """One reference image as the bytes of an image file."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    if hasattr(image, "save"):  # a PIL image: lossless PNG
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"images: expected bytes, a path or a PIL image, got {type(image).__name__}")
+
+
+@dataclass(frozen=True)
+class UpsampleResult:
+    """Prompts rewritten by a server's prompt upsampling: in request order, the seed the sampling ran
+    with, the tokens generated for each, the model that generated them and the target that answered."""
+
+    prompts: tuple[str, ...]
+    seed: int
+    new_tokens: tuple[int, ...]
+    fingerprint: pb.ModelFingerprint
+    served_by: str | None = None
 
 
 class Encoder(Protocol):
@@ -104,6 +176,25 @@ class Encoder(Protocol):
     def encode(self, prompts: str | Sequence[str], *, timeout: float | None = None) -> EncodeResult: ...
 
     def close(self) -> None: ...
+
+
+class UpsamplingEncoder(Encoder, Protocol):
+    """An `Encoder` that also asks its server to upsample prompts (`RemoteTextEncoder`, `HttpTextEncoder`,
+    `EncoderPool`): `upsample` returns the rewritten prompts; `encode(..., upsample=options)` the
+    embeddings of the rewritten prompts, which it names in `EncodeResult.upsampled_prompts`."""
+
+    def upsample(
+        self, prompts: str | Sequence[str], options: UpsampleOptions = ..., *, timeout: float | None = None
+    ) -> UpsampleResult: ...
+
+
+def fingerprint_error(message: str) -> RemoteEncoderError:
+    """A FAILED_PRECONDITION answer as its error: FingerprintMismatchError when the server says the model is
+    not the pinned one (`shared.fingerprint_mismatch_message`), else a plain RemoteEncoderError (e.g. a
+    server that does not upsample)."""
+    if message.startswith("expected_fingerprint"):
+        return FingerprintMismatchError(message)
+    return RemoteEncoderError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:

@@ -26,7 +26,16 @@ from flux2split_proto import codec, shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 
 from .cache import EmbeddingCache
-from .encoder import Encoder, EncodeResult, EncoderInfo, FingerprintMismatchError, RemoteEncoderError, prompt_list
+from .encoder import (
+    Encoder,
+    EncodeResult,
+    EncoderInfo,
+    FingerprintMismatchError,
+    RemoteEncoderError,
+    UpsampleOptions,
+    UpsampleResult,
+    prompt_list,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -204,15 +213,43 @@ class EncoderPool:
                 digest = self._digest
         return digest
 
-    def encode(self, prompts: str | Sequence[str], *, timeout: float | None = None) -> EncodeResult:
+    def upsample(
+        self,
+        prompts: str | Sequence[str],
+        options: UpsampleOptions = UpsampleOptions(),  # noqa: B008 (frozen dataclass)
+        *,
+        timeout: float | None = None,
+    ) -> UpsampleResult:
+        """`prompts` rewritten by a server's prompt upsampling, with the pool's failover and retries.
+        Without `options.seed` each attempt's server draws its own seed (the result reports it)."""
+        prompts = prompt_list(prompts)
+        if not prompts:
+            raise ValueError("prompts: at least one prompt is required")
+        result, _ = self._call(lambda enc, t: enc.upsample(prompts, options, timeout=t), timeout)  # type: ignore[attr-defined]
+        if result.fingerprint.digest:  # an HTTP server names its model only after an /info
+            self._check_model(result.fingerprint)
+        return result
+
+    def encode(
+        self, prompts: str | Sequence[str], *, timeout: float | None = None, upsample: UpsampleOptions | None = None
+    ) -> EncodeResult:
         """Embeddings (B, L, D) for `prompts`, rows in prompt order. Prompts found in the cache are not
         sent. `timeout`: seconds for this whole call, retries included (default: the retry policy's
-        deadline)."""
+        deadline). With `upsample`, a server rewrites the prompts first and the rows are the embeddings of
+        the rewritten prompts (`upsampled_prompts`); the cache is not asked (the rewritten prompts are not
+        known before), the rows are stored under the rewritten prompts."""
         import torch
 
         prompts = prompt_list(prompts)
         if not prompts:
             raise ValueError("prompts: at least one prompt is required")
+        if upsample is not None:
+            encoded, _ = self._call(lambda enc, t: enc.encode(prompts, timeout=t, upsample=upsample), timeout)  # type: ignore[call-arg]
+            self._check_model(encoded.fingerprint)
+            if self.cache is not None and encoded.upsampled_prompts is not None:
+                for j, rewritten in enumerate(encoded.upsampled_prompts):
+                    self.cache.put(encoded.fingerprint, rewritten, encoded.prompt_embeds[j : j + 1])
+            return encoded
         started = time.monotonic()
         rows: list[torch.Tensor | None] = [None] * len(prompts)
         fingerprint: pb.ModelFingerprint | None = None

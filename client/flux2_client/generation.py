@@ -359,6 +359,7 @@ def generate_to_files(
     dit_revision: str | None = None,
     loras: Sequence[str | tuple[str, float] | LoraSpec] = (),
     turbo: bool = False,
+    upsample_temperature: float | None = None,
 ) -> list[Path]:
     """Prompts in, PNG files out: what `flux2-client generate` and the demo run.
 
@@ -377,6 +378,11 @@ def generate_to_files(
     FLUX.2-dev Turbo LoRA and runs its 8 steps on its sigmas (`turbo`), with `params.guidance_scale`;
     `params.step_cache` turns on a step cache. The PNGs and the printed plan name every LoRA (file, sha256,
     scale), the sigmas, the cache and turbo.
+
+    `upsample_temperature` (0.15 recommended; 0 greedy): the server first rewrites the prompts (prompt
+    upsampling, diffusers' `caption_upsample_temperature`, with the reference images in image-to-image
+    mode, sampled with `params.seed`) and encodes the rewritten ones in the same call; they are logged and
+    are the PNGs' prompt, the originals kept as `original_prompt`.
     """
     from .families import detect_family, encoder_for_dit
     from .png_metadata import SAMPLER, guidance_fields, infotext
@@ -405,7 +411,17 @@ def generate_to_files(
 
     chosen, owned = encoder_for_dit(encoder, dit or model, revision=dit_rev)
     try:
-        encoded = chosen.encode(prompt_list)
+        if upsample_temperature is not None:
+            from .encoder import UpsampleOptions
+
+            upsample = UpsampleOptions(temperature=upsample_temperature, seed=params.seed, images=refs)
+            encoded = chosen.encode(prompt_list, upsample=upsample)  # type: ignore[call-arg]
+            rewritten = list(encoded.upsampled_prompts or prompt_list)  # type: ignore[attr-defined]
+            for i, text in enumerate(rewritten):
+                _log.info("upsampled prompt %d: %s", i, text)
+        else:
+            encoded = chosen.encode(prompt_list)
+            rewritten = prompt_list
         negatives = family.negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
         negative_embeds = chosen.encode(negatives).prompt_embeds if negatives else None
     finally:
@@ -446,7 +462,7 @@ def generate_to_files(
     paths = []
     targets = output_paths(out, len(prompt_list), num_images_per_prompt)
     for k, (image, path) in enumerate(zip(results, targets, strict=True)):
-        prompt, seed = prompt_list[k // num_images_per_prompt], params.seed + k
+        prompt, seed = rewritten[k // num_images_per_prompt], params.seed + k
         meta = {
             "prompt": prompt,
             "seed": seed,
@@ -463,6 +479,10 @@ def generate_to_files(
         }
         if negatives:
             meta["negative_prompt"] = negative_prompt
+        if upsample_temperature is not None:
+            meta["original_prompt"] = prompt_list[k // num_images_per_prompt]
+            meta["upsample_temperature"] = upsample_temperature
+            meta["upsample_seed"] = getattr(encoded, "upsample_seed", None)
         fields: dict[str, object] = {"Steps": params.num_inference_steps, "Sampler": SAMPLER}
         fields |= guidance_fields(family, params.guidance_scale)
         fields |= {"Seed": seed, "Size": f"{params.width}x{params.height}", "Model": Path(model).name}

@@ -30,6 +30,9 @@ from .encoder import (
     EncoderInfo,
     FingerprintMismatchError,
     RemoteEncoderError,
+    UpsampleOptions,
+    UpsampleResult,
+    fingerprint_error,
     model_mismatch_message,
     prompt_list,
 )
@@ -193,9 +196,60 @@ class HttpTextEncoder:
             self._fingerprint = info.fingerprint
         return info
 
-    def encode(self, prompts: str | Sequence[str], *, timeout: float | None = None) -> EncodeResult:
+    def upsample(
+        self,
+        prompts: str | Sequence[str],
+        options: UpsampleOptions = UpsampleOptions(),  # noqa: B008 (frozen dataclass)
+        *,
+        timeout: float | None = None,
+    ) -> UpsampleResult:
+        """`prompts` rewritten by the server's prompt upsampling (`POST /upsample`)."""
+        import base64
+
+        prompts = prompt_list(prompts)
+        body: dict[str, object] = {
+            "prompt": prompts,
+            "images": [base64.b64encode(f).decode("ascii") for f in options.image_files()],
+            "images_per_prompt": list(options.images_per_prompt),
+            "max_new_tokens": options.max_new_tokens,
+        }
+        if options.temperature is not None:
+            body["temperature"] = options.temperature
+        if options.seed is not None:
+            body["seed"] = options.seed
+        with _transport_errors(self.url):
+            response = self._client.post(
+                self.base_url + "/upsample", json=body, timeout=self._timeout(timeout), extensions=self._extensions
+            )
+        if response.status_code != 200:
+            raise _http_error(response)
+        try:
+            data = response.json()
+            rewritten = tuple(str(p) for p in data["prompts"])
+            seed, new_tokens = int(data["seed"]), tuple(int(n) for n in data.get("new_tokens", ()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise codec.WireError(f"{self.base_url}/upsample: not an upsampling response ({exc!r})") from None
+        if len(rewritten) != len(prompts):
+            raise codec.WireError(f"server returned {len(rewritten)} prompts for {len(prompts)}")
+        with self._lock:
+            fingerprint = self._fingerprint or pb.ModelFingerprint()
+        return UpsampleResult(rewritten, seed, new_tokens, fingerprint, served_by=self.target)
+
+    def encode(
+        self, prompts: str | Sequence[str], *, timeout: float | None = None, upsample: UpsampleOptions | None = None
+    ) -> EncodeResult:
+        """Embeddings for `prompts` (`POST /predict`); with `upsample`, the prompts are first rewritten
+        (`POST /upsample`, the HTTP contract has no combined call) and the rewritten ones encoded."""
+        import dataclasses
+
         import torch
 
+        if upsample is not None:
+            started = time.monotonic()
+            upsampled = self.upsample(prompts, upsample, timeout=timeout)
+            left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
+            encoded = self.encode(list(upsampled.prompts), timeout=left)
+            return dataclasses.replace(encoded, upsampled_prompts=upsampled.prompts, upsample_seed=upsampled.seed)
         prompts = prompt_list(prompts)
         seconds = self._timeout(timeout)
         deadline = time.monotonic() + seconds
@@ -303,7 +357,7 @@ def _http_error(response: httpx.Response) -> RemoteEncoderError:
     except (ValueError, KeyError, TypeError):
         pass
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FingerprintMismatchError(message)
+        return fingerprint_error(message)
     retry_after = None
     if response.status_code in (429, 503):
         retry_after = shared.retry_delay_from_header(response.headers.get("retry-after"))

@@ -14,6 +14,9 @@ from .encoder import (
     EncoderInfo,
     FingerprintMismatchError,
     RemoteEncoderError,
+    UpsampleOptions,
+    UpsampleResult,
+    fingerprint_error,
     model_mismatch_message,
     prompt_list,
 )
@@ -114,8 +117,11 @@ class RemoteTextEncoder:
         timeout: float | None = None,
         bypass_cache: bool = False,
         request_id: str = "",
+        upsample: UpsampleOptions | None = None,
     ) -> EncodeResult:
-        """Embeddings (B, L, D) for `prompts`, checked against the header's length and sha256."""
+        """Embeddings (B, L, D) for `prompts`, checked against the header's length and sha256. With
+        `upsample`, the server rewrites the prompts first (prompt upsampling) and encodes the rewritten
+        ones, which the result names (`upsampled_prompts`)."""
         prompts = prompt_list(prompts)
         request = pb.EncodeRequest(
             prompts=prompts,
@@ -125,6 +131,8 @@ class RemoteTextEncoder:
             request_id=request_id,
             model=self.model or "",
         )
+        if upsample is not None:
+            request.upsample.CopyFrom(upsample.message())
         try:
             stream = self._stub.Encode(request, timeout=self._timeout(timeout), metadata=self._metadata)
             header, tensor = codec.assemble(stream, max_bytes=self.max_payload_bytes)
@@ -141,6 +149,11 @@ class RemoteTextEncoder:
             raise codec.WireError(f"server returned {tensor.shape[0]} rows for {len(prompts)} prompts")
         hits = list(header.cache_hit)[: len(prompts)]
         hits += [False] * (len(prompts) - len(hits))
+        upsampled = None
+        if upsample is not None:
+            upsampled = tuple(header.upsampled_prompts)
+            if len(upsampled) != len(prompts):
+                raise codec.WireError(f"server returned {len(upsampled)} upsampled prompts for {len(prompts)}")
         return EncodeResult(
             prompt_embeds=tensor,
             cache_hit=tuple(hits),
@@ -148,6 +161,45 @@ class RemoteTextEncoder:
             sha256=header.sha256,
             served_by=self.target,
             header=header,
+            upsampled_prompts=upsampled,
+            upsample_seed=header.upsample_seed if upsample is not None else None,
+        )
+
+    def upsample(
+        self,
+        prompts: str | Sequence[str],
+        options: UpsampleOptions = UpsampleOptions(),  # noqa: B008 (frozen dataclass)
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+    ) -> UpsampleResult:
+        """`prompts` rewritten by the server's prompt upsampling (diffusers' `Flux2Pipeline.upsample_prompt`)."""
+        prompts = prompt_list(prompts)
+        o = options.message()
+        request = pb.UpsampleRequest(
+            prompts=prompts,
+            images=o.images,
+            max_new_tokens=o.max_new_tokens,
+            request_id=request_id,
+            model=self.model or "",
+            images_per_prompt=o.images_per_prompt,
+        )
+        if o.HasField("temperature"):
+            request.temperature = o.temperature
+        if o.HasField("seed"):
+            request.seed = o.seed
+        try:
+            reply = self._stub.Upsample(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _as_error(exc) from None
+        if len(reply.prompts) != len(prompts):
+            raise codec.WireError(f"server returned {len(reply.prompts)} prompts for {len(prompts)}")
+        return UpsampleResult(
+            prompts=tuple(reply.prompts),
+            seed=reply.seed,
+            new_tokens=tuple(reply.new_tokens),
+            fingerprint=reply.fingerprint,
+            served_by=self.target,
         )
 
     def _timeout(self, timeout: float | None) -> float:
@@ -159,5 +211,5 @@ def _as_error(exc: grpc.RpcError) -> RemoteEncoderError:
         return RemoteEncoderError(grpc.StatusCode.UNKNOWN, str(exc))
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FingerprintMismatchError(details)
+        return fingerprint_error(details)
     return RemoteEncoderError(code, details, retry_after=shared.retry_delay_from_call(exc))

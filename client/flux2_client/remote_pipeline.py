@@ -94,6 +94,20 @@ class RemoteTextEncoderMixin(_Pipeline):
         return embeds
 
 
+def _images_per_prompt(images: Any, num_prompts: int) -> tuple[list[Any], list[int]]:
+    """diffusers' `upsample_prompt` images (None, one image per prompt, or per prompt a list) as the flat
+    list and per-prompt counts the server takes."""
+    if images is None or len(images) == 0 or images[0] is None:
+        return [], []
+    if hasattr(images[0], "size") and not isinstance(images[0], (list, tuple)):  # one PIL image per prompt
+        groups = [[image] for image in images]
+    else:
+        groups = [list(group) for group in images]
+    if len(groups) != num_prompts:
+        raise ValueError(f"image: {len(groups)} image entries for {num_prompts} prompts (one per prompt)")
+    return [image for group in groups for image in group], [len(group) for group in groups]
+
+
 def _check_recipe(fingerprint: Any, max_sequence_length: int, out_layers: Sequence[int] | None) -> None:
     """The remote encoder computes one recipe; options asking for another are refused by name."""
     served_length = int(getattr(fingerprint, "max_length", 0) or 0)
@@ -128,9 +142,13 @@ class Flux2RemotePipeline(RemoteTextEncoderMixin, Flux2Pipeline):
         text_encoder, tokenizer: unused; declared so diffusers' `components` and `from_pipe` work.
 
     `from_pretrained(repo, transformer=..., encoder=...)` loads the pipeline without the local text
-    encoder and tokenizer. Caption upsampling (`caption_upsample_temperature`) needs the local encoder's
-    `generate()` and is refused with a ValueError naming the option.
+    encoder and tokenizer. Caption upsampling (`caption_upsample_temperature`) runs on the encoder's server
+    (its `Upsample` rpc; the server must run with upsampling on): `upsample_prompt` is diffusers' method
+    with the model on the server, and `last_upsample` keeps what the last call rewrote (prompts, seed).
     """
+
+    #: The server's answer to the last `upsample_prompt` (rewritten prompts, seed); None before any.
+    last_upsample: Any = None
 
     _optional_components: ClassVar[list[str]] = ["text_encoder", "tokenizer"]
 
@@ -152,11 +170,35 @@ class Flux2RemotePipeline(RemoteTextEncoderMixin, Flux2Pipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
         return super().from_pretrained(pretrained_model_name_or_path, **_text_components_are_remote(kwargs))
 
-    def upsample_prompt(self, prompt: Any, images: Any = None, temperature: float = 0.15, device: Any = None) -> Any:
-        raise ValueError(
-            "caption_upsample_temperature: caption upsampling (Flux2Pipeline.upsample_prompt) generates text with "
-            "a local text encoder, and the remote encoder only encodes; leave caption_upsample_temperature unset"
+    def upsample_prompt(
+        self,
+        prompt: str | list[str],
+        images: Any = None,
+        temperature: float = 0.15,
+        device: Any = None,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int = 0,
+    ) -> list[str]:
+        """diffusers' `upsample_prompt`, run by the remote encoder's server: the same arguments (`images`: one
+        PIL image per prompt, or per prompt a list of them), the rewritten prompts back. `seed`: the
+        sampling seed (None: the server draws one, kept in `last_upsample`); `max_new_tokens` 0: 512."""
+        from .encoder import UpsampleOptions
+
+        upsample = getattr(self.encoder, "upsample", None)
+        if upsample is None:
+            raise ValueError(
+                "caption_upsample_temperature: this pipeline's encoder cannot upsample prompts; pass encoder= "
+                "(a 'host:port' or an EncoderPool) of a server started with --upsampling"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        files, counts = _images_per_prompt(images, len(prompts))
+        options = UpsampleOptions(
+            temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, images=files, images_per_prompt=counts
         )
+        result = upsample(prompts, options)
+        self.last_upsample = result
+        return list(result.prompts)
 
 
 class Flux2KleinRemotePipeline(RemoteTextEncoderMixin, Flux2KleinPipeline):

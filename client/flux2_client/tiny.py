@@ -104,6 +104,38 @@ def build_tiny_tokenizer(model_max_length: int = 512):
     return tokenizer
 
 
+def write_tiny_processor_config(tokenizer_dir: str | Path) -> None:
+    """The multimodal processor of the tiny text encoder, beside its tokenizer: a PixtralProcessor whose
+    image processor scales images to the tiny vision tower (32 px, patches of 8, merged 2 x 2), as
+    `tokenizer/` of FLUX.2-dev holds one for the real tower. Prompt upsampling's image-to-image mode loads
+    it with `AutoProcessor` (transformers' PixtralProcessor needs torchvision); nothing else reads it."""
+    folder = Path(tokenizer_dir)
+    processor = {
+        "processor_class": "PixtralProcessor",
+        "patch_size": 8,
+        "spatial_merge_size": 2,
+        "image_token": "[IMG]",
+        "image_break_token": "[IMG_BREAK]",
+        "image_end_token": "[IMG_END]",
+    }
+    image_processor = {
+        "image_processor_type": "PixtralImageProcessor",
+        "processor_class": "PixtralProcessor",
+        "patch_size": 8,
+        "size": {"longest_edge": 32},
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+    }
+    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")
+
+
 def build_tiny_text_encoder(hidden_size: int = 64, num_layers: int = 40, seed: int = 0):
     """A `Mistral3ForConditionalGeneration` with Mistral Small 3.1's structure at toy width."""
     import torch
@@ -295,6 +327,7 @@ def make_tiny_flux2(out_dir: str | Path, seed: int = 0, overwrite: bool = False)
         transformer=build_tiny_transformer(joint_dim, seed=seed + 2),
     )
     pipe.save_pretrained(paths.pipeline, safe_serialization=True)
+    write_tiny_processor_config(paths.pipeline / "tokenizer")
 
     from ._quantization import load_nf4_transformer
 

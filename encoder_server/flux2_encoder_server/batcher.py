@@ -13,6 +13,12 @@ second thread waits for each handle in launch order and answers its callers; at 
 batches are launched and not yet answered. So the device does not idle while the host tokenizes, answers
 callers or waits for the GIL between batches.
 
+Tasks: besides prompt batches the worker runs whole model calls queued with `run_task` (prompt upsampling:
+one `generate` per request), each alone on the worker thread, in FIFO order, with their own queue limit.
+While both kinds wait, `task_share` of the worker's turns go to tasks (0.25: one task, then three batches),
+so a burst of tasks cannot starve encoding, nor a flood of prompts the tasks. A task runs after the
+batches already launched (the device runs them in order) and is answered from the worker thread itself.
+
 The worker threads must outlive any single failure: everything it does per batch is guarded, and
 results are handed to the callers' event loops with `call_soon_threadsafe` (a loop that has gone away
 is ignored).
@@ -64,6 +70,36 @@ class _Job:
         return self.deadline is not None and now >= self.deadline
 
 
+@dataclass
+class _Task:
+    """A model call run alone on the worker thread: `run(should_stop)` (should_stop() turns true once the
+    caller is gone or its deadline passed, so a long call can end early)."""
+
+    run: Callable[[Callable[[], bool]], object]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    deadline: float | None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started_at: float | None = None
+    run_seconds: float = 0.0
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.expired(time.monotonic())
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What `Batcher.run_task` returns: the task's value, and where the request spent its time."""
+
+    value: object
+    queue_seconds: float
+    run_seconds: float
+
+
 @dataclass(frozen=True)
 class _Launched:
     """A batch handed to the model, waiting for its rows."""
@@ -104,8 +140,16 @@ class Batcher:
         pipeline_depth: int = 2,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
+        max_queued_tasks: int = 16,
+        task_share: float = 0.25,
     ):
+        if not 0 < task_share <= 1:
+            raise ValueError(f"task_share must be in (0, 1], got {task_share}")
         self._encode = encode
+        self.max_queued_tasks = max_queued_tasks
+        self.task_share = task_share
+        self._tasks: deque[_Task] = deque()
+        self._task_credit = 0.0
         self.max_batch_prompts = max_batch_prompts
         self.max_wait_s = max_wait_s
         self.max_queued_requests = max_queued_requests
@@ -134,6 +178,49 @@ class Batcher:
     def queued(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    @property
+    def queued_tasks(self) -> int:
+        with self._cond:
+            return len(self._tasks)
+
+    async def run_task(self, run: Callable[[Callable[[], bool]], object], timeout: float | None = None) -> TaskResult:
+        """Run `run(should_stop)` alone on the worker thread, in turn with the batches (see the module
+        docstring). Raises ResourceExhausted at once when max_queued_tasks wait, DeadlineExceeded when
+        `timeout` passes first, Unavailable when closing, and whatever `run` raised."""
+        loop = asyncio.get_running_loop()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        task = _Task(run, loop, loop.create_future(), deadline=None if timeout is None else time.monotonic() + timeout)
+        with self._cond:
+            if self._closed:
+                raise Unavailable("server is shutting down")
+            if len(self._tasks) >= self.max_queued_tasks:
+                raise ResourceExhausted(
+                    f"queue full: {len(self._tasks)} upsampling requests waiting "
+                    f"(upsample_max_queued_requests={self.max_queued_tasks})"
+                )
+            self._tasks.append(task)
+            self._cond.notify()
+        try:
+            done, _ = await asyncio.wait({task.future}, timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancelled.set()
+            self._forget_task(task)
+            task.future.cancel()
+            raise
+        if not done:
+            task.cancelled.set()
+            self._forget_task(task)
+            task.future.cancel()
+            raise DeadlineExceeded(f"deadline of {timeout:.3f}s passed before the request was answered")
+        value = task.future.result()
+        started = task.started_at if task.started_at is not None else task.enqueued_at
+        return TaskResult(value, started - task.enqueued_at, task.run_seconds)
+
+    def _forget_task(self, task: _Task) -> None:
+        with self._cond, contextlib.suppress(ValueError):
+            self._tasks.remove(task)
 
     async def submit(self, prompts: list[str], timeout: float | None = None) -> Encoded:
         """Encode `prompts` into (len(prompts), L, D).
@@ -184,9 +271,13 @@ class Batcher:
             self._closed = True
             pending = list(self._queue)
             self._queue.clear()
+            tasks = list(self._tasks)
+            self._tasks.clear()
             self._cond.notify_all()
         for job in pending:
             self._fail(job, Unavailable("server is shutting down"))
+        for task in tasks:
+            self._fail(task, Unavailable("server is shutting down"))
 
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -198,36 +289,54 @@ class Batcher:
         with self._cond, contextlib.suppress(ValueError):  # already taken by the worker
             self._queue.remove(job)
 
-    def _take_batch(self) -> list[tuple[_Job, int, int]] | None:
-        """Block until work is available; return (job, first_row, end_row) slices for one batch."""
+    def _take_work(self) -> list[tuple[_Job, int, int]] | _Task | None:
+        """Block until work is available; return the next task, or (job, first_row, end_row) slices for one
+        batch (an empty list when every queued job had been dropped)."""
         with self._cond:
-            while not self._queue and not self._closed:
+            while not self._queue and not self._tasks and not self._closed:
                 self._cond.wait()
             if self._closed and not self._queue:
                 return None
-            first_arrival = self._queue[0].enqueued_at
-            while True:
-                waiting = sum(len(j.prompts) - j.next_row for j in self._queue)
-                remaining = first_arrival + self.max_wait_s - time.monotonic()
-                if waiting >= self.max_batch_prompts or remaining <= 0 or self._closed:
-                    break
-                self._cond.wait(remaining)
-            batch: list[tuple[_Job, int, int]] = []
-            room = self.max_batch_prompts
-            now = time.monotonic()
-            while self._queue and room > 0:
-                job = self._queue[0]
-                if job.cancelled.is_set() or job.expired(now):
-                    self._queue.popleft()
-                    self._drop(job, now)
-                    continue
-                take = min(room, len(job.prompts) - job.next_row)
-                batch.append((job, job.next_row, job.next_row + take))
-                job.next_row += take
-                room -= take
-                if job.next_row == len(job.prompts):
-                    self._queue.popleft()
-            return batch
+            if self._tasks and self._task_turn():
+                return self._tasks.popleft()
+            return self._take_batch()
+
+    def _task_turn(self) -> bool:
+        """Whether this turn goes to a task: always when no prompts wait, else `task_share` of the turns
+        (under the lock)."""
+        if not self._queue:
+            return True
+        self._task_credit += self.task_share
+        if self._task_credit >= 1.0:
+            self._task_credit -= 1.0
+            return True
+        return False
+
+    def _take_batch(self) -> list[tuple[_Job, int, int]]:
+        """(job, first_row, end_row) slices for one batch (under the lock, prompts queued)."""
+        first_arrival = self._queue[0].enqueued_at
+        while True:
+            waiting = sum(len(j.prompts) - j.next_row for j in self._queue)
+            remaining = first_arrival + self.max_wait_s - time.monotonic()
+            if waiting >= self.max_batch_prompts or remaining <= 0 or self._closed:
+                break
+            self._cond.wait(remaining)
+        batch: list[tuple[_Job, int, int]] = []
+        room = self.max_batch_prompts
+        now = time.monotonic()
+        while self._queue and room > 0:
+            job = self._queue[0]
+            if job.cancelled.is_set() or job.expired(now):
+                self._queue.popleft()
+                self._drop(job, now)
+                continue
+            take = min(room, len(job.prompts) - job.next_row)
+            batch.append((job, job.next_row, job.next_row + take))
+            job.next_row += take
+            room -= take
+            if job.next_row == len(job.prompts):
+                self._queue.popleft()
+        return batch
 
     def _drop(self, job: _Job, now: float) -> None:
         if job.cancelled.is_set():
@@ -249,16 +358,21 @@ class Batcher:
                 # busy still make it into the next batch.
                 self._slots.acquire()
                 try:
-                    batch = self._take_batch()
+                    work = self._take_work()
                 except Exception:  # never let the worker die: every later request would hang
                     log.exception("batcher: could not form a batch")
                     self._slots.release()
                     time.sleep(0.01)
                     continue
-                if batch is None:
+                if work is None:
                     return
-                if batch:
-                    self._launch(batch)
+                if isinstance(work, _Task):
+                    try:
+                        self._run_task(work)
+                    finally:
+                        self._slots.release()
+                elif work:
+                    self._launch(work)
                 else:
                     self._slots.release()
         finally:
@@ -277,6 +391,27 @@ class Batcher:
             self._fail_batch(batch, prompts, exc)
             return
         self._launched.put(_Launched(batch, prompts, handle, started))
+
+    def _run_task(self, task: _Task) -> None:
+        now = time.monotonic()
+        if task.cancelled.is_set() or task.expired(now):
+            if not task.cancelled.is_set():
+                self._fail(task, DeadlineExceeded("deadline passed while the request was queued"))
+            if self._on_drop:
+                try:
+                    self._on_drop("cancelled" if task.cancelled.is_set() else "deadline")
+                except Exception:
+                    log.exception("drop callback failed")
+            return
+        task.started_at = now
+        try:
+            value = task.run(task.should_stop)
+        except Exception as exc:  # the task's own error goes to its caller; the worker carries on
+            task.run_seconds = time.monotonic() - now
+            self._fail(task, exc)
+            return
+        task.run_seconds = time.monotonic() - now
+        self._resolve(task, value)
 
     def _answer_loop(self) -> None:
         while (launched := self._launched.get()) is not None:
@@ -344,7 +479,7 @@ class Batcher:
             log.exception("batch callback failed")
 
     @staticmethod
-    def _resolve(job: _Job, value: torch.Tensor) -> None:
+    def _resolve(job: _Job | _Task, value: object) -> None:
         def set_result() -> None:
             if not job.future.done():
                 job.future.set_result(value)
@@ -353,7 +488,7 @@ class Batcher:
             job.loop.call_soon_threadsafe(set_result)
 
     @staticmethod
-    def _fail(job: _Job, exc: BaseException) -> None:
+    def _fail(job: _Job | _Task, exc: BaseException) -> None:
         def set_exception() -> None:
             if not job.future.done():
                 job.future.set_exception(exc)

@@ -7,7 +7,9 @@ own batcher, so a model batch never mixes models. `core.start(engine, model=name
 loaded (before that its requests get UNAVAILABLE); `core.close()` stops them all. Authentication, the
 per-token limits, the in-flight byte budget, the embedding cache (keyed by fingerprint digest), the
 metrics and draining are shared by all models. A request names its model (empty: the default one); a
-name the server does not host is `ModelNotFound`, whose message names the hosted ones.
+name the server does not host is `ModelNotFound`, whose message names the hosted ones. Once every model
+is started, `await core.warm_up(timeout)` runs the first self-test of each (readiness waits for it).
+Prompt upsampling is a property of a hosted model: the one whose engine has an upsampler.
 
 A request goes through one API, its scope:
 
@@ -21,6 +23,10 @@ A request goes through one API, its scope:
 The front-end sends the answer inside the scope, each write through `req.send`, so the admission is held
 until the last byte is written (or the client is gone), and a client that stops reading is cut off after
 `send_timeout_s` (`SendTimeout`, counted as dropped with reason "send_timeout").
+
+`req.upsample(prompts, spec)` rewrites prompts (prompt upsampling, `upsample.py`) on the model's worker
+thread, in turn with the encode batches; `req.encode(prompts, upsample=spec)` upsamples first and encodes
+the rewritten prompts. A scope does one of the two.
 
 `req.encode` admits the request: its `Admission` (the response bytes it reserves and its per-token
 concurrency slot) is a context manager held by the scope. Leaving the `async with` gives the admission
@@ -50,6 +56,7 @@ from .cache import EmbeddingCache
 from .errors import (
     ClientGone,
     DeadlineExceeded,
+    EncodeFailed,
     FailedPrecondition,
     InvalidArgument,
     ModelNotFound,
@@ -65,6 +72,7 @@ from .logs import access_log
 from .metrics import NO_MODEL, Metrics
 from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
+from .upsample import Upsampled, UpsampleJob, UpsampleLimits, UpsampleSpec, check_upsample_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,6 +128,8 @@ class EncodeResult:
     #: The hosted model that answered (its served name) and its fingerprint, for the response header.
     model: str = ""
     fingerprint: Fingerprint | None = None
+    #: With `encode(upsample=...)`: the rewritten prompts (the ones encoded) and their seed.
+    upsampled: Upsampled | None = None
 
 
 class Admission:
@@ -163,6 +173,8 @@ class RequestScope:
         self.stages: dict[str, float] = {}
         self.status = "OK"
         self.error: str | None = None
+        #: "encode" or "upsample": what the scope did (its metrics and access-log line say which).
+        self.kind = "encode"
         self._bearer_token = bearer_token
         self._held = contextlib.ExitStack()  # what the request holds (its admission) until it ends
         self._admission: Admission | None = None
@@ -199,9 +211,11 @@ class RequestScope:
         timeout: float | None = None,
         bypass_cache: bool = False,
         field: str = "prompts",
+        upsample: UpsampleSpec | None = None,
     ) -> EncodeResult:
         """Admit and encode `prompts` with the scope's model (`field` names them in error messages, as the
-        front-end's request spells it). Raises a ServiceError when the server refuses."""
+        front-end's request spells it); with `upsample`, rewrite them first (with the same model) and encode
+        the rewritten ones. Raises a ServiceError when the server refuses."""
         if self._admission is not None:
             raise RuntimeError("one request scope encodes once")
         core = self.core
@@ -213,15 +227,54 @@ class RequestScope:
             raise FailedPrecondition(
                 shared.fingerprint_mismatch_message(expected_fingerprint, fingerprint.digest, fingerprint.weights_id)
             )
-        timeout = core.settings.default_timeout_s if timeout is None else min(timeout, core.settings.default_timeout_s)
-        if timeout <= 0:
-            raise DeadlineExceeded("the request's deadline had passed when it arrived")
+        timeout = self._timeout(timeout)
+        job = await core._check_upsample(hosted, valid, upsample, "upsample.") if upsample is not None else None
         self._admission = self._held.enter_context(core.admit(self.principal, len(valid), hosted))
+        upsampled = None
+        if job is not None:
+            started = time.monotonic()
+            upsampled = await core._upsample_admitted(hosted, job, timeout)
+            self.stages["upsample"] = time.monotonic() - started
+            timeout -= self.stages["upsample"]
+            valid = upsampled.prompts
+            if timeout <= 0:
+                raise DeadlineExceeded("the request's deadline passed while its prompts were upsampled")
         result = await core._encode_admitted(hosted, valid, timeout, bypass_cache)
+        result.upsampled = upsampled
         self.cache_hits = sum(result.cache_hit)
         self.stages["queue"] = result.queue_seconds
         self.stages["encode"] = result.encode_seconds
         return result
+
+    async def upsample(
+        self, prompts: Sequence[object], spec: UpsampleSpec, *, timeout: float | None = None, field: str = "prompts"
+    ) -> Upsampled:
+        """Admit and rewrite `prompts` (prompt upsampling) with the scope's model; see `upsample.py`. Raises a
+        ServiceError when the server refuses (FailedPrecondition when that model does not upsample)."""
+        if self._admission is not None:
+            raise RuntimeError("one request scope runs once")
+        self.kind = "upsample"
+        core = self.core
+        self.prompts = len(prompts)
+        hosted = core.model(self.requested_model)
+        core._serving_fingerprint(hosted)
+        valid = core.validate_prompts(prompts, field)
+        timeout = self._timeout(timeout)
+        job = await core._check_upsample(hosted, valid, spec)
+        self._admission = self._held.enter_context(
+            core.admit(self.principal, len(valid), hosted, nbytes=job.image_bytes)
+        )
+        started = time.monotonic()
+        upsampled = await core._upsample_admitted(hosted, job, timeout)
+        self.stages["upsample"] = time.monotonic() - started
+        return upsampled
+
+    def _timeout(self, timeout: float | None) -> float:
+        settings = self.core.settings
+        timeout = settings.default_timeout_s if timeout is None else min(timeout, settings.default_timeout_s)
+        if timeout <= 0:
+            raise DeadlineExceeded("the request's deadline had passed when it arrived")
+        return timeout
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -264,12 +317,14 @@ class RequestScope:
         self._held.close()
         total = time.monotonic() - self._started
         metrics = self.core.metrics
-        metrics.requests.labels(self.frontend, self.status, self.model).inc()
+        counter = metrics.upsample_requests if self.kind == "upsample" else metrics.requests
+        counter.labels(self.frontend, self.status, self.model).inc()
         metrics.request_duration.labels(self.frontend, self.model).observe(total)
         self.core._exit()  # after the metrics: a request no longer in flight has been counted
         fields: dict[str, object] = {
             "request_id": self.request_id,
             "frontend": self.frontend,
+            "rpc": self.kind,
             "principal": self.principal.name,
             "model": self.model if self.model != NO_MODEL else clean_request_id(self.requested_model),
             "prompts": self.prompts,
@@ -379,13 +434,32 @@ class EncoderCore:
 
     @property
     def ready(self) -> bool:
-        """Readiness: every model loaded and working, not draining."""
+        """Readiness: every model loaded, warmed up and working, not draining."""
         return all(self.model_ready(name) for name in self.models)
 
     def model_ready(self, name: str) -> bool:
-        """Readiness of one model: loaded, working, and the server not draining."""
+        """Readiness of one model: loaded, warmed up, working, and the server not draining."""
         hosted = self.models[name]
-        return hosted.started and not self.draining and not self._closed and hosted.problem is None
+        return hosted.started and hosted.warmed and not self.draining and not self._closed and hosted.problem is None
+
+    async def warm_up(self, timeout: float, model: str | None = None) -> bool:
+        """The first self-test of the model named `model` (None: every started model not yet warmed up), run
+        once after `start`: its readiness stays False until it passes, so no probe sees SERVING while the
+        first forward (kernel selection, compilation, CUDA graph capture) still runs. With `settings.warmup`
+        off a model is ready at once, without a forward. Returns whether all passed."""
+        if self._closed:
+            return False
+        if model is None:
+            hosted_models = [h for h in self.models.values() if h.started and not h.warmed]
+        else:
+            hosted_models = [self.model(model)]
+        passed = True
+        for hosted in hosted_models:
+            if self.settings.warmup and not await hosted.self_test(timeout):
+                passed = False
+                continue
+            hosted.warmed = True
+        return passed
 
     @property
     def needs_self_test(self) -> bool:
@@ -464,6 +538,34 @@ class EncoderCore:
             out.append(prompt)
         return out
 
+    @property
+    def upsample_limits(self) -> UpsampleLimits | None:
+        """What upsampling requests to the default model may ask for; None when it does not upsample."""
+        return self.model().upsample_limits
+
+    async def _check_upsample(
+        self, hosted: HostedModel, prompts: list[str], spec: UpsampleSpec, field_prefix: str = ""
+    ) -> UpsampleJob:
+        limits = hosted.upsample_limits
+        if limits is None:
+            who = "this server does" if len(self.models) == 1 else f"model {hosted.name} does"
+            raise FailedPrecondition(
+                f"{field_prefix or 'upsampling: '}{who} not upsample prompts (start it with --upsampling)"
+            )
+        if not spec.images:
+            return check_upsample_request(prompts, spec, limits, field_prefix)
+        # Image files are decoded here, in a thread: neither the event loop nor the model thread waits on it.
+        return await asyncio.to_thread(check_upsample_request, prompts, spec, limits, field_prefix)
+
+    async def _upsample_admitted(self, hosted: HostedModel, job: UpsampleJob, timeout: float) -> Upsampled:
+        try:
+            return await hosted.upsample(job, timeout)
+        except ServiceError:
+            raise
+        except Exception as exc:  # the model raised: this request fails, the server carries on
+            log.error("upsampling failed for %d prompts", len(job.prompts), exc_info=exc)
+            raise EncodeFailed(f"upsampling failed: {type(exc).__name__}: {exc}") from None
+
     def response_bytes(self, prompts: int, hosted: HostedModel | None = None) -> int:
         """Bytes of the embeddings for `prompts` prompts of `hosted` (default: the default model): what
         admission reserves."""
@@ -471,12 +573,15 @@ class EncoderCore:
         self._serving_fingerprint(hosted)
         return hosted.response_bytes(prompts)
 
-    def admit(self, principal: Principal, prompts: int, hosted: HostedModel | None = None) -> Admission:
-        """Reserve the response bytes of `prompts` prompts of `hosted` (default: the default model) in the
-        server-wide budget and a concurrency slot of `principal`, or raise (InvalidArgument when the request
-        could never fit, ResourceExhausted / RateLimited when full)."""
+    def admit(
+        self, principal: Principal, prompts: int, hosted: HostedModel | None = None, *, nbytes: int | None = None
+    ) -> Admission:
+        """Reserve the response bytes of `prompts` prompts of `hosted` (default: the default model), or
+        `nbytes` (e.g. an upsampling request's images), in the server-wide budget and a concurrency slot of
+        `principal`, or raise (InvalidArgument when the request could never fit, ResourceExhausted /
+        RateLimited when full)."""
         hosted = hosted or self.model()
-        nbytes = self.response_bytes(prompts, hosted)
+        nbytes = self.response_bytes(prompts, hosted) if nbytes is None else nbytes
         limit = self.settings.max_inflight_bytes
         if nbytes > limit:
             raise InvalidArgument(

@@ -15,7 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,7 +24,10 @@ from .cuda_graphs import DecoderGraphs, HostMaskBuilder
 from .families import FAMILIES, EncoderFamily, family_for_architectures
 from .fingerprint import Fingerprint, make_fingerprint
 from .precision import PRECISIONS, enable_compiled_fp8_quantization, quantize_linears_
-from .weights import LoadReport, load_decoder
+from .weights import LoadReport, load_decoder, load_full_model
+
+if TYPE_CHECKING:
+    from .upsample import Upsampler
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ class EncoderEngine:
 
     #: How the weights were loaded (time, bytes read and downloaded); None for `from_model` engines.
     load_report: LoadReport | None = None
+    #: The prompt upsampler sharing this engine's layers (`from_pretrained(upsampling=True)`), else None.
+    upsampler: Upsampler | None = None
 
     def __init__(
         self,
@@ -196,6 +201,7 @@ class EncoderEngine:
             dtype=fp.dtype,
             precision=base + ("+compiled" if compiled else ""),
             batching_mode=fp.batching_mode,
+            upsampling=fp.upsampling,
         )
 
     @classmethod
@@ -214,6 +220,7 @@ class EncoderEngine:
         compile: bool = False,
         token: str | bool | None = None,
         loader: str = "pruned",
+        upsampling: bool = False,
     ) -> EncoderEngine:
         """Load from a hub repo id (black-forest-labs/FLUX.2-dev) or a local folder of the same layout.
 
@@ -221,6 +228,10 @@ class EncoderEngine:
         and quantizes other precisions layer by layer as they are read, so neither host RAM nor the
         device holds the bf16 model; "transformers" loads the whole checkpoint first (see weights.py).
         `token` goes to huggingface_hub (None: its default, e.g. HF_TOKEN).
+
+        `upsampling`: load the whole text encoder instead (every layer, the output head, the vision tower)
+        and attach an `Upsampler` over it (`engine.upsampler`); the engine runs the first layers of that
+        same model, so encoding gives the same bytes and the weights are held once. bf16 only, no compile.
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -239,19 +250,38 @@ class EncoderEngine:
             raise ValueError(
                 f"{model} has {text_config.num_hidden_layers} decoder layers; FLUX.2 reads layer {deepest}"
             )
-        text_config.num_hidden_layers = deepest  # layers past the deepest one are never loaded
-        decoder, load_report = load_decoder(
-            model,
-            fam,
-            config,
-            subfolder=text_encoder_subfolder,
-            revision=revision,
-            token=token,
-            device=device,
-            dtype=dtype,
-            precision=precision,
-            loader=loader,
-        )
+        full_model = None
+        if upsampling:
+            if precision != "bf16" or compile or fam.name != "mistral3":
+                raise ValueError(
+                    "--upsampling needs a FLUX.2-dev (mistral3) text encoder, --precision bf16 and no --compile "
+                    "(generation shares the decoder layers with encoding; only bf16 eager layers can be shared)"
+                )
+            full_model, load_report = load_full_model(
+                model,
+                fam,
+                config,
+                subfolder=text_encoder_subfolder,
+                revision=revision,
+                token=token,
+                device=device,
+                dtype=dtype,
+            )
+            decoder = pruned_decoder_view(fam.decoder(full_model), deepest)
+        else:
+            text_config.num_hidden_layers = deepest  # layers past the deepest one are never loaded
+            decoder, load_report = load_decoder(
+                model,
+                fam,
+                config,
+                subfolder=text_encoder_subfolder,
+                revision=revision,
+                token=token,
+                device=device,
+                dtype=dtype,
+                precision=precision,
+                loader=loader,
+            )
         tokenizer = AutoTokenizer.from_pretrained(model, subfolder=tokenizer_subfolder, revision=revision, token=token)
 
         fingerprint = make_fingerprint(
@@ -261,6 +291,7 @@ class EncoderEngine:
             dtype=dtype,
             precision=precision,  # `compile` adds "+compiled"
             batching_mode=batching_mode,
+            upsampling=upsampling,
         )
         log.info(
             "loaded %s (%s, layers %s, %s) on %s: weights in %s",
@@ -273,6 +304,11 @@ class EncoderEngine:
         )
         engine = cls(fam, tokenizer, decoder, fingerprint, device, dtype, compile=compile)
         engine.load_report = load_report
+        if full_model is not None:
+            from .upsample import Upsampler
+
+            processor = Upsampler.load_processor(model, tokenizer_subfolder, revision=revision, token=token)
+            engine.upsampler = Upsampler(full_model, tokenizer, processor)
         return engine
 
     @classmethod

@@ -33,6 +33,9 @@ class Fingerprint:
     digest: str
     # Not part of `digest`: the contract says equal digests give equal bytes "up to batching_mode".
     batching_mode: str = "reproducible"
+    # Not part of `digest` either: the server also holds the whole model to upsample prompts, which changes
+    # no embedding byte.
+    upsampling: bool = False
 
     @property
     def itemsize(self) -> int:
@@ -48,6 +51,7 @@ def make_fingerprint(
     dtype: Any,
     precision: str,
     batching_mode: str,
+    upsampling: bool = False,
 ) -> Fingerprint:
     """`dtype` is a torch dtype or its name ("bfloat16")."""
     dtype_name = str(dtype).removeprefix("torch.")
@@ -68,6 +72,7 @@ def make_fingerprint(
         precision=precision,
         digest=hashlib.sha256(json.dumps(digest_fields, sort_keys=True).encode()).hexdigest(),
         batching_mode=batching_mode,
+        upsampling=upsampling,
     )
 
 
@@ -82,4 +87,5 @@ def fingerprint_message(fp: Fingerprint) -> pb.ModelFingerprint:
         dtype=shared.DTYPE_BY_NAME[fp.dtype],
         digest=fp.digest,
         precision=fp.precision,
+        upsampling=fp.upsampling,
     )

@@ -42,6 +42,7 @@ from .errors import (
 )
 from .fingerprint import fingerprint_message
 from .security import bearer_token
+from .upsample import UpsampleLimits, UpsampleSpec
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class TextEncoderService:
                     expected_fingerprint=request.expected_fingerprint,
                     timeout=context.time_remaining(),
                     bypass_cache=request.bypass_cache,
+                    upsample=_upsample_spec(request.upsample) if request.HasField("upsample") else None,
                 )
                 with req.stage("serialize"):
                     # Hashing and copying 15.7 MB per prompt must not stall the event loop.
@@ -154,6 +156,9 @@ class TextEncoderService:
                     batching_mode=_BATCHING_MODES[fingerprint.batching_mode],
                     model=result.model,
                 )
+                if result.upsampled is not None:
+                    header.upsampled_prompts.extend(result.upsampled.prompts)
+                    header.upsample_seed = result.upsampled.seed
                 with req.stage("send"):
                     await req.send(_write(context, pb.EncodeResponse(header=header)))
                     # Chunks go out as ready wire bytes (one copy of the payload each, see
@@ -167,6 +172,28 @@ class TextEncoderService:
             await abort(context, exc)
         except ClientGone:
             pass  # counted CANCELLED by the scope; there is nobody to send a status to
+
+    async def Upsample(self, request: Any, context: grpc.aio.ServicerContext) -> pb.UpsampleResponse:
+        request_id, model = ("", "") if isinstance(request, _Malformed) else (request.request_id, request.model)
+        token = _metadata_token(context)
+        try:
+            async with self.core.request("grpc", request_id=request_id, bearer_token=token, model=model) as req:
+                request = _parsed(request)
+                upsampled = await req.upsample(
+                    list(request.prompts), _upsample_spec(request), timeout=context.time_remaining()
+                )
+                fingerprint = self.core.model(model).fingerprint
+                assert fingerprint is not None
+                return pb.UpsampleResponse(
+                    prompts=upsampled.prompts,
+                    request_id=req.request_id,
+                    seed=upsampled.seed,
+                    fingerprint=fingerprint_message(fingerprint),
+                    new_tokens=upsampled.new_tokens,
+                )
+        except ServiceError as exc:
+            await abort(context, exc)
+        raise AssertionError("unreachable: abort raises")
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         """The model `request.model` names (default: the default model) in the single-model fields, and
@@ -186,6 +213,7 @@ class TextEncoderService:
             server_version=__version__,
             api_version=API_VERSION,
             batching_mode=described.batching_mode,
+            upsampling=described.upsampling if described.HasField("upsampling") else None,
             models=[self._served_model(h) for h in self.core.models.values() if h.fingerprint is not None],
             default_model=self.core.default_model,
         )
@@ -207,7 +235,33 @@ class TextEncoderService:
             ),
             batching_mode=_BATCHING_MODES[hosted.fingerprint.batching_mode],
             is_default=hosted.is_default,
+            upsampling=_upsample_limits(hosted.upsample_limits),
         )
+
+
+def _upsample_spec(message: Any) -> UpsampleSpec:
+    """An UpsampleRequest's or UpsampleOptions' options (the same field names) as the core takes them."""
+    return UpsampleSpec(
+        temperature=message.temperature if message.HasField("temperature") else None,
+        max_new_tokens=message.max_new_tokens,
+        seed=message.seed if message.HasField("seed") else None,
+        images=list(message.images),
+        images_per_prompt=list(message.images_per_prompt),
+    )
+
+
+def _upsample_limits(limits: UpsampleLimits | None) -> pb.UpsampleLimits | None:
+    if limits is None:
+        return None
+    return pb.UpsampleLimits(
+        max_images=limits.max_images,
+        max_image_bytes=limits.max_image_bytes,
+        max_image_pixels=limits.max_image_pixels,
+        max_temperature=limits.max_temperature,
+        max_new_tokens=limits.max_new_tokens,
+        max_prompts=limits.max_prompts,
+        images=limits.images,
+    )
 
 
 def _serialize_encode_response(message: pb.EncodeResponse | bytes) -> bytes:
@@ -227,6 +281,11 @@ def add_text_encoder_service(service: Any, server: grpc.aio.Server) -> None:
             service.Info,
             request_deserializer=_lenient(pb.InfoRequest),
             response_serializer=pb.InfoResponse.SerializeToString,
+        ),
+        "Upsample": grpc.unary_unary_rpc_method_handler(
+            service.Upsample,
+            request_deserializer=_lenient(pb.UpsampleRequest),
+            response_serializer=pb.UpsampleResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

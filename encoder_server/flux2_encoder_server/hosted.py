@@ -19,12 +19,14 @@ import torch
 
 from .batcher import Batcher, BatchStats, Encoded
 from .errors import ResourceExhausted, Unavailable
+from .upsample import Upsampled, UpsampleLimits
 
 if TYPE_CHECKING:
     from .core import Engine
     from .fingerprint import Fingerprint
     from .metrics import Metrics
     from .settings import Settings
+    from .upsample import UpsampleJob, Upsampler
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,13 @@ class HostedModel:
         self._batcher: Batcher | None = None
         self._failed_batches = 0  # in a row; a batch that succeeds resets it
         self._self_test_error: str | None = None
+        #: The warm-up encode passed (or was switched off): readiness waits for it (`EncoderCore.warm_up`).
+        self.warmed = False
+        #: The engine's prompt upsampler (`--upsampling`), None when this model does not upsample.
+        self.upsampler: Upsampler | None = None
+        self._upsample_limits: UpsampleLimits | None = None
         metrics.queue_depth.labels(name).set_function(lambda: self.queued)
+        metrics.upsample_queue_depth.labels(name).set_function(lambda: self.queued_upsamples)
 
     def __repr__(self) -> str:
         weights = self.fingerprint.weights_id if self.fingerprint is not None else "not loaded"
@@ -68,6 +76,18 @@ class HostedModel:
             pipeline_depth=s.pipeline_depth,
             on_batch=self._on_batch,
             on_drop=lambda reason: self.metrics.dropped.labels(reason, self.name).inc(),
+            max_queued_tasks=s.upsample_max_queued_requests,
+            task_share=s.upsample_share,
+        )
+        self.upsampler = getattr(engine, "upsampler", None)
+        self._upsample_limits = UpsampleLimits(
+            max_prompts=s.upsample_max_prompts,
+            max_images=s.upsample_max_images,
+            max_image_bytes=s.upsample_max_image_bytes,
+            max_image_pixels=s.upsample_max_image_pixels,
+            max_temperature=s.upsample_max_temperature,
+            max_new_tokens=s.upsample_max_new_tokens,
+            images=bool(self.upsampler is not None and self.upsampler.supports_images),
         )
 
     def close(self) -> None:
@@ -91,6 +111,16 @@ class HostedModel:
     def queued(self) -> int:
         """Requests waiting for this model."""
         return self._batcher.queued if self._batcher is not None else 0
+
+    @property
+    def queued_upsamples(self) -> int:
+        """Upsampling requests waiting for this model."""
+        return self._batcher.queued_tasks if self._batcher is not None else 0
+
+    @property
+    def upsample_limits(self) -> UpsampleLimits | None:
+        """What upsampling requests to this model may ask for; None when it does not upsample."""
+        return self._upsample_limits if self.upsampler is not None else None
 
     # -- health -------------------------------------------------------------------------------------------
     @property
@@ -161,6 +191,24 @@ class HostedModel:
         self.metrics.stage_seconds.labels("queue", self.name).observe(encoded.queue_seconds)
         self.metrics.stage_seconds.labels("encode", self.name).observe(encoded.encode_seconds)
         return encoded
+
+    async def upsample(self, job: UpsampleJob, timeout: float) -> Upsampled:
+        """Run `job` on this model's worker thread, in turn with its encode batches (its own queue share)."""
+        assert self._batcher is not None and self.upsampler is not None
+        upsampler = self.upsampler
+        try:
+            done = await self._batcher.run_task(lambda should_stop: upsampler.generate(job, should_stop), timeout)
+        except ResourceExhausted:
+            self.metrics.rejected.labels("upsample_max_queued_requests", self.name).inc()
+            raise
+        upsampled = done.value
+        assert isinstance(upsampled, Upsampled)
+        m, name = self.metrics, self.name
+        m.upsample_seconds.labels("queue", name).observe(done.queue_seconds)
+        m.upsample_seconds.labels("generate", name).observe(done.run_seconds)
+        m.upsample_prompts.labels(name).inc(len(job.prompts))
+        m.upsample_tokens.labels(name).inc(sum(upsampled.new_tokens))
+        return upsampled
 
     def _on_batch(self, stats: BatchStats) -> None:
         m, name = self.metrics, self.name

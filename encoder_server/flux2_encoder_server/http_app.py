@@ -4,11 +4,15 @@
                     -> 200 application/octet-stream: torch.save() of the bf16 tensor (B, 512, D)
     GET  /health    readiness (also /healthz): 200 while SERVING, 503 while loading or draining
     GET  /info      the model fingerprint and the limits, as JSON
+    POST /upsample  {"prompt": "..." or [...], "images": [base64 PNG/JPEG/WebP, ...], "temperature": 0.15,
+                    "max_new_tokens": 512, "seed": 0} -> 200 {"prompts": [...], "seed": ..., "new_tokens": [...]}
+                    (prompt upsampling, servers started with --upsampling; same token rule as /predict)
 
 A server hosting several models serves each one under its name as well (the default model also on the
 routes above, so the hosted endpoint's clients keep working):
 
-    POST /models/{name}/predict   GET /models/{name}/info   GET /models/{name}/health
+    POST /models/{name}/predict   POST /models/{name}/upsample
+    GET  /models/{name}/info      GET  /models/{name}/health
     GET  /models                  every hosted model and the default's name
 
 A name the server does not host is 404 with the hosted names in the message. Every route but health
@@ -39,6 +43,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import h11
 import torch
 import uvicorn
 from flux2split_proto.shared import FINGERPRINT_HEADER, MODEL_NAME_HEADER, fingerprint_to_dict
@@ -48,6 +53,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
 from .core import EncoderCore, HostedModel, RequestScope
@@ -70,6 +76,7 @@ from .errors import (
 )
 from .fingerprint import fingerprint_message
 from .security import bearer_token
+from .upsample import UpsampleSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +119,61 @@ def parse_prompts(body: bytes) -> list[object]:
         return prompt
     kind = "null" if prompt is None else _JSON_TYPES.get(type(prompt), type(prompt).__name__)
     raise InvalidArgument(f"prompt: expected a string or a list of strings, got {kind}")
+
+
+_UPSAMPLE_KEYS = ("prompt", "images", "images_per_prompt", "temperature", "max_new_tokens", "seed")
+
+
+def parse_upsample(body: bytes) -> tuple[list[object], UpsampleSpec]:
+    """The prompts and options of a /upsample body; the core checks the values against the limits."""
+    import base64
+    import binascii
+
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"body: not valid JSON ({type(exc).__name__}: {exc})"[:300]) from None
+    if not isinstance(document, dict) or "prompt" not in document:
+        raise InvalidArgument('body: expected a JSON object {"prompt": "..." or ["...", ...], "images": [...], ...}')
+    unknown = sorted(set(document) - set(_UPSAMPLE_KEYS))
+    if unknown:
+        raise InvalidArgument(f"body: unknown key {unknown[0]!r} (known: {', '.join(_UPSAMPLE_KEYS)})")
+    prompts = parse_prompts(json.dumps({"prompt": document["prompt"]}).encode())
+    images = document.get("images") or []
+    if not isinstance(images, list):
+        raise InvalidArgument(f"images: expected a list of base64 strings, got {_kind(images)}")
+    files = []
+    for i, item in enumerate(images):
+        if not isinstance(item, str):
+            raise InvalidArgument(f"images[{i}]: expected a base64 string, got {_kind(item)}")
+        try:
+            files.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidArgument(f"images[{i}]: not valid base64") from None
+    counts = document.get("images_per_prompt") or []
+    if not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in counts):
+        raise InvalidArgument("images_per_prompt: expected a list of integers, one per prompt")
+    temperature = document.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise InvalidArgument(f"temperature: expected a number, got {_kind(temperature)}")
+    max_new_tokens = document.get("max_new_tokens") or 0
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise InvalidArgument(f"max_new_tokens: expected an integer, got {_kind(max_new_tokens)}")
+    seed = document.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidArgument(f"seed: expected an integer, got {_kind(seed)}")
+    spec = UpsampleSpec(
+        temperature=None if temperature is None else float(temperature),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        images=files,
+        images_per_prompt=counts,
+    )
+    return prompts, spec
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -228,7 +290,55 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             return Response(status_code=499)
         return None
 
-    unfinished = 0  # /predict requests being read, encoded or sent
+    # An upsampling request carries its reference images in base64 (4 bytes for every 3).
+    upsample_body = max_body
+    if settings.upsampling:
+        images_base64 = settings.upsample_max_images * settings.upsample_max_image_bytes * 4 // 3
+        upsample_body = max(max_body, images_base64 + (1 << 20))
+
+    async def upsample(request: Request, model: str) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        request_id = request.headers.get("x-request-id") or None
+        try:
+            async with core.request("http", request_id=request_id, bearer_token=token, model=model) as req:
+                body = await read_body(request, upsample_body, settings.http_read_timeout_s)
+                prompts, spec = parse_upsample(body)
+                del body
+                upsampled = await _unless_disconnected(request, req.upsample(prompts, spec, field="prompt"))
+                return JSONResponse(
+                    {
+                        "prompts": upsampled.prompts,
+                        "seed": upsampled.seed,
+                        "new_tokens": upsampled.new_tokens,
+                        "request_id": req.request_id,
+                    },
+                    headers={"X-Request-Id": req.request_id, MODEL_NAME_HEADER: core.model(model).name},
+                )
+        except ServiceError as exc:
+            log.info("POST /upsample failed: %d %s %s", status_for(exc, HTTP_STATUS), exc.code, exc)
+            return service_error_response(exc, close=isinstance(exc, BodyTimeout))
+        except ClientGone:
+            return Response(status_code=499)
+
+    unfinished = 0  # /predict and /upsample requests being read, encoded or sent
+
+    async def upsample_app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal unfinished
+        model = scope.get("path_params", {}).get("name", "")  # "" on /upsample: the default model
+        if unfinished >= settings.http_max_concurrent_requests:
+            core.metrics.rejected.labels("http_max_concurrent_requests", core.model_label(model)).inc()
+            full = ResourceExhausted(
+                f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
+                "retry shortly, preferably on another replica"
+            )
+            await service_error_response(full, close=True)(scope, receive, send)
+            return
+        unfinished += 1
+        try:
+            response = await upsample(Request(scope, receive), model)
+            await response(scope, receive, send)
+        finally:
+            unfinished -= 1
 
     async def predict_app(scope: Scope, receive: Receive, send: Send) -> None:
         nonlocal unfinished
@@ -282,6 +392,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
                 "max_queued_requests": s.max_queued_requests,
                 "http_max_body_bytes": s.http_max_body_bytes,
             },
+            **_upsampling_info(hosted),
         }
 
     def models_json() -> dict[str, Any]:
@@ -331,9 +442,29 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             Route("/models/{name}/predict", _AsgiEndpoint(predict_app), methods=["POST"]),
             Route("/models/{name}/info", info, methods=["GET"]),
             Route("/models/{name}/health", model_health, methods=["GET"]),
+            Route("/upsample", _AsgiEndpoint(upsample_app), methods=["POST"]),
+            Route("/models/{name}/upsample", _AsgiEndpoint(upsample_app), methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
+
+
+def _upsampling_info(hosted: HostedModel) -> dict[str, Any]:
+    """A model's "upsampling" limits in /info, for a model that upsamples."""
+    limits = hosted.upsample_limits
+    if limits is None:
+        return {}
+    return {
+        "upsampling": {
+            "max_prompts": limits.max_prompts,
+            "max_images": limits.max_images,
+            "max_image_bytes": limits.max_image_bytes,
+            "max_image_pixels": limits.max_image_pixels,
+            "max_temperature": limits.max_temperature,
+            "max_new_tokens": limits.max_new_tokens,
+            "images": limits.images,
+        }
+    }
 
 
 class _AsgiEndpoint:
@@ -381,6 +512,70 @@ async def _abort_connection(request: Request) -> None:
         await asyncio.sleep(0)  # lets the server see the disconnect before the app returns
 
 
+class _HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on the request head. uvicorn waits for request headers for
+    as long as a client cares to send them (its keep-alive timeout covers only idle connections between
+    answers), so a client sending a byte a second, or nothing at all, would hold a connection forever.
+    Here the head must be complete `head_timeout_s` seconds after the connection opens, or after the
+    first byte of the next request on a kept-alive connection; otherwise the client gets 408 and the
+    connection is closed. The app never sees such a connection (no request has begun), so the body's own
+    deadline (`read_body`) starts where this one ends. `HttpFrontEnd` sets the class attributes."""
+
+    head_timeout_s: float = 30.0
+    on_head_timeout: Callable[[], None] = staticmethod(lambda: None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:  # a request head has begun (or is still awaited) but is not complete
+            self._arm_head_deadline()
+        else:  # headers complete (the app has the request), or the connection is done or in error
+            self._cancel_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is None:  # armed once per request head: each new byte does not extend it
+            self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        self.on_head_timeout()
+        message = f"headers: not received within http_read_timeout_s={self.head_timeout_s:g}"
+        body = json.dumps({"error": {"code": "DEADLINE_EXCEEDED", "message": message}}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:  # h11 lets a server answer before a request has arrived (for exactly this: 408 and close)
+            output = self.conn.send(h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"))
+            output = (output or b"") + (self.conn.send(h11.Data(data=body)) or b"")
+            self.transport.write(output + (self.conn.send(h11.EndOfMessage()) or b""))
+        except h11.LocalProtocolError:  # not in a state to answer: just close
+            pass
+        self.transport.close()
+
+
+def head_deadline_protocol(head_timeout_s: float, on_head_timeout: Callable[[], None]) -> type[H11Protocol]:
+    """The uvicorn protocol class for one front-end: `_HeadDeadlineProtocol` with its deadline and callback."""
+    attributes = {"head_timeout_s": head_timeout_s, "on_head_timeout": staticmethod(on_head_timeout)}
+    return type("HeadDeadlineProtocol", (_HeadDeadlineProtocol,), attributes)
+
+
 class _EmbeddedUvicorn(uvicorn.Server):
     """uvicorn inside the encoder server's event loop. The encoder server owns SIGTERM/SIGINT (it drains
     gRPC and HTTP together), so uvicorn must not install its own handlers."""
@@ -406,10 +601,19 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpFrontEnd:
     """The ASGI app served by uvicorn on the caller's running loop: `await start()`, `await stop(grace)`."""
 
-    def __init__(self, app: Starlette, host: str, port: int):
+    def __init__(
+        self,
+        app: Starlette,
+        host: str,
+        port: int,
+        *,
+        head_timeout_s: float = 30.0,
+        on_head_timeout: Callable[[], None] = lambda: None,
+    ):
         self.app = app
         self.host = host
         self.requested_port = port
+        self.protocol = head_deadline_protocol(head_timeout_s, on_head_timeout)
         self.port: int | None = None
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task | None = None
@@ -417,7 +621,9 @@ class HttpFrontEnd:
     async def start(self) -> int:
         sock = _bind(self.host, self.requested_port)  # bound here so port 0 can be reported at once
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, timeout_graceful_shutdown=None)
+        config = uvicorn.Config(
+            self.app, http=self.protocol, lifespan="off", log_config=None, timeout_graceful_shutdown=None
+        )
         server = _EmbeddedUvicorn(config)
         self._server = server
         self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
-from typing import Any, TextIO
+from typing import TextIO
+
+from flux2split_proto.jsonlog import JsonFormatter
 
 #: One line per finished request; its record carries the request's fields in `record.fields`.
 access_log = logging.getLogger("flux2_encoder_server.access")
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 class TextFormatter(logging.Formatter):

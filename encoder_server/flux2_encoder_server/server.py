@@ -28,6 +28,7 @@ from .grpc_service import (
     add_text_encoder_service,
 )
 from .http_app import HttpFrontEnd, create_app
+from .metrics import NO_MODEL
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def load_engine(settings: Settings) -> EncoderEngine:
         precision=settings.precision,
         batching_mode=settings.batching_mode,
         compile=settings.compile,
+        upsampling=settings.upsampling,
     )
     if settings.cuda_graphs:
         sizes = engine.capture_cuda_graphs(graph_batch_sizes(settings.max_batch_prompts, engine.min_batch))
@@ -135,6 +137,8 @@ class EncoderServer:
         s = self.settings
         # Requests are small; allow the largest one the limits admit (UTF-8: up to 4 bytes a character).
         max_request = max(4 << 20, s.max_prompts_per_request * (s.max_prompt_chars * 4 + 16) + (64 << 10))
+        if s.upsampling:  # an upsampling request also carries its reference images
+            max_request += s.upsample_max_images * (s.upsample_max_image_bytes + 16)
         server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.core)],
             options=[
@@ -179,8 +183,15 @@ class EncoderServer:
             "plaintext" if credentials is None else ("mutual TLS" if s.tls_client_ca else "TLS"),
             "on for " + ", ".join(self.core.authenticator.labels) if self.core.authenticator.enabled else "off",
         )
-        if self.settings.http_port is not None:
-            self._http = HttpFrontEnd(create_app(self.core, self.serving), self.settings.host, self.settings.http_port)
+        if s.http_port is not None:
+            dropped = self.metrics.dropped.labels("http_header_timeout", NO_MODEL)
+            self._http = HttpFrontEnd(
+                create_app(self.core, self.serving),
+                s.host,
+                s.http_port,
+                head_timeout_s=s.http_read_timeout_s,
+                on_head_timeout=dropped.inc,
+            )
             try:
                 self.http_port = await self._http.start()
             except OSError as exc:
@@ -203,9 +214,9 @@ class EncoderServer:
             if spec.name == self.core.default_model:
                 self.engine = engine
             self.core.start(engine, spec.name)
-            # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING.
-            warmup = self.settings.warmup
-            if warmup and not await self.core.self_test(self.settings.default_timeout_s, model=spec.name):
+            # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING,
+            # and none reports it before that forward has passed.
+            if not await self.core.warm_up(self.settings.default_timeout_s, model=spec.name):
                 raise RuntimeError(f"the engine of model {spec.name} failed its self-test: {self.core.engine_problem}")
             fp = engine.fingerprint
             log.info("model %s: %s (digest %s) loaded", spec.name, fp.weights_id, fp.digest[:16])

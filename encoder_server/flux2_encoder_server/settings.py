@@ -162,9 +162,10 @@ class Settings:
     )
     http_read_timeout_s: float = _setting(
         30.0,
-        "an HTTP request's body must arrive within this many seconds of its headers (and each wait for the "
-        "next piece of it may last no longer), or the connection is closed: slow or stalled uploads cannot "
-        "hold a request slot",
+        "an HTTP request's headers must arrive within this many seconds of the connection opening (or of the "
+        "first byte of the next request on a kept-alive connection), and its body within this many seconds "
+        "of its headers, or it gets 408 and the connection is closed: slow or stalled clients cannot hold a "
+        "connection or a request slot",
     )
     http_max_concurrent_requests: int = _setting(
         256,
@@ -207,6 +208,32 @@ class Settings:
         "Python's thread switch interval (sys.setswitchinterval) set by `serve` for the server process: the "
         "model thread and the response streaming share one GIL, and a shorter interval lets the model thread "
         "launch its next GPU kernels sooner (Python's default is 5 ms); 0 leaves the interpreter's value",
+    )
+    # -- prompt upsampling (the Upsample rpc, POST /upsample, Encode's upsample option) ---------------------
+    upsampling: bool = _setting(
+        False,
+        "load the whole text encoder (all decoder layers, the output head, the vision tower: ~48 GB in bf16 for "
+        "FLUX.2-dev instead of ~32 GB) to also rewrite prompts the way FLUX.2 expects, as diffusers' "
+        "upsample_prompt does; encoding reads the same layers and gives the same bytes. Needs --precision bf16 "
+        "and no --compile; image-to-image mode needs torchvision",
+    )
+    upsample_share: float = _setting(
+        0.25,
+        "while prompts and upsampling requests both wait, the fraction of the model thread's turns that go to "
+        "upsampling (one generate call per request; the rest run encode batches), so neither starves the other",
+    )
+    upsample_max_queued_requests: int = _setting(
+        16, "upsampling requests waiting for the model before new ones get RESOURCE_EXHAUSTED"
+    )
+    upsample_max_prompts: int = _setting(8, "most prompts in one upsampling request (each is padded to 2048 tokens)")
+    upsample_max_new_tokens: int = _setting(512, "most tokens generated per prompt (diffusers generates up to 512)")
+    upsample_max_temperature: float = _setting(2.0, "highest sampling temperature accepted (0 is greedy decoding)")
+    upsample_max_images: int = _setting(10, "most reference images in one upsampling request")
+    upsample_max_image_bytes: int = _setting(8 << 20, "largest reference image file (PNG, JPEG or WebP), in bytes")
+    upsample_max_image_pixels: int = _setting(
+        25_000_000,
+        "most pixels of one reference image, read from its header before decoding (images over 768x768 are "
+        "then scaled down to that area, as diffusers does)",
     )
     # -- security -----------------------------------------------------------------------------------------
     auth_tokens_file: str | None = _setting(
@@ -357,6 +384,11 @@ class Settings:
             "max_inflight_bytes",
             "pipeline_depth",
             "unhealthy_after_failed_batches",
+            "upsample_max_queued_requests",
+            "upsample_max_prompts",
+            "upsample_max_new_tokens",
+            "upsample_max_image_bytes",
+            "upsample_max_image_pixels",
         ):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be at least 1")
@@ -374,6 +406,10 @@ class Settings:
         for name in ("default_timeout_s", "send_timeout_s", "http_read_timeout_s"):
             if getattr(self, name) <= 0:
                 out.append(f"--{name.replace('_', '-')} must be positive")
+        if not 0 < self.upsample_share <= 1:
+            out.append("--upsample-share must be above 0 and at most 1")
+        if self.upsample_max_images < 0 or not 0 <= self.upsample_max_temperature <= 100:
+            out.append("--upsample-max-images must not be negative; --upsample-max-temperature must be 0 to 100")
         if self.http_max_concurrent_requests < 1:
             out.append("--http-max-concurrent-requests must be at least 1")
         if self.rate_limit_prompts_per_s > 0 and self.rate_limit_burst_prompts < self.max_prompts_per_request:

@@ -194,6 +194,12 @@ class FakeEngine:
         device_ms_per_prompt: imitated device time; a batch's rows are ready once the device has run it,
             after the previous batch (a pipelined launch does not make the device faster).
         on_rows: called with (prompts, rows) as each batch is answered (e.g. to keep rows for analysis).
+        distinct_rows: how many fixed rows the prompts share (picked by a hash of the prompt); None: every
+            prompt gets a row of its own, drawn from a generator seeded by its hash (slower, and a row
+            answered for the wrong prompt shows).
+        tokenize: called with each batch's prompts before the fixed rows are made, e.g. a real engine's
+            `tokenize`, so that the text meets the real tokenizer and chat template without the model's
+            time (fuzzing: the decoder layers only ever see token ids).
 
     `fail_every_batch = True` fails every batch (as a GPU in a sticky error state would) until set back;
     `crash_worker()` makes the next launch kill the batcher's worker thread.
@@ -214,7 +220,8 @@ class FakeEngine:
         launch_ops: int = 0,
         device_ms_per_prompt: float = 0.0,
         on_rows: Callable[[list[str], torch.Tensor], None] | None = None,
-        distinct_rows: int = 16,
+        distinct_rows: int | None = 16,
+        tokenize: Callable[[list[str]], object] | None = None,
     ):
         if fail_in not in ("launch", "result"):
             raise ValueError(f"fail_in must be 'launch' or 'result', got {fail_in!r}")
@@ -225,6 +232,7 @@ class FakeEngine:
         self.launch_ops = launch_ops
         self.device_s_per_prompt = device_ms_per_prompt / 1000
         self.on_rows = on_rows
+        self.tokenize = tokenize
         self.fail_every_batch = False
         self._crash_next = False
         self.gate = threading.Event()
@@ -249,7 +257,11 @@ class FakeEngine:
             self._width = width
             gen = torch.Generator().manual_seed(0)
             max_length = self._fingerprint.max_length
-            self._fixed = torch.randn(distinct_rows, max_length, width, generator=gen, dtype=torch.bfloat16)
+            self._fixed = (
+                torch.randn(distinct_rows, max_length, width, generator=gen, dtype=torch.bfloat16)
+                if distinct_rows is not None
+                else None
+            )
 
     # -- what the server reads ----------------------------------------------------------------------------
     @property
@@ -300,13 +312,21 @@ class FakeEngine:
     def _start(self, prompts: list[str], *, skip: bool) -> Callable[[], torch.Tensor]:
         if skip:
             return lambda: torch.empty(0)
+        if self.tokenize is not None:
+            self.tokenize(prompts)
         if self.inner is not None:
             handle = self.inner.launch(prompts)
             return handle.result
         # A row per prompt, the same for the same prompt whatever it is batched with; gathered into a
         # new tensor, as a real engine's output is new memory.
-        index = torch.tensor([zlib.crc32(p.encode("utf-8", "surrogatepass")) % len(self._fixed) for p in prompts])
-        rows = self._fixed[index]
+        hashes = [zlib.crc32(p.encode("utf-8", "surrogatepass")) for p in prompts]
+        if self._fixed is None:
+            shape = (self._fingerprint.max_length, self._width)
+            rows = torch.stack(
+                [torch.randn(shape, generator=torch.Generator().manual_seed(h), dtype=torch.bfloat16) for h in hashes]
+            )
+        else:
+            rows = self._fixed[torch.tensor([h % len(self._fixed) for h in hashes])]
         return lambda: rows
 
     # -- what tests and benchmarks steer and read ---------------------------------------------------------

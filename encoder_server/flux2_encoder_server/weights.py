@@ -233,6 +233,31 @@ def _load_with_transformers(
     return decoder
 
 
+def load_full_model(
+    model: str,
+    family: EncoderFamily,
+    config: Any,
+    *,
+    subfolder: str,
+    revision: str | None,
+    token: str | bool | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Any, LoadReport]:
+    """The whole text encoder through transformers, every tensor of the checkpoint on `device`: what prompt
+    upsampling generates with (all decoder layers, the final norm, the output head and the vision tower).
+    The engine reads its hidden states from the same layers (`engine.pruned_decoder_view`)."""
+    import transformers
+
+    started = time.monotonic()
+    model_cls = getattr(transformers, family.model_class)
+    full = model_cls.from_pretrained(
+        model, subfolder=subfolder, revision=revision, token=token, config=config, dtype=dtype, device_map=str(device)
+    )
+    full.eval().requires_grad_(False)
+    return full, LoadReport("transformers", time.monotonic() - started, None, 0, ())
+
+
 def _checkpoint_prefix(family: EncoderFamily, weight_map: dict[str, str]) -> str:
     for prefix in family.checkpoint_prefixes:
         if prefix + "embed_tokens.weight" in weight_map:

@@ -1,5 +1,6 @@
-"""Where the GPU tests leave their measured figures: one JSON file per test in $FLUX2_GPU_REPORT_DIR (when
-set), written before the test's assertions so a failing run is recorded too."""
+"""What the GPU tests share: the skip without CUDA, and where they leave their measured figures (one JSON
+file per test in $FLUX2_GPU_REPORT_DIR when set, written before the test's assertions so a failing run is
+recorded too)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,15 @@ def write_gpu_report(request: pytest.FixtureRequest, figures: dict[str, Any]) ->
         pass
     path.write_text(json.dumps(record, indent=1, sort_keys=True))
     return path
+
+
+def needs_cuda(why: str) -> list[pytest.MarkDecorator]:
+    """The `pytestmark` of a GPU test module: marked `gpu`, skipped without CUDA with `why` as the reason,
+    and the whole card given back after each test (tests/conftest.py)."""
+    import torch
+
+    return [
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a CUDA GPU: {why}"),
+        pytest.mark.usefixtures("uncapped_cuda_allocator"),
+    ]

@@ -7,12 +7,9 @@ same LoRA, and an adapter added after streaming is set up still runs on the card
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 import torch
-from _gpu_report import write_gpu_report
+from _gpu_report import needs_cuda, write_gpu_report
 from flux2_client.generation import GenerationParams, generate, load_pipeline
 from flux2_client.lora import load_loras
 from flux2_client.offload import apply_block_streaming, remove_memory_plan, spec_from_module
@@ -27,25 +24,11 @@ from flux2_client.planner import (
 )
 from test_lora import TRAINER_TARGETS, random_lora, train_lora_like_the_trainer
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="needs a CUDA GPU: adapters on the card beside streamed NF4 blocks (run on an H100/H200)",
-    ),
-]
+pytestmark = needs_cuda("adapters on the card beside streamed NF4 blocks (run on an H100/H200)")
 
 
 def same(want: list[np.ndarray], got: list[np.ndarray]) -> bool:
     return len(want) == len(got) and all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
-
-
-@pytest.fixture(autouse=True)
-def uncapped_allocator() -> Iterator[None]:
-    yield
-    torch.cuda.synchronize()
-    torch.cuda.set_per_process_memory_fraction(1.0, 0)
-    torch.cuda.empty_cache()
 
 
 def test_streamed_loras_on_cuda_identical_to_resident(tiny, tmp_path, request):

@@ -16,16 +16,9 @@ plan, and generates a 1024 px image; the figures it measures are checked against
 from __future__ import annotations
 
 import pytest
-import torch
-from _gpu_report import write_gpu_report
+from _gpu_report import needs_cuda, write_gpu_report
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="needs a CUDA GPU: memory is measured on the card (run on an H100/H200)",
-    ),
-]
+pytestmark = needs_cuda("memory is measured on the card (run on an H100/H200)")
 
 MiB = 1 << 20
 

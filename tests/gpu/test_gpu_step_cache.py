@@ -12,19 +12,13 @@ import dataclasses
 
 import pytest
 import torch
-from _gpu_report import write_gpu_report
+from _gpu_report import needs_cuda, write_gpu_report
 from flux2_client.generation import generate, load_pipeline
 from flux2_client.offload import apply_block_streaming, get_block_streamer
 from test_offload import embeddings
 from test_step_cache import PARAMS, RESIDENT_PARTS, part_plan, skipped_blocks
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="needs a CUDA GPU: side-stream copies into slots while a step cache skips blocks (run on an H200)",
-    ),
-]
+pytestmark = needs_cuda("side-stream copies into slots while a step cache skips blocks (run on an H200)")
 
 
 @pytest.mark.parametrize("step_cache", ["mag", "taylorseer"])

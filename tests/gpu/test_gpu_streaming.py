@@ -6,12 +6,9 @@ page-locked host buffer on a side stream gives the same bytes as the DiT held wh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 import torch
-from _gpu_report import write_gpu_report
+from _gpu_report import needs_cuda, write_gpu_report
 from flux2_client.generation import GenerationParams, generate, load_pipeline
 from flux2_client.offload import (
     apply_block_streaming,
@@ -31,22 +28,7 @@ from flux2_client.planner import (
     vae_decode_bytes,
 )
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="needs a CUDA GPU: the side-stream copies, cudaHostRegister and NF4 CUDA kernels (run on an H100/H200)",
-    ),
-]
-
-
-@pytest.fixture(autouse=True)
-def uncapped_allocator() -> Iterator[None]:
-    """`load_pipeline(vram=...)` caps this process's allocator; give the next test the whole card."""
-    yield
-    torch.cuda.synchronize()
-    torch.cuda.set_per_process_memory_fraction(1.0, 0)
-    torch.cuda.empty_cache()
+pytestmark = needs_cuda("the side-stream copies, cudaHostRegister and NF4 CUDA kernels (run on an H100/H200)")
 
 
 def test_tiny_pipeline_streams_on_cuda_bit_identical_to_resident(tiny, request):

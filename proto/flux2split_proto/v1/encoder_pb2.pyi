@@ -37,7 +37,7 @@ BATCHING_MODE_DYNAMIC: BatchingMode
 BATCHING_MODE_REPRODUCIBLE: BatchingMode
 
 class ModelFingerprint(_message.Message):
-    __slots__ = ("family", "weights_id", "revision", "hidden_layers", "max_length", "dtype", "digest", "precision")
+    __slots__ = ("family", "weights_id", "revision", "hidden_layers", "max_length", "dtype", "digest", "precision", "upsampling")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class ModelFingerprint(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLING_FIELD_NUMBER: _ClassVar[int]
     family: str
     weights_id: str
     revision: str
@@ -54,26 +55,43 @@ class ModelFingerprint(_message.Message):
     dtype: DType
     digest: str
     precision: str
-    def __init__(self, family: _Optional[str] = ..., weights_id: _Optional[str] = ..., revision: _Optional[str] = ..., hidden_layers: _Optional[_Iterable[int]] = ..., max_length: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., digest: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    upsampling: bool
+    def __init__(self, family: _Optional[str] = ..., weights_id: _Optional[str] = ..., revision: _Optional[str] = ..., hidden_layers: _Optional[_Iterable[int]] = ..., max_length: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., digest: _Optional[str] = ..., precision: _Optional[str] = ..., upsampling: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("prompts", "format", "expected_fingerprint", "request_id", "bypass_cache", "model")
+    __slots__ = ("prompts", "format", "expected_fingerprint", "request_id", "bypass_cache", "model", "upsample")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLE_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     format: TensorFormat
     expected_fingerprint: str
     request_id: str
     bypass_cache: bool
     model: str
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[TensorFormat, str]] = ..., expected_fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    upsample: UpsampleOptions
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[TensorFormat, str]] = ..., expected_fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., model: _Optional[str] = ..., upsample: _Optional[_Union[UpsampleOptions, _Mapping]] = ...) -> None: ...
+
+class UpsampleOptions(_message.Message):
+    __slots__ = ("temperature", "max_new_tokens", "seed", "images", "images_per_prompt")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    images_per_prompt: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., images: _Optional[_Iterable[bytes]] = ..., images_per_prompt: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("format", "dtype", "shape", "byte_length", "sha256", "fingerprint", "cache_hit", "request_id", "batching_mode", "model")
+    __slots__ = ("format", "dtype", "shape", "byte_length", "sha256", "fingerprint", "cache_hit", "request_id", "batching_mode", "model", "upsampled_prompts", "upsample_seed")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +102,8 @@ class TensorHeader(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLE_SEED_FIELD_NUMBER: _ClassVar[int]
     format: TensorFormat
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -94,7 +114,9 @@ class TensorHeader(_message.Message):
     request_id: str
     batching_mode: BatchingMode
     model: str
-    def __init__(self, format: _Optional[_Union[TensorFormat, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[bytes] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., cache_hit: _Optional[_Iterable[bool]] = ..., request_id: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    upsampled_prompts: _containers.RepeatedScalarFieldContainer[str]
+    upsample_seed: int
+    def __init__(self, format: _Optional[_Union[TensorFormat, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[bytes] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., cache_hit: _Optional[_Iterable[bool]] = ..., request_id: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., model: _Optional[str] = ..., upsampled_prompts: _Optional[_Iterable[str]] = ..., upsample_seed: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -135,23 +157,25 @@ class ServerLimits(_message.Message):
     def __init__(self, max_prompts_per_request: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ..., max_batch_prompts: _Optional[int] = ...) -> None: ...
 
 class ServedModel(_message.Message):
-    __slots__ = ("name", "fingerprint", "embedding_dim", "limits", "batching_mode", "is_default")
+    __slots__ = ("name", "fingerprint", "embedding_dim", "limits", "batching_mode", "is_default", "upsampling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLING_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: ModelFingerprint
     embedding_dim: int
     limits: ServerLimits
     batching_mode: BatchingMode
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    upsampling: UpsampleLimits
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., is_default: _Optional[bool] = ..., upsampling: _Optional[_Union[UpsampleLimits, _Mapping]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("fingerprint", "embedding_dim", "limits", "server_version", "api_version", "batching_mode", "models", "default_model")
+    __slots__ = ("fingerprint", "embedding_dim", "limits", "server_version", "api_version", "batching_mode", "models", "default_model", "upsampling")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +184,7 @@ class InfoResponse(_message.Message):
     BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLING_FIELD_NUMBER: _ClassVar[int]
     fingerprint: ModelFingerprint
     embedding_dim: int
     limits: ServerLimits
@@ -168,4 +193,57 @@ class InfoResponse(_message.Message):
     batching_mode: BatchingMode
     models: _containers.RepeatedCompositeFieldContainer[ServedModel]
     default_model: str
-    def __init__(self, fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    upsampling: UpsampleLimits
+    def __init__(self, fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., default_model: _Optional[str] = ..., upsampling: _Optional[_Union[UpsampleLimits, _Mapping]] = ...) -> None: ...
+
+class UpsampleLimits(_message.Message):
+    __slots__ = ("max_images", "max_image_bytes", "max_image_pixels", "max_temperature", "max_new_tokens", "max_prompts", "images")
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    max_images: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_temperature: float
+    max_new_tokens: int
+    max_prompts: int
+    images: bool
+    def __init__(self, max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., max_prompts: _Optional[int] = ..., images: _Optional[bool] = ...) -> None: ...
+
+class UpsampleRequest(_message.Message):
+    __slots__ = ("prompts", "images", "temperature", "max_new_tokens", "seed", "request_id", "model", "images_per_prompt")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    request_id: str
+    model: str
+    images_per_prompt: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., images_per_prompt: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UpsampleResponse(_message.Message):
+    __slots__ = ("prompts", "request_id", "seed", "fingerprint", "new_tokens")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    seed: int
+    fingerprint: ModelFingerprint
+    new_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., seed: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., new_tokens: _Optional[_Iterable[int]] = ...) -> None: ...

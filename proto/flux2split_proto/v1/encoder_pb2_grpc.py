@@ -52,6 +52,11 @@ class TextEncoderStub:
                 request_serializer=flux2split__proto_dot_v1_dot_encoder__pb2.InfoRequest.SerializeToString,
                 response_deserializer=flux2split__proto_dot_v1_dot_encoder__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Upsample = channel.unary_unary(
+                '/flux2split.v1.TextEncoder/Upsample',
+                request_serializer=flux2split__proto_dot_v1_dot_encoder__pb2.UpsampleRequest.SerializeToString,
+                response_deserializer=flux2split__proto_dot_v1_dot_encoder__pb2.UpsampleResponse.FromString,
+                _registered_method=True)
 
 
 class TextEncoderServicer:
@@ -81,6 +86,15 @@ class TextEncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upsample(self, request, context):
+        """Rewrites prompts the way FLUX.2 expects (prompt upsampling, diffusers' Flux2Pipeline.upsample_prompt)
+        with the same text encoder, generating text. Only for models served with upsampling on
+        (FAILED_PRECONDITION otherwise); ServedModel.upsampling says which are and gives their limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextEncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_TextEncoderServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=flux2split__proto_dot_v1_dot_encoder__pb2.InfoRequest.FromString,
                     response_serializer=flux2split__proto_dot_v1_dot_encoder__pb2.InfoResponse.SerializeToString,
+            ),
+            'Upsample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Upsample,
+                    request_deserializer=flux2split__proto_dot_v1_dot_encoder__pb2.UpsampleRequest.FromString,
+                    response_serializer=flux2split__proto_dot_v1_dot_encoder__pb2.UpsampleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -157,6 +176,33 @@ class TextEncoder:
             '/flux2split.v1.TextEncoder/Info',
             flux2split__proto_dot_v1_dot_encoder__pb2.InfoRequest.SerializeToString,
             flux2split__proto_dot_v1_dot_encoder__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upsample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flux2split.v1.TextEncoder/Upsample',
+            flux2split__proto_dot_v1_dot_encoder__pb2.UpsampleRequest.SerializeToString,
+            flux2split__proto_dot_v1_dot_encoder__pb2.UpsampleResponse.FromString,
             options,
             channel_credentials,
             insecure,
