@@ -76,6 +76,52 @@ def build_encoder(tiny: bool, device: str, seed: int = 0) -> Any:
     return model.eval().requires_grad_(False)
 
 
+# Qwen/Qwen3-4B and Qwen/Qwen3-8B (the FLUX.2 [klein] 4B and 9B text encoders), from their config.json.
+_QWEN3_COMMON = {
+    "vocab_size": 151936,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+QWEN3_CONFIGS = {
+    "qwen3-4b": {**_QWEN3_COMMON, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
+    "qwen3-8b": {**_QWEN3_COMMON, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False},
+}
+#: The encoders the benchmarks build: FLUX.2-dev's and the two FLUX.2 [klein] ones.
+ENCODERS = ("mistral-small-3.1", "qwen3-4b", "qwen3-8b")
+
+
+def build_qwen3_encoder(name: str, tiny: bool, device: str, seed: int = 0) -> Any:
+    """Qwen3ForCausalLM at the shape of `name` (all 36 layers, final norm, output head: what diffusers'
+    Flux2KleinPipeline loads) with random bf16 weights, allocated and initialised directly on `device`;
+    `tiny`: the tiny Klein test encoder instead."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    if tiny:
+        from flux2_client.tiny_klein import build_tiny_qwen3, build_tiny_qwen3_tokenizer
+
+        tok = build_tiny_qwen3_tokenizer()
+        model = build_tiny_qwen3(len(tok), tok.pad_token_id, tok.eos_token_id, seed=seed)
+        return model.to(device=device).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_CONFIGS[name]))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
 def build_dit(tiny: bool, device: str, seed: int = 0) -> Any:
     """FLUX.2-dev's DiT at real width (48 heads x 128, joint_attention_dim 15360) but reduced depth:
     2 double-stream + 4 single-stream blocks instead of 8 + 48, random weights."""

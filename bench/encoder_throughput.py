@@ -16,6 +16,12 @@ on the GPU, then measures in one process, on one card:
 
     python -m bench.encoder_throughput --out results/            # on the GPU machine
     python -m bench.encoder_throughput --tiny --device cpu        # quick check of the script itself
+    python -m bench.encoder_throughput --encoder qwen3-4b --sections reference,engine,served --out results/
+
+`--encoder qwen3-4b|qwen3-8b` measures a FLUX.2 [klein] text encoder (Qwen3-4B for klein 4B, Qwen3-8B for
+klein 9B) the same way: the reference is diffusers' Flux2KleinPipeline._get_qwen3_prompt_embeds on the whole
+36-layer model, the engine keeps layers 0..26 (hidden states 9, 18, 27). The `dit` section is FLUX.2-dev's
+only.
 
 (from the repository root; the server in `served` is `flux2_encoder_server.testing.ServerThread` over the
 engine wrapped in `FakeEngine`, which times every batch the server runs)
@@ -43,12 +49,21 @@ from typing import Any
 import torch
 
 from ._measure import GIB, Report, compare, log, measure, process_cpu_s, row_sha, sync
-from ._models import build_dit, build_encoder, prompts
+from ._models import ENCODERS, build_dit, build_encoder, build_qwen3_encoder, prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- sections --------------------------------------------------------------------------------------------
+def is_klein(args: argparse.Namespace) -> bool:
+    """A FLUX.2 [klein] encoder (Qwen3) rather than FLUX.2-dev's Mistral."""
+    return bool(args.encoder.startswith("qwen3"))
+
+
+def embedding_width(args: argparse.Namespace) -> int:
+    if args.tiny:
+        return 384 if is_klein(args) else 192
+    return {"mistral-small-3.1": 15360, "qwen3-4b": 7680, "qwen3-8b": 12288}[args.encoder]
 
 
 def bench_reference(
@@ -59,9 +74,16 @@ def bench_reference(
     dev = torch.device(args.device)
 
     def call(batch_prompts: list[str]) -> torch.Tensor:
-        embeds = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
-            text_encoder=full, tokenizer=tok, prompt=batch_prompts, device=dev
-        )
+        if is_klein(args):
+            from diffusers import Flux2KleinPipeline
+
+            embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+                text_encoder=full, tokenizer=tok, prompt=batch_prompts, device=dev
+            )
+        else:
+            embeds = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+                text_encoder=full, tokenizer=tok, prompt=batch_prompts, device=dev
+            )
         return embeds.cpu()  # what the hosted endpoint did before torch.save
 
     rows = []
@@ -372,7 +394,7 @@ def ceiling(report: Report, pool: list[str], args: argparse.Namespace) -> None:
     from flux2_encoder_server.testing import FakeEngine
 
     with report.section("ceiling"):
-        null = FakeEngine(width=192 if args.tiny else 15360)
+        null = FakeEngine(width=embedding_width(args))
         one = [(args.clients, args.served_seconds)]
         serve(report, null, pool, args, "served_null_engine_switch1ms", one, switch_interval_s=0.001)
         serve(report, null, pool, args, "served_null_engine_switch1ms_2threads_per_process", one, 0.001,
@@ -411,7 +433,7 @@ def bench_tiers(
                 layer: compare(got[..., i * width : (i + 1) * width], bf16_ref[..., i * width : (i + 1) * width])[
                     "rel_err"
                 ]
-                for i, layer in enumerate(("10", "20", "30"))
+                for i, layer in enumerate(("9", "18", "27") if is_klein(args) else ("10", "20", "30"))
             }
             embeds_for_dit[precision] = got[:1].clone()
             rows[precision] = row
@@ -462,6 +484,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy shapes, for checking the script on a CPU")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default="mistral-small-3.1",
+        help="the text encoder at its real shape: FLUX.2-dev's Mistral, or FLUX.2 [klein] 4B's / 9B's Qwen3",
+    )
     parser.add_argument("--out", default=".")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--reps", type=int, default=3)
@@ -489,6 +517,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
 
     from flux2_client.tiny import build_tiny_tokenizer
+    from flux2_client.tiny_klein import build_tiny_qwen3_tokenizer
     from flux2_encoder_server import EncoderEngine
     from flux2_encoder_server.precision import module_bytes
 
@@ -504,13 +533,26 @@ def main() -> None:
     report["env"] = env
     log(env)
 
-    tok = build_tiny_tokenizer()
+    env["encoder"] = args.encoder
     pool = prompts(64)
-    lengths = [int(m.sum()) for m in tok.apply_chat_template(
-        [[{"role": "system", "content": [{"type": "text", "text": "x" * 170}]},
-          {"role": "user", "content": [{"type": "text", "text": p}]}] for p in pool],
-        tokenize=True, return_dict=True, return_tensors="pt", padding="max_length", truncation=True,
-        max_length=512)["attention_mask"]]  # fmt: skip
+    if is_klein(args):
+        # A byte-level tokenizer with Qwen3's special tokens and chat template; every prompt is padded to 512
+        # tokens, so the work per prompt is the real one whatever the vocabulary.
+        tok = build_tiny_qwen3_tokenizer()
+        chats = [[{"role": "user", "content": p}] for p in pool]
+        template = {"tokenize": False, "add_generation_prompt": True, "enable_thinking": False}
+        texts = [tok.apply_chat_template(c, **template) for c in chats]
+        lengths = [len(tok(text, truncation=True, max_length=512)["input_ids"]) for text in texts]
+        if "dit" in sections:
+            log("the dit section measures FLUX.2-dev's DiT: skipped for", args.encoder)
+            sections.discard("dit")
+    else:
+        tok = build_tiny_tokenizer()
+        lengths = [int(m.sum()) for m in tok.apply_chat_template(
+            [[{"role": "system", "content": [{"type": "text", "text": "x" * 170}]},
+              {"role": "user", "content": [{"type": "text", "text": p}]}] for p in pool],
+            tokenize=True, return_dict=True, return_tensors="pt", padding="max_length", truncation=True,
+            max_length=512)["attention_mask"]]  # fmt: skip
     report["prompt_tokens"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
 
     if sections == {"ceiling"}:
@@ -519,12 +561,16 @@ def main() -> None:
         return
 
     t0 = time.time()
-    full = build_encoder(args.tiny, args.device)
+    full = (
+        build_qwen3_encoder(args.encoder, args.tiny, args.device)
+        if is_klein(args)
+        else build_encoder(args.tiny, args.device)
+    )
     sync(args.device)
     report["model"] = {
         "build_s": round(time.time() - t0, 1),
         "full_model_gib": module_bytes(full) / GIB,
-        "attn_implementation": getattr(full.config.text_config, "_attn_implementation", None),
+        "attn_implementation": getattr(getattr(full.config, "text_config", full.config), "_attn_implementation", None),
     }
     log("model", report["model"])
     report.save()

@@ -122,3 +122,19 @@ def resident_nf4_pipe(tiny: TinyPaths):
 def tiny_klein(tmp_path_factory: pytest.TempPathFactory) -> TinyKleinPaths:
     """Tiny FLUX.2 [klein] pipelines (distilled and base) and the NF4 Klein DiT; built only by tests that ask."""
     return make_tiny_klein(tmp_path_factory.mktemp("klein-models"))
+
+
+@pytest.fixture(scope="session")
+def klein_engine(tiny_klein: TinyKleinPaths) -> EncoderEngine:
+    """The server's engine over the tiny distilled Klein model (pruned Qwen3)."""
+    return EncoderEngine.from_pretrained(str(tiny_klein.distilled), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def klein_reference(tiny_klein: TinyKleinPaths):
+    """diffusers' Flux2KleinPipeline with its full (unpruned) Qwen3 encoder and the NF4 Klein DiT."""
+    from diffusers import Flux2KleinPipeline
+    from flux2_client._quantization import load_nf4_transformer
+
+    transformer = load_nf4_transformer(str(tiny_klein.nf4_repo), device="cpu")
+    return Flux2KleinPipeline.from_pretrained(str(tiny_klein.distilled), transformer=transformer, dtype=torch.bfloat16)

@@ -128,8 +128,8 @@ def interrupted_then_resumed(tmp_path, tiny, engine, *, unique, duplicates, shar
     finally:
         counting.unblock()
         server.stop()
-    registry = server.server.core.metrics.registry
-    counting.metric_model_prompts = registry.get_sample_value("flux2_encoder_prompts_total", {"source": "model"})
+    metrics = server.server.core.metrics
+    counting.metric_model_prompts = metrics.value("flux2_encoder_prompts_total", {"source": "model"})
     return captions, out, counting, output, set(halfway)
 
 

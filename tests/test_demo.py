@@ -71,3 +71,13 @@ def test_demo_with_real_weights_needs_a_gpu(tmp_path):
     proc = _demo("--workdir", str(tmp_path), "--model", "black-forest-labs/FLUX.2-dev", "--encoder-precision", "nf4")
     assert proc.returncode != 0 and "--model: real weights need a CUDA GPU" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "server.log").exists()
+
+
+def test_demo_family_picks_the_tiny_models_only(tmp_path, capsys):
+    from flux2_client.cli import main
+
+    argv = ["demo", "--workdir", str(tmp_path), "--family", "klein", "--model", "black-forest-labs/FLUX.2-dev"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--family picks the tiny models" in err[0]
+    assert not (tmp_path / "server.log").exists()

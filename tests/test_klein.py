@@ -33,20 +33,6 @@ IMAGE_PROMPTS = ["a lighthouse at dusk", "two cats on a sofa"]
 
 
 @pytest.fixture(scope="module")
-def klein_engine(tiny_klein: TinyKleinPaths) -> EncoderEngine:
-    return EncoderEngine.from_pretrained(str(tiny_klein.distilled), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def klein_reference(tiny_klein: TinyKleinPaths):
-    """diffusers' Flux2KleinPipeline with its full (unpruned) Qwen3 encoder and the NF4 Klein DiT."""
-    from diffusers import Flux2KleinPipeline
-
-    transformer = load_nf4_transformer(str(tiny_klein.nf4_repo), device="cpu")
-    return Flux2KleinPipeline.from_pretrained(str(tiny_klein.distilled), transformer=transformer, dtype=torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
 def klein_server(tiny_klein: TinyKleinPaths, klein_engine: EncoderEngine) -> Iterator[ServerThread]:
     thread = ServerThread(local_settings(str(tiny_klein.distilled)), lambda _s: klein_engine).start()
     yield thread

@@ -126,22 +126,26 @@ def test_metrics_follow_the_naming_guide_and_start_at_zero(served):
     thread = served(FakeEngine(), load=False)  # from the start, before the model is loaded
     text = thread.core.metrics.exposition().decode()
     for line in (
-        'flux2_encoder_requests_total{code="UNAVAILABLE",frontend="http"} 0.0',
-        'flux2_encoder_requests_total{code="CANCELLED",frontend="grpc"} 0.0',
-        'flux2_encoder_sent_bytes_total{frontend="grpc"} 0.0',
-        'flux2_encoder_request_duration_seconds_count{frontend="http"} 0.0',
-        'flux2_encoder_rejected_total{limit="max_inflight_bytes"} 0.0',
-        'flux2_encoder_dropped_total{reason="deadline"} 0.0',
-        'flux2_encoder_cache_lookups_total{result="miss",tier="disk"} 0.0',
-        'flux2_encoder_self_tests_total{result="failed"} 0.0',
-        'flux2_encoder_dropped_total{reason="send_timeout"} 0.0',
-        'flux2_encoder_dropped_total{reason="http_header_timeout"} 0.0',
-        'flux2_encoder_rejected_total{limit="http_max_concurrent_requests"} 0.0',
+        'flux2_encoder_requests_total{code="UNAVAILABLE",frontend="http",model="default"} 0.0',
+        'flux2_encoder_requests_total{code="CANCELLED",frontend="grpc",model="default"} 0.0',
+        'flux2_encoder_requests_total{code="NOT_FOUND",frontend="grpc",model=""} 0.0',
+        'flux2_encoder_sent_bytes_total{frontend="grpc",model="default"} 0.0',
+        'flux2_encoder_request_duration_seconds_count{frontend="http",model="default"} 0.0',
+        'flux2_encoder_rejected_total{limit="max_inflight_bytes",model="default"} 0.0',
+        'flux2_encoder_dropped_total{model="default",reason="deadline"} 0.0',
+        'flux2_encoder_cache_lookups_total{model="default",result="miss",tier="disk"} 0.0',
+        'flux2_encoder_self_tests_total{model="default",result="failed"} 0.0',
+        'flux2_encoder_batch_failures_total{model="default"} 0.0',
+        'flux2_encoder_dropped_total{model="default",reason="send_timeout"} 0.0',
+        'flux2_encoder_dropped_total{model="",reason="http_header_timeout"} 0.0',
+        'flux2_encoder_rejected_total{limit="http_max_concurrent_requests",model="default"} 0.0',
+        'flux2_encoder_upsample_requests_total{code="OK",frontend="http",model="default"} 0.0',
     ):
         assert line in text, line
     thread.run(thread.server.load())
     text = thread.core.metrics.exposition().decode()
-    assert 'flux2_encoder_build_info{model="fake",precision="bf16",version="' in text
+    assert 'flux2_encoder_build_info{model="default",precision="bf16",version="' in text
+    assert 'weights="fake"} 1.0' in text
     assert "bytes_sent" not in text and "flux2_encoder_request_seconds" not in text
     RemoteTextEncoder(thread.target).encode("a")
     assert thread.core.metrics.value("flux2_encoder_sent_bytes_total", {"frontend": "grpc"}) > 0

@@ -32,7 +32,7 @@ def limited_server(**overrides) -> ServerThread:
 
 
 def counter(server: ServerThread, name: str, **labels: str) -> float:
-    return server.core.metrics.registry.get_sample_value(f"flux2_encoder_{name}", labels) or 0.0
+    return server.core.metrics.value(f"flux2_encoder_{name}", labels)
 
 
 # -- clients that never read ---------------------------------------------------------------------------

@@ -205,6 +205,7 @@ def test_cache_is_keyed_by_model_and_bounded_in_bytes():
 #: below). Only `dtype` has a single choice, so its value is its default.
 NON_DEFAULT: dict[str, object] = {
     "model": "some-org/some-model",
+    "default_model": "default",
     "revision": "0123abc",
     "text_encoder_subfolder": "te",
     "tokenizer_subfolder": "tok",
@@ -388,7 +389,7 @@ def test_the_running_server_reads_every_setting_and_obeys_flags_and_environment(
         )
         assert answer.status_code == 200
         scraped = httpx.get(f"http://127.0.0.1:{server.server.metrics_port}/metrics").text
-        assert 'flux2_encoder_requests_total{code="OK",frontend="http"} 1.0' in scraped
+        assert 'flux2_encoder_requests_total{code="OK",frontend="http",model="default"} 1.0' in scraped
         server.stop(grace=None)  # the drain of SIGTERM: --grace-period-s
     # Read by `serve` and the CLI, not by the server object (the test above covers them); the key and the
     # client CA only with --tls-cert (test_server_security's TLS tests serve with them).

@@ -28,7 +28,7 @@ def test_stale_stubs_are_detected(tmp_path: Path):
     root = tmp_path / "proto"
     shutil.copytree(generate.PROTO_ROOT / "flux2split_proto", root / "flux2split_proto")
     proto = root / "flux2split_proto" / "v1" / "encoder.proto"
-    proto.write_text(proto.read_text().replace("message InfoRequest {}", "message InfoRequest { int32 x = 1; }"))
+    proto.write_text(proto.read_text() + "\nmessage AddedLater { int32 x = 1; }\n")
     stale = generate.stale_files(root)
     assert "flux2split_proto/v1/encoder_pb2.py" in stale
 

@@ -192,6 +192,8 @@ def _encoder_failure(exc: BaseException, context: FailureContext) -> CliError | 
             "model, or update --expect-fingerprint",
             ExitCode.MODEL_MISMATCH,
         )
+    if code_name == "NOT_FOUND":  # the server hosts no model of the name asked for; it lists its own
+        return CliError(f"{_servers(context)}: {detail}; pick one with --encoder-model", ExitCode.MODEL_MISMATCH)
     if code_name in _AUTH_CODES or http_status in (401, 403):
         what = "--token (or FLUX2_ENCODER_TOKEN)"
         if context.mutual_tls:

@@ -27,6 +27,13 @@ def add_pool_args(p: argparse.ArgumentParser, *, timeout: float) -> None:
         help="encoder server: host:port or another gRPC target (dns:///name:port), or the HTTP /predict URL "
         "(http[s]://…); repeat for several: requests spread, failed servers are skipped",
     )
+    p.add_argument(
+        "--encoder-model",
+        default=None,
+        metavar="NAME",
+        help="the served model to encode with, on servers hosting several (default: the one matching the DiT's "
+        "embedding width when generating, else the servers' default)",
+    )
     p.add_argument("--timeout", type=positive_seconds, default=timeout, help="deadline of one encoder request, seconds")
     p.add_argument(
         "--deadline", type=positive_seconds, default=None, help="deadline over all retries and servers, seconds"
@@ -77,6 +84,7 @@ def pool_from_args(args: argparse.Namespace, *, cache: EmbeddingCache | None = N
     try:
         return EncoderPool(
             args.server,
+            model=args.encoder_model,
             timeout=args.timeout,
             expected_fingerprint=args.expect_fingerprint,
             retry=RetryPolicy(attempts=args.retries, deadline=args.deadline),

@@ -6,7 +6,7 @@ flux2-client generate --server A:PORT --server B:PORT --vram 8GB --image cat.png
 flux2-client generate --plan-only --vram 6GB --image a.png --image b.png
 flux2-client generate --server HOST:PORT --prompt "a fox" --lora out/pytorch_lora_weights.safetensors:0.8 --turbo
 flux2-client make-tiny ./tiny-models [--family klein]
-flux2-client demo
+flux2-client demo [--family klein]
 flux2-client encode captions.txt --server HOST:PORT --out embeds/
 
 A failure is one line on stderr and an exit code (below); --verbose adds the traceback.
@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vram",
         default=None,
         help="what the server and the DiT may hold on the card together, e.g. 24GB; default: the whole card",
+    )
+    demo.add_argument(
+        "--family",
+        choices=("flux2", "klein"),
+        default="flux2",
+        help="the tiny models to build: FLUX.2-dev (Mistral encoder) or FLUX.2 [klein] (Qwen3 encoder, distilled "
+        "DiT); with --model the model's own family",
     )
     demo.add_argument("--prompt", default="a watercolor fox reading a newspaper in a cafe")
     _add_output_args(demo)
@@ -457,6 +464,8 @@ def _run(args: argparse.Namespace) -> int:
                 parse_size(args.vram)
             except ValueError as exc:
                 raise UsageError(f"--vram: {exc}") from None
+        if args.model is not None and args.family != "flux2":
+            raise UsageError("--family picks the tiny models; with --model the model's own model_index.json decides")
         if args.model is not None:
             import torch
 
@@ -471,6 +480,7 @@ def _run(args: argparse.Namespace) -> int:
                     dit=args.dit,
                     encoder_precision=args.encoder_precision,
                     vram=args.vram,
+                    family=args.family,
                 )
             except PlanError as exc:
                 raise UsageError(f"--vram: {exc}") from None

@@ -1,9 +1,10 @@
 """The quick-start demo: start an encoder server, encode a prompt through it, generate, stop the server.
 
 With no `--model` it runs on tiny random models built on the spot, so it works offline on a CPU in about
-a minute; their image is noise. `--model black-forest-labs/FLUX.2-dev` gives a real image (GPU, HF_TOKEN):
-the single-machine mode, server and DiT on one card, the DiT planned within what the server leaves
-(`--encoder-precision int8|nf4` to fit a 16-24 GB card).
+a minute; their image is noise. `--family klein` builds tiny FLUX.2 [klein] models instead (a Qwen3
+encoder on the server, the step-distilled Klein DiT on the client). `--model black-forest-labs/FLUX.2-dev`
+gives a real image (GPU, HF_TOKEN): the single-machine mode, server and DiT on one card, the DiT planned
+within what the server leaves (`--encoder-precision int8|nf4` to fit a 16-24 GB card).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 ENCODER_PRECISIONS = ("bf16", "fp8", "int8", "nf4")  # the server's --precision tiers
+DEMO_FAMILIES = ("flux2", "klein")  # the tiny models the demo builds
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,12 @@ def run_demo(
     dit: str | None = None,
     encoder_precision: str = "bf16",
     vram: str | int | None = None,
+    family: str = "flux2",
 ) -> Path:
     """Start a server on `model` (tiny random models when None) with `encoder_precision` weights, generate
     one image through it with `generate_to_files` (what `flux2-client generate` runs), stop the server;
-    returns the PNG's path.
+    returns the PNG's path. `family` picks the tiny models' family ("flux2" or "klein"); with `model` the
+    model's own model_index.json decides.
 
     With real weights on a GPU the server and the DiT share the card: the server is measured once it
     reports SERVING and the DiT's plan gets what is left of `vram` (the whole card when None; see
@@ -141,16 +145,26 @@ def run_demo(
     from .endpoints import EncoderPool
     from .generation import GenerationParams, generate_to_files
     from .tiny import make_tiny_flux2
+    from .tiny_klein import make_tiny_klein
 
+    if family not in DEMO_FAMILIES:
+        raise ValueError(f"family: expected one of {', '.join(DEMO_FAMILIES)}, got {family!r}")
+    if model is not None and family != "flux2":
+        raise ValueError("family: picks the tiny models; with a model, its model_index.json decides the family")
     if encoder_precision not in ENCODER_PRECISIONS:
         choices = ", ".join(ENCODER_PRECISIONS)
         raise ValueError(f"encoder_precision: expected one of {choices}, got {encoder_precision!r}")
     workdir.mkdir(parents=True, exist_ok=True)
     card, free_before = None, 0
     if model is None:
-        print("== building tiny random models (offline) ==", flush=True)
-        paths = make_tiny_flux2(workdir / "models")
-        encoder_model, dit = str(paths.pipeline), str(paths.nf4_repo)
+        shown = "FLUX.2 [klein]" if family == "klein" else "FLUX.2-dev"
+        print(f"== building tiny random {shown} models (offline) ==", flush=True)
+        if family == "klein":
+            klein = make_tiny_klein(workdir / "models")
+            encoder_model, dit = str(klein.distilled), str(klein.nf4_repo)
+        else:
+            paths = make_tiny_flux2(workdir / "models")
+            encoder_model, dit = str(paths.pipeline), str(paths.nf4_repo)
         size, steps, device, offload, server_args = 128, 4, "cpu", "leaf_level", ["--device", "cpu"]
         dit_vram = None
     else:

@@ -45,6 +45,16 @@ class FingerprintMismatchError(RemoteEncoderError):
         super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
+def model_mismatch_message(asked: str, answered: str) -> str:
+    """The one wording of "the answer is not from the model this client named"."""
+    if not answered:
+        return (
+            f"model: asked for {asked!r} but the server's answer names no model: it predates hosting several "
+            "models and serves only its own (leave the model unset for it)"
+        )
+    return f"model: asked for {asked!r} but the server answered with model {answered!r}"
+
+
 @dataclass(frozen=True)
 class EncoderInfo:
     """What a server says about itself (gRPC `Info`, HTTP `GET /info`); fields a server does not report
@@ -56,6 +66,12 @@ class EncoderInfo:
     server_version: str = ""
     api_version: str = ""
     batching_mode: pb.BatchingMode = pb.BATCHING_MODE_UNSPECIFIED
+    #: The served name of the model the fields above describe ("" from servers that do not name models).
+    model: str = ""
+    #: Every model the server hosts, the default first (empty from servers that host one unnamed model).
+    models: tuple[pb.ServedModel, ...] = ()
+    #: The model requests that name none get.
+    default_model: str = ""
 
 
 @dataclass(frozen=True)

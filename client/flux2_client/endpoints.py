@@ -62,8 +62,8 @@ RETRYABLE = frozenset(
 
 def connect(target: str, **options: Any) -> Encoder:
     """The client for one target: `http(s)://…` -> `HttpTextEncoder`, anything else -> `RemoteTextEncoder`.
-    `options` are their shared keyword arguments (timeout, expected_fingerprint, max_payload_bytes, token,
-    tls, root_certificates, client_certificate, client_private_key, server_name_override)."""
+    `options` are their shared keyword arguments (model, timeout, expected_fingerprint, max_payload_bytes,
+    token, tls, root_certificates, client_certificate, client_private_key, server_name_override)."""
     from .http_encoder import HttpTextEncoder, is_http_target
 
     if is_http_target(target):
@@ -114,6 +114,8 @@ class EncoderPool:
         targets: each server, as `host:port`, another gRPC target (`dns:///name:port`), or an
             `http(s)://…/predict` URL; all must serve the same model (responses are checked against
             `expected_fingerprint` when given, else against the first answer's digest).
+        model: the served model to encode with on servers hosting several (`info().models` lists them);
+            None: each server's default. `for_model(name)` gives a pool over the same servers for another.
         timeout: deadline of one attempt, seconds.
         retry: attempts, backoff, cool-down and overall deadline (`RetryPolicy`).
         cache: an `EmbeddingCache`; hits skip the network. Needs the model digest before asking, so
@@ -126,6 +128,7 @@ class EncoderPool:
         self,
         targets: Sequence[str],
         *,
+        model: str | None = None,
         timeout: float = 120.0,
         expected_fingerprint: str | None = None,
         retry: RetryPolicy | None = None,
@@ -136,15 +139,19 @@ class EncoderPool:
             targets = [targets]
         if not targets:
             raise ValueError("targets: at least one encoder server address is needed")
+        self.model = model or None
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.cache = cache
         self.expected_fingerprint = expected_fingerprint
+        self._client_options = dict(client_options)
         self._lock = threading.Lock()
         self._endpoints: list[_Endpoint] = []
         try:
             for target in targets:
-                encoder = connect(target, timeout=timeout, expected_fingerprint=expected_fingerprint, **client_options)
+                encoder = connect(
+                    target, model=model, timeout=timeout, expected_fingerprint=expected_fingerprint, **client_options
+                )
                 self._endpoints.append(_Endpoint(target, encoder))
         except BaseException:
             self.close()
@@ -156,7 +163,20 @@ class EncoderPool:
         self._cache_hits = 0
 
     def __repr__(self) -> str:
-        return f"EncoderPool({self.targets!r})"
+        return f"EncoderPool({self.targets!r}" + (f", model={self.model!r})" if self.model else ")")
+
+    def for_model(self, model: str) -> EncoderPool:
+        """A new pool over the same servers, options, retry policy and cache, encoding with the served model
+        `model` (this pool is left as it is; close both)."""
+        return EncoderPool(
+            self.targets,
+            model=model,
+            timeout=self.timeout,
+            expected_fingerprint=self.expected_fingerprint,
+            retry=self.retry,
+            cache=self.cache,
+            **self._client_options,
+        )
 
     @property
     def targets(self) -> list[str]:

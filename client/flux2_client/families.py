@@ -126,6 +126,39 @@ def check_embedding_width(embedding_dim: int, dit: str, *, revision: str | None 
         )
 
 
+def choose_served_model(info: Any, joint_attention_dim: int, dit: str = "") -> str | None:
+    """Which model of a server to encode with for a DiT taking `joint_attention_dim`-wide embeddings, from
+    the server's `EncoderInfo`: None when the model `info` describes fits or the server hosts one model
+    (`check_embedding_width` then decides), else the name of the first hosted model that fits. Raises
+    `EmbeddingWidthError` naming every hosted model's width when none fits."""
+    if info.embedding_dim == joint_attention_dim or len(info.models) <= 1:
+        return None
+    for served in info.models:
+        if served.embedding_dim == joint_attention_dim:
+            return str(served.name)
+    hosted = ", ".join(f"{m.name} ({m.embedding_dim})" for m in info.models)
+    where = f"the DiT in {dit}" if dit else "the DiT"
+    raise EmbeddingWidthError(
+        f"the encoder server hosts {hosted} but {where} takes joint_attention_dim {joint_attention_dim}: host the "
+        "encoder of that DiT's model on the server (FLUX.2-dev: Mistral, 15360; FLUX.2 [klein]: its Qwen3, 3 x hidden)"
+    )
+
+
+def encoder_for_dit(encoder: Any, dit: str, *, revision: str | None = None) -> tuple[Any, bool]:
+    """`encoder`, or a pool over the same servers for the hosted model whose width fits the DiT in `dit`.
+
+    Only an encoder not pinned to a model that can make such a pool (`EncoderPool`: `model` None,
+    `for_model`) is switched; the width is then read from the DiT's config and the servers' `info()` before
+    anything is loaded. Returns (encoder, owned): `owned` is True when a new pool was made, which the caller
+    closes."""
+    if getattr(encoder, "model", "") is not None or not callable(getattr(encoder, "for_model", None)):
+        return encoder, False
+    chosen = choose_served_model(encoder.info(), joint_attention_dim(dit, revision), dit)
+    if chosen is None:
+        return encoder, False
+    return encoder.for_model(chosen), True
+
+
 def build_pipeline(family: PipelineFamily, *, scheduler: Any, vae: Any, transformer: Any, encoder: Any = None) -> Any:
     """The family's diffusers pipeline without a local text encoder: a `Flux2RemotePipeline` or a
     `Flux2KleinRemotePipeline` (subclasses of `family.pipeline_class`) whose prompts go to `encoder`
@@ -144,8 +177,10 @@ __all__ = [
     "PipelineFamily",
     "build_pipeline",
     "check_embedding_width",
+    "choose_served_model",
     "default_dit",
     "detect_family",
+    "encoder_for_dit",
     "joint_attention_dim",
     "read_repo_json",
 ]

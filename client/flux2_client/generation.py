@@ -133,7 +133,7 @@ def load_pipeline(
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
-    from .families import build_pipeline, check_embedding_width, detect_family
+    from .families import build_pipeline, check_embedding_width, detect_family, encoder_for_dit
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
@@ -149,9 +149,13 @@ def load_pipeline(
     if encoder is not None:
         from .remote_pipeline import as_prompt_encoder, served_embedding_dim
 
-        encoder = as_prompt_encoder(encoder)
+        prompt_encoder = as_prompt_encoder(encoder)
         if embedding_dim is None:
-            embedding_dim = served_embedding_dim(encoder)  # a wrong encoder fails before any weight loads
+            # A pool not pinned to a model, on servers hosting several: the one that fits this DiT (the
+            # pipeline keeps the new pool).
+            prompt_encoder, _ = encoder_for_dit(prompt_encoder, dit or model, revision=dit_rev)
+            embedding_dim = served_embedding_dim(prompt_encoder)  # a wrong encoder fails before any weight loads
+        encoder = prompt_encoder
     if embedding_dim is not None:
         check_embedding_width(embedding_dim, dit or model, revision=dit_rev)
     # The planner and the leaf_level recipe both start from host memory; only "none" loads onto the device.
@@ -359,7 +363,8 @@ def generate_to_files(
 ) -> list[Path]:
     """Prompts in, PNG files out: what `flux2-client generate` and the demo run.
 
-    Encodes `prompts` on `encoder` (first, so an encoder problem shows before any model loads), loads the
+    Encodes `prompts` on `encoder` (first, so an encoder problem shows before any model loads; an
+    `EncoderPool` not pinned to a model encodes with the served model whose width fits the DiT), loads the
     pipeline for this call's workload (`load_pipeline` with `model`, `dit`, `device`, `offload`, `vram`),
     generates (image k seeded with `params.seed + k`) and writes one PNG per image, named by
     `output_paths`, carrying prompt, seed, steps, guidance, size, reference image names, the encoder's
@@ -379,7 +384,7 @@ def generate_to_files(
     mode, sampled with `params.seed`) and encodes the rewritten ones in the same call; they are logged and
     are the PNGs' prompt, the originals kept as `original_prompt`.
     """
-    from .families import detect_family
+    from .families import detect_family, encoder_for_dit
     from .png_metadata import SAMPLER, guidance_fields, infotext
 
     params = params or GenerationParams()
@@ -404,19 +409,24 @@ def generate_to_files(
     refs = load_reference_images(images)
     resolved = resolve_loras(lora_list)  # before encoding: a missing LoRA file shows at once
 
-    if upsample_temperature is not None:
-        from .encoder import UpsampleOptions
+    chosen, owned = encoder_for_dit(encoder, dit or model, revision=dit_rev)
+    try:
+        if upsample_temperature is not None:
+            from .encoder import UpsampleOptions
 
-        upsample = UpsampleOptions(temperature=upsample_temperature, seed=params.seed, images=refs)
-        encoded = encoder.encode(prompt_list, upsample=upsample)  # type: ignore[call-arg]
-        rewritten = list(encoded.upsampled_prompts or prompt_list)  # type: ignore[attr-defined]
-        for i, text in enumerate(rewritten):
-            _log.info("upsampled prompt %d: %s", i, text)
-    else:
-        encoded = encoder.encode(prompt_list)
-        rewritten = prompt_list
-    negatives = family.negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
-    negative_embeds = encoder.encode(negatives).prompt_embeds if negatives else None
+            upsample = UpsampleOptions(temperature=upsample_temperature, seed=params.seed, images=refs)
+            encoded = chosen.encode(prompt_list, upsample=upsample)  # type: ignore[call-arg]
+            rewritten = list(encoded.upsampled_prompts or prompt_list)  # type: ignore[attr-defined]
+            for i, text in enumerate(rewritten):
+                _log.info("upsampled prompt %d: %s", i, text)
+        else:
+            encoded = chosen.encode(prompt_list)
+            rewritten = prompt_list
+        negatives = family.negative_prompts(prompt_list, params.guidance_scale, negative_prompt)
+        negative_embeds = chosen.encode(negatives).prompt_embeds if negatives else None
+    finally:
+        if owned:
+            chosen.close()
     fp = encoded.fingerprint
     if verbose:
         shape = tuple(encoded.prompt_embeds.shape)

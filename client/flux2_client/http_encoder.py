@@ -2,8 +2,10 @@
 `torch.save` tensor out, loaded with `torch.load(weights_only=True)` only. An `Encoder`, like the gRPC
 client: same result, same errors (HTTP statuses mapped to gRPC codes once, here), a per-call deadline.
 
-The response names the model only by its digest (`shared.FINGERPRINT_HEADER`); the whole fingerprint
-comes from the server's `GET /info`, asked once and again only when the digest changes.
+The response names the model only by its digest (`shared.FINGERPRINT_HEADER`) and its served name
+(`shared.MODEL_NAME_HEADER`); the whole fingerprint comes from the server's `GET /info` (`/models/NAME/info`
+for a named model), asked once and again only when the digest changes. A server hosting several models
+serves each on `/models/NAME/predict`; `model=NAME` (or that URL) picks one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import grpc
 from flux2split_proto import codec, shared
@@ -31,6 +33,7 @@ from .encoder import (
     UpsampleOptions,
     UpsampleResult,
     fingerprint_error,
+    model_mismatch_message,
     prompt_list,
 )
 from .remote import DEFAULT_MAX_PAYLOAD_BYTES
@@ -66,6 +69,27 @@ def is_http_target(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 
 
+def _predict_url(url: str, model: str | None) -> tuple[str, str | None]:
+    """(the predict URL, the model it names) for `url` and `model`: a bare `http(s)://host[:port]` gets
+    `/predict`; with a model, `/predict` becomes `/models/MODEL/predict`; a `/models/NAME/predict` URL names
+    its model itself."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    segments = path.split("/")
+    named = segments[-2] if len(segments) >= 3 and segments[-3] == "models" and segments[-1] == "predict" else None
+    if named is not None and model and model != named:
+        raise ValueError(f"model: {model!r} given, but the URL {url!r} names model {named!r}")
+    if named is None and model:
+        if path and not path.endswith("/predict"):
+            raise ValueError(f"url: expected a URL ending in /predict to pick model {model!r} from, got {url!r}")
+        base = path.removesuffix("/predict")
+        path = f"{base}/models/{quote(model, safe='')}/predict"
+        named = model
+    elif not path:
+        path = "/predict"
+    return urlunsplit(parts._replace(path=path)), named
+
+
 class HttpEncoderError(RemoteEncoderError):
     """The HTTP front-end refused or failed the request. `code` is the gRPC code from the JSON error body
     (else the one of the HTTP status), `http_status` the status."""
@@ -79,7 +103,10 @@ class HttpTextEncoder:
     """One server over HTTP: `POST /predict` for embeddings, `GET /info` for the model and limits.
 
     Args:
-        url: the /predict URL (`https://host/predict`); a bare `http(s)://host:port` gets `/predict` added.
+        url: the /predict URL (`https://host/predict`); a bare `http(s)://host:port` gets `/predict` added;
+            `https://host/models/NAME/predict` is the model NAME of a server hosting several.
+        model: the served model to encode with (its `/models/NAME/predict`); None: the server's default (or
+            the one the URL names). Every answer is checked to come from the model named.
         timeout: default seconds of each call, the whole response included (a call's `timeout=` overrides).
         expected_fingerprint: model digest the response header must name.
         max_payload_bytes: largest response body accepted.
@@ -94,6 +121,7 @@ class HttpTextEncoder:
         self,
         url: str,
         *,
+        model: str | None = None,
         timeout: float = 120.0,
         expected_fingerprint: str | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
@@ -113,7 +141,7 @@ class HttpTextEncoder:
             raise ValueError(f"url: TLS options were given for {url!r}; use https://")
         if (client_certificate is None) != (client_private_key is None):
             raise ValueError("client_certificate and client_private_key go together (mutual TLS)")
-        self.url = url if parts.path not in ("", "/") else url.rstrip("/") + "/predict"
+        self.url, self.model = _predict_url(url, model or None)
         self.target = url
         self.base_url = self.url.rsplit("/", 1)[0]
         self.timeout = timeout
@@ -128,7 +156,7 @@ class HttpTextEncoder:
         self._fingerprint: pb.ModelFingerprint | None = None
 
     def __repr__(self) -> str:
-        return f"HttpTextEncoder({self.url!r})"
+        return f"HttpTextEncoder({self.url!r})"  # the URL names the model, if any
 
     def close(self) -> None:
         self._client.close()
@@ -149,17 +177,21 @@ class HttpTextEncoder:
             raise _http_error(response)
         try:
             data = response.json()
-            fp = data["fingerprint"]
-            limits = data.get("limits", {})
+            described = _served_model(data)
             info = EncoderInfo(
-                fingerprint=shared.fingerprint_from_dict(fp),
-                embedding_dim=int(data["embedding_dim"]),
-                limits=pb.ServerLimits(**{k: int(v) for k, v in limits.items() if k in _LIMIT_FIELDS}),
+                fingerprint=described.fingerprint,
+                embedding_dim=described.embedding_dim,
+                limits=described.limits,
                 server_version=str(data.get("server_version", "")),
-                batching_mode=_BATCHING_MODE_BY_NAME.get(str(fp.get("batching_mode")), pb.BATCHING_MODE_UNSPECIFIED),
+                batching_mode=described.batching_mode,
+                model=str(data.get("name", "")),
+                models=tuple(_served_model(m) for m in data.get("models", ())),
+                default_model=str(data.get("default_model", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise codec.WireError(f"{self.base_url}/info: not a flux2-split info response ({exc!r})") from None
+        if self.model and info.model != self.model:
+            raise FingerprintMismatchError(model_mismatch_message(self.model, info.model))
         with self._lock:
             self._fingerprint = info.fingerprint
         return info
@@ -243,6 +275,9 @@ class HttpTextEncoder:
                 if time.monotonic() > deadline:  # httpx's timeout bounds each read, not the whole body
                     raise RemoteEncoderError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.url}: over {seconds:g}s")
             digest = response.headers.get(shared.FINGERPRINT_HEADER, "")
+            answered = response.headers.get(shared.MODEL_NAME_HEADER, "")
+        if self.model and answered != self.model:
+            raise FingerprintMismatchError(model_mismatch_message(self.model, answered))
         if self.expected_fingerprint and digest != self.expected_fingerprint:
             raise FingerprintMismatchError(shared.fingerprint_mismatch_message(self.expected_fingerprint, digest))
         # weights_only: the body comes from the network, so only tensors may be rebuilt, never objects.
@@ -281,6 +316,22 @@ class HttpTextEncoder:
 
 
 _LIMIT_FIELDS = frozenset(pb.ServerLimits.DESCRIPTOR.fields_by_name)
+
+
+def _served_model(data: Mapping[str, object]) -> pb.ServedModel:
+    """One model of an /info document (the top level describes one too) as the contract's ServedModel."""
+    fp = data["fingerprint"]
+    limits = data.get("limits", {})
+    if not isinstance(fp, Mapping) or not isinstance(limits, Mapping):
+        raise TypeError("fingerprint and limits must be JSON objects")
+    return pb.ServedModel(
+        name=str(data.get("name", "")),
+        fingerprint=shared.fingerprint_from_dict(fp),
+        embedding_dim=int(data["embedding_dim"]),  # type: ignore[call-overload]
+        limits=pb.ServerLimits(**{k: int(v) for k, v in limits.items() if k in _LIMIT_FIELDS}),
+        batching_mode=_BATCHING_MODE_BY_NAME.get(str(fp.get("batching_mode")), pb.BATCHING_MODE_UNSPECIFIED),
+        is_default=bool(data.get("is_default", False)),
+    )
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from .encoder import (
     UpsampleOptions,
     UpsampleResult,
     fingerprint_error,
+    model_mismatch_message,
     prompt_list,
 )
 
@@ -31,6 +32,8 @@ class RemoteTextEncoder:
 
     Args:
         target: a gRPC target: "host:port", or any scheme gRPC resolves ("dns:///name:port", "unix:path").
+        model: the served model to encode with, on a server hosting several (its `info().models`); None:
+            the server's default model. Every answer is checked to come from the model named.
         timeout: default deadline in seconds of each call (a call's own `timeout=` overrides it).
         expected_fingerprint: digest of the model the caller expects; the server refuses other models
             with FAILED_PRECONDITION and the client re-checks every response header.
@@ -46,6 +49,7 @@ class RemoteTextEncoder:
         self,
         target: str,
         *,
+        model: str | None = None,
         timeout: float = 120.0,
         expected_fingerprint: str | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
@@ -57,6 +61,7 @@ class RemoteTextEncoder:
         server_name_override: str | None = None,
     ):
         self.target = target
+        self.model = model or None
         self.timeout = timeout
         self.expected_fingerprint = expected_fingerprint
         self.max_payload_bytes = max_payload_bytes
@@ -72,7 +77,7 @@ class RemoteTextEncoder:
         self._stub = pb_grpc.TextEncoderStub(self._channel)
 
     def __repr__(self) -> str:
-        return f"RemoteTextEncoder({self.target!r})"
+        return f"RemoteTextEncoder({self.target!r}" + (f", model={self.model!r})" if self.model else ")")
 
     def close(self) -> None:
         self._channel.close()
@@ -84,10 +89,14 @@ class RemoteTextEncoder:
         self.close()
 
     def info(self, *, timeout: float | None = None) -> EncoderInfo:
+        """The model this client encodes with (its fingerprint, width, limits) and every model the server hosts."""
+        request = pb.InfoRequest(model=self.model or "")
         try:
-            reply = self._stub.Info(pb.InfoRequest(), timeout=self._timeout(timeout), metadata=self._metadata)
+            reply = self._stub.Info(request, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
+        if self.model and not reply.models:  # the server ignored the name: its only model may be another
+            raise FingerprintMismatchError(model_mismatch_message(self.model, ""))
         return EncoderInfo(
             fingerprint=reply.fingerprint,
             embedding_dim=reply.embedding_dim,
@@ -95,6 +104,9 @@ class RemoteTextEncoder:
             server_version=reply.server_version,
             api_version=reply.api_version,
             batching_mode=reply.batching_mode,
+            model=self.model or reply.default_model,
+            models=tuple(reply.models),
+            default_model=reply.default_model,
         )
 
     def encode(
@@ -117,6 +129,7 @@ class RemoteTextEncoder:
             expected_fingerprint=self.expected_fingerprint or "",
             bypass_cache=bypass_cache,
             request_id=request_id,
+            model=self.model or "",
         )
         if upsample is not None:
             request.upsample.CopyFrom(upsample.message())
@@ -125,6 +138,8 @@ class RemoteTextEncoder:
             header, tensor = codec.assemble(stream, max_bytes=self.max_payload_bytes)
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
+        if self.model and header.model != self.model:
+            raise FingerprintMismatchError(model_mismatch_message(self.model, header.model))
         fp = header.fingerprint
         if self.expected_fingerprint and fp.digest != self.expected_fingerprint:
             raise FingerprintMismatchError(
@@ -166,6 +181,7 @@ class RemoteTextEncoder:
             images=o.images,
             max_new_tokens=o.max_new_tokens,
             request_id=request_id,
+            model=self.model or "",
             images_per_prompt=o.images_per_prompt,
         )
         if o.HasField("temperature"):

@@ -29,6 +29,7 @@ __all__ = ["compute_remote_text_embeddings", "open_encoder", "text_ids_for"]
 def open_encoder(
     targets: str | Sequence[str],
     *,
+    model: str | None = None,
     token: str | None = None,
     timeout: float = 120.0,
     expected_fingerprint: str | None = None,
@@ -36,9 +37,11 @@ def open_encoder(
     cache: EmbeddingCache | None = None,
     **client_options: Any,
 ) -> EncoderPool:
-    """An `EncoderPool` over `targets` (one or several; `http(s)://…/predict` or gRPC targets)."""
+    """An `EncoderPool` over `targets` (one or several; `http(s)://…/predict` or gRPC targets), encoding with
+    the served model `model` on servers hosting several (e.g. "klein-4b"; None: the servers' default)."""
     return EncoderPool(
         targets,
+        model=model,
         token=token,
         timeout=timeout,
         expected_fingerprint=expected_fingerprint,

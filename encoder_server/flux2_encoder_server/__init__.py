@@ -15,6 +15,8 @@ _EXPORTS = {
     "EncoderEngine": "engine",
     "EncoderServer": "server",
     "LIVENESS_SERVICE": "server",
+    "model_health_service": "server",
+    "ModelSpec": "settings",
     "Fingerprint": "fingerprint",
     "Settings": "settings",
     "SecretStr": "settings",

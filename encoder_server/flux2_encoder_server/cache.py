@@ -147,17 +147,21 @@ class EmbeddingCache:
     def enabled(self) -> bool:
         return self.memory is not None or self.disk is not None
 
-    def get(self, digest: str, prompt: str) -> torch.Tensor | None:
-        """May read a file: call it off the event loop when the disk tier is on."""
+    def get(
+        self, digest: str, prompt: str, *, on_lookup: Callable[[str, bool], None] | None = None
+    ) -> torch.Tensor | None:
+        """May read a file: call it off the event loop when the disk tier is on. `on_lookup` counts this
+        call's lookups instead of the cache's own counter (e.g. per hosted model)."""
         key = (digest, prompt)
+        count = on_lookup or self._count
         if self.memory is not None:
             row = self.memory.get(key)
-            self._count("memory", row is not None)
+            count("memory", row is not None)
             if row is not None:
                 return row
         if self.disk is not None:
             row = self.disk.get(key)
-            self._count("disk", row is not None)
+            count("disk", row is not None)
             if row is not None:
                 if self.memory is not None:
                     self.memory.put(key, row)

@@ -2,14 +2,19 @@
 drain. The gRPC service and the HTTP /predict front-end are thin layers over it; nothing here knows
 either transport (errors are typed `ServiceError`s that each front-end maps in its own table).
 
-Lifetimes: the core owns its batcher. `core.start(engine)` builds and starts it over the engine once the
-model is loaded (before that every request gets UNAVAILABLE), `await core.warm_up(timeout)` runs the first
-self-test (readiness waits for it); `core.close()` stops it.
+Models: the core hosts every model the settings name (`Settings.models`), each a `HostedModel` with its
+own batcher, so a model batch never mixes models. `core.start(engine, model=name)` starts one once it is
+loaded (before that its requests get UNAVAILABLE); `core.close()` stops them all. Authentication, the
+per-token limits, the in-flight byte budget, the embedding cache (keyed by fingerprint digest), the
+metrics and draining are shared by all models. A request names its model (empty: the default one); a
+name the server does not host is `ModelNotFound`, whose message names the hosted ones. Once every model
+is started, `await core.warm_up(timeout)` runs the first self-test of each (readiness waits for it).
+Prompt upsampling is a property of a hosted model: the one whose engine has an upsampler.
 
 A request goes through one API, its scope:
 
-    async with core.request("http", request_id=rid, bearer_token=token) as req:   # authenticates
-        result = await req.encode(prompts, timeout=..., bypass_cache=...)           # limits, cache, model
+    async with core.request("http", request_id=rid, bearer_token=token, model=name) as req:  # authenticates
+        result = await req.encode(prompts, timeout=..., bypass_cache=...)      # model, limits, cache, batch
         with req.stage("serialize"):
             body = ...
         with req.stage("send"):
@@ -46,7 +51,7 @@ import torch
 from flux2split_proto import shared
 
 from . import __version__
-from .batcher import Batcher, BatchStats, PendingBatch
+from .batcher import PendingBatch
 from .cache import EmbeddingCache
 from .errors import (
     ClientGone,
@@ -54,6 +59,7 @@ from .errors import (
     EncodeFailed,
     FailedPrecondition,
     InvalidArgument,
+    ModelNotFound,
     RateLimited,
     ResourceExhausted,
     SendTimeout,
@@ -61,11 +67,12 @@ from .errors import (
     Unavailable,
 )
 from .fingerprint import Fingerprint
+from .hosted import SELF_TEST_PROMPT, HostedModel
 from .logs import access_log
-from .metrics import Metrics
+from .metrics import NO_MODEL, Metrics
 from .security import ANONYMOUS, Principal, PrincipalLimiter, TokenAuthenticator
 from .settings import Settings
-from .upsample import Upsampled, UpsampleJob, UpsampleLimits, Upsampler, UpsampleSpec, check_upsample_request
+from .upsample import Upsampled, UpsampleJob, UpsampleLimits, UpsampleSpec, check_upsample_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,14 +85,11 @@ __all__ = [
     "EncodeResult",
     "EncoderCore",
     "Engine",
+    "HostedModel",
     "Principal",
     "RequestScope",
     "clean_request_id",
 ]
-
-
-#: What the self-test encodes (as text-embeddings-inference's health check runs a forward on a fixed input).
-SELF_TEST_PROMPT = "A photo of a red apple on a wooden table."
 
 
 #: Longest request id kept (the client's id is cut to this, after escaping).
@@ -121,6 +125,9 @@ class EncodeResult:
     cache_hit: list[bool]
     queue_seconds: float = 0.0
     encode_seconds: float = 0.0
+    #: The hosted model that answered (its served name) and its fingerprint, for the response header.
+    model: str = ""
+    fingerprint: Fingerprint | None = None
     #: With `encode(upsample=...)`: the rewritten prompts (the ones encoded) and their seed.
     upsampled: Upsampled | None = None
 
@@ -132,7 +139,7 @@ class Admission:
     def __init__(self, core: EncoderCore, principal: Principal, nbytes: int):
         self._core = core
         self.principal = principal
-        self.nbytes = nbytes
+        self.nbytes = nbytes  # reserved in the server-wide in-flight budget, whatever the model
         self._released = False
 
     def __enter__(self) -> Admission:
@@ -151,10 +158,14 @@ class Admission:
 class RequestScope:
     """One request through a front-end; see the module docstring."""
 
-    def __init__(self, core: EncoderCore, frontend: str, request_id: str, bearer_token: str | None):
+    def __init__(self, core: EncoderCore, frontend: str, request_id: str, bearer_token: str | None, model: str = ""):
         self.core = core
         self.frontend = frontend
         self.request_id = request_id
+        #: The model the request named ("" for the default) and the label its metrics carry: the served
+        #: name, or NO_MODEL for a name the server does not host (never a client's string as a label).
+        self.requested_model = model
+        self.model = core.model_label(model)
         self.principal = ANONYMOUS
         self.prompts = 0
         self.cache_hits = 0
@@ -171,7 +182,10 @@ class RequestScope:
         self._send_deadline: float | None = None
 
     def __repr__(self) -> str:  # never the bearer token
-        return f"RequestScope({self.frontend!r}, request_id={self.request_id!r}, principal={self.principal.name!r})"
+        return (
+            f"RequestScope({self.frontend!r}, request_id={self.request_id!r}, principal={self.principal.name!r}, "
+            f"model={self.model!r})"
+        )
 
     async def __aenter__(self) -> RequestScope:
         self.core._enter()
@@ -199,32 +213,33 @@ class RequestScope:
         field: str = "prompts",
         upsample: UpsampleSpec | None = None,
     ) -> EncodeResult:
-        """Admit and encode `prompts` (`field` names them in error messages, as the front-end's request
-        spells it); with `upsample`, rewrite them first and encode the rewritten ones. Raises a
-        ServiceError when the server refuses."""
+        """Admit and encode `prompts` with the scope's model (`field` names them in error messages, as the
+        front-end's request spells it); with `upsample`, rewrite them first (with the same model) and encode
+        the rewritten ones. Raises a ServiceError when the server refuses."""
         if self._admission is not None:
             raise RuntimeError("one request scope encodes once")
         core = self.core
         self.prompts = len(prompts)
-        fingerprint = core._serving_fingerprint()
+        hosted = core.model(self.requested_model)
+        fingerprint = core._serving_fingerprint(hosted)
         valid = core.validate_prompts(prompts, field)
         if expected_fingerprint and expected_fingerprint != fingerprint.digest:
             raise FailedPrecondition(
                 shared.fingerprint_mismatch_message(expected_fingerprint, fingerprint.digest, fingerprint.weights_id)
             )
         timeout = self._timeout(timeout)
-        job = await core._check_upsample(valid, upsample, "upsample.") if upsample is not None else None
-        self._admission = self._held.enter_context(core.admit(self.principal, len(valid)))
+        job = await core._check_upsample(hosted, valid, upsample, "upsample.") if upsample is not None else None
+        self._admission = self._held.enter_context(core.admit(self.principal, len(valid), hosted))
         upsampled = None
         if job is not None:
             started = time.monotonic()
-            upsampled = await core._upsample_admitted(job, timeout)
+            upsampled = await core._upsample_admitted(hosted, job, timeout)
             self.stages["upsample"] = time.monotonic() - started
             timeout -= self.stages["upsample"]
             valid = upsampled.prompts
             if timeout <= 0:
                 raise DeadlineExceeded("the request's deadline passed while its prompts were upsampled")
-        result = await core._encode_admitted(valid, timeout, bypass_cache)
+        result = await core._encode_admitted(hosted, valid, timeout, bypass_cache)
         result.upsampled = upsampled
         self.cache_hits = sum(result.cache_hit)
         self.stages["queue"] = result.queue_seconds
@@ -234,20 +249,23 @@ class RequestScope:
     async def upsample(
         self, prompts: Sequence[object], spec: UpsampleSpec, *, timeout: float | None = None, field: str = "prompts"
     ) -> Upsampled:
-        """Admit and rewrite `prompts` (prompt upsampling); see `upsample.py`. Raises a ServiceError when the
-        server refuses (FailedPrecondition when it does not upsample)."""
+        """Admit and rewrite `prompts` (prompt upsampling) with the scope's model; see `upsample.py`. Raises a
+        ServiceError when the server refuses (FailedPrecondition when that model does not upsample)."""
         if self._admission is not None:
             raise RuntimeError("one request scope runs once")
         self.kind = "upsample"
         core = self.core
         self.prompts = len(prompts)
-        core._serving_fingerprint()
+        hosted = core.model(self.requested_model)
+        core._serving_fingerprint(hosted)
         valid = core.validate_prompts(prompts, field)
         timeout = self._timeout(timeout)
-        job = await core._check_upsample(valid, spec)
-        self._admission = self._held.enter_context(core.admit(self.principal, len(valid), nbytes=job.image_bytes))
+        job = await core._check_upsample(hosted, valid, spec)
+        self._admission = self._held.enter_context(
+            core.admit(self.principal, len(valid), hosted, nbytes=job.image_bytes)
+        )
         started = time.monotonic()
-        upsampled = await core._upsample_admitted(job, timeout)
+        upsampled = await core._upsample_admitted(hosted, job, timeout)
         self.stages["upsample"] = time.monotonic() - started
         return upsampled
 
@@ -267,7 +285,7 @@ class RequestScope:
         finally:
             elapsed = time.monotonic() - started
             self.stages[name] = self.stages.get(name, 0.0) + elapsed
-            self.core.metrics.stage_seconds.labels(name).observe(elapsed)
+            self.core.metrics.stage_seconds.labels(name, self.model).observe(elapsed)
 
     async def send(self, write: Awaitable[T]) -> T:
         """Await one write of the answer (a front-end's transport write, which blocks while the client does
@@ -280,14 +298,14 @@ class RequestScope:
             # A deadline already past still lets a write that completes at once through.
             return await asyncio.wait_for(write, max(self._send_deadline - now, 0.001))
         except TimeoutError:
-            self.core.metrics.dropped.labels("send_timeout").inc()
+            self.core.metrics.dropped.labels("send_timeout", self.model).inc()
             raise SendTimeout(
                 f"the answer was not read within send_timeout_s={self.core.settings.send_timeout_s:g}"
             ) from None
 
     def add_bytes_sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
-        self.core.metrics.sent_bytes.labels(self.frontend).inc(nbytes)
+        self.core.metrics.sent_bytes.labels(self.frontend, self.model).inc(nbytes)
 
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
@@ -300,14 +318,15 @@ class RequestScope:
         total = time.monotonic() - self._started
         metrics = self.core.metrics
         counter = metrics.upsample_requests if self.kind == "upsample" else metrics.requests
-        counter.labels(self.frontend, self.status).inc()
-        metrics.request_duration.labels(self.frontend).observe(total)
+        counter.labels(self.frontend, self.status, self.model).inc()
+        metrics.request_duration.labels(self.frontend, self.model).observe(total)
         self.core._exit()  # after the metrics: a request no longer in flight has been counted
         fields: dict[str, object] = {
             "request_id": self.request_id,
             "frontend": self.frontend,
             "rpc": self.kind,
             "principal": self.principal.name,
+            "model": self.model if self.model != NO_MODEL else clean_request_id(self.requested_model),
             "prompts": self.prompts,
             "cache_hits": self.cache_hits,
             "status": self.status,
@@ -323,9 +342,9 @@ class RequestScope:
 class EncoderCore:
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
-        self.metrics = metrics or Metrics()
-        self.fingerprint: Fingerprint | None = None
-        self.embedding_dim = 0
+        specs = settings.models  # the default first
+        self.default_model = settings.default_model_name
+        self.metrics = metrics or Metrics([spec.name for spec in specs])
         tokens = settings.auth_tokens.get_secret_value() if settings.auth_tokens is not None else None
         self.authenticator = TokenAuthenticator.from_sources(settings.auth_tokens_file, tokens)
         self.limiter = PrincipalLimiter(
@@ -333,134 +352,129 @@ class EncoderCore:
             settings.rate_limit_burst_prompts,
             settings.max_concurrent_requests_per_token,
         )
-        self.cache = EmbeddingCache(
-            settings.cache_bytes,
-            settings.cache_dir,
-            settings.cache_dir_bytes,
-            on_lookup=lambda tier, hit: self.metrics.cache_lookups.labels(tier, "hit" if hit else "miss").inc(),
-        )
+        self.cache = EmbeddingCache(settings.cache_bytes, settings.cache_dir, settings.cache_dir_bytes)
+        #: Every hosted model by its served name, the default first.
+        self.models: dict[str, HostedModel] = {
+            spec.name: HostedModel(spec.name, settings, self.metrics, is_default=spec.name == self.default_model)
+            for spec in specs
+        }
         self.draining = False
-        #: The engine's prompt upsampler (`--upsampling`), None when the server does not upsample.
-        self.upsampler: Upsampler | None = None
-        self._upsample_limits: UpsampleLimits | None = None
-        self._batcher: Batcher | None = None
-        self._failed_batches = 0  # in a row; a batch that succeeds resets it
-        self._self_test_error: str | None = None
-        self._warmed = False  # the warm-up encode passed (or was switched off): readiness waits for it
         self._closed = False
         self._lock = threading.Lock()
         self._inflight_bytes = 0
         self._inflight_requests = 0
         self.metrics.track(self.metrics.inflight_bytes, lambda: self._inflight_bytes)
         self.metrics.track(self.metrics.inflight_requests, lambda: self._inflight_requests)
-        self.metrics.track(self.metrics.queue_depth, lambda: self.queued_requests)
         memory = self.cache.memory
         self.metrics.track(self.metrics.cache_bytes, lambda: memory.bytes if memory is not None else 0)
 
+    # -- models -------------------------------------------------------------------------------------------
+    def model(self, name: str = "") -> HostedModel:
+        """The hosted model named `name` ("" for the default), or ModelNotFound naming the hosted ones."""
+        hosted = self.models.get(name or self.default_model)
+        if hosted is None:
+            served = ", ".join(self.models)
+            raise ModelNotFound(
+                f"model: {clean_request_id(name[:64])!r} is not served here; this server serves {served} "
+                f"(default {self.default_model})"
+            )
+        return hosted
+
+    def model_label(self, name: str) -> str:
+        """The `model` metrics label of a request naming `name`: the served name, NO_MODEL if not hosted."""
+        name = name or self.default_model
+        return name if name in self.models else NO_MODEL
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """The default model's fingerprint (None until it is loaded)."""
+        return self.models[self.default_model].fingerprint
+
+    @property
+    def embedding_dim(self) -> int:
+        """The default model's embedding width (0 until it is loaded)."""
+        return self.models[self.default_model].embedding_dim
+
     # -- lifecycle ----------------------------------------------------------------------------------------
-    def start(self, engine: Engine) -> None:
-        """Serve `engine` from now on: builds and starts the batcher (its worker threads) over it."""
-        if self._batcher is not None or self._closed:
-            raise RuntimeError("an EncoderCore serves one engine for its lifetime")
-        self.fingerprint = engine.fingerprint
-        self.embedding_dim = engine.embedding_dim
-        self.metrics.set_build_info(__version__, engine.fingerprint.weights_id, engine.fingerprint.precision)
-        self._batcher = Batcher(
-            engine.launch,
-            max_batch_prompts=self.settings.max_batch_prompts,
-            max_wait_s=self.settings.max_wait_ms / 1000,
-            max_queued_requests=self.settings.max_queued_requests,
-            pipeline_depth=self.settings.pipeline_depth,
-            on_batch=self._on_batch,
-            on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
-            max_queued_tasks=self.settings.upsample_max_queued_requests,
-            task_share=self.settings.upsample_share,
-        )
-        self.upsampler = getattr(engine, "upsampler", None)
-        s = self.settings
-        self._upsample_limits = UpsampleLimits(
-            max_prompts=s.upsample_max_prompts,
-            max_images=s.upsample_max_images,
-            max_image_bytes=s.upsample_max_image_bytes,
-            max_image_pixels=s.upsample_max_image_pixels,
-            max_temperature=s.upsample_max_temperature,
-            max_new_tokens=s.upsample_max_new_tokens,
-            images=bool(self.upsampler is not None and self.upsampler.supports_images),
-        )
-        batcher = self._batcher
-        self.metrics.track(self.metrics.upsample_queue_depth, lambda: batcher.queued_tasks)
+    def start(self, engine: Engine, model: str = "") -> None:
+        """Serve `engine` as the model named `model` ("" for the default) from now on: builds and starts
+        that model's batcher (its worker threads) over it."""
+        if self._closed:
+            raise RuntimeError("this EncoderCore is closed")
+        hosted = self.model(model)
+        hosted.start(engine)
+        fp = engine.fingerprint
+        self.metrics.set_build_info(__version__, hosted.name, fp.weights_id, fp.precision)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop batching: queued requests get UNAVAILABLE, the batches on the device finish. Waits up to
-        `timeout` seconds for the batcher's threads (blocking: from a loop, run it in a thread)."""
+        `timeout` seconds for each model's batcher threads (blocking: from a loop, run it in a thread)."""
         self._closed = True
-        batcher = self._batcher
-        if batcher is not None:
-            batcher.close()
-            batcher.join(timeout)
+        for hosted in self.models.values():
+            hosted.close()
+        for hosted in self.models.values():
+            hosted.join(timeout)
 
     @property
     def engine_problem(self) -> str | None:
-        """Why the loaded engine cannot serve, None while it can (or is still loading): its worker thread
-        died, `unhealthy_after_failed_batches` batches failed in a row, or the last self-test failed."""
-        batcher = self._batcher
-        if batcher is None:
+        """Why a loaded model cannot serve, None while every one can (or is still loading): its worker
+        thread died, `unhealthy_after_failed_batches` batches failed in a row, or its last self-test failed.
+        With several models each problem is prefixed with the model's name."""
+        problems = [(name, hosted.problem) for name, hosted in self.models.items() if hosted.problem is not None]
+        if not problems:
             return None
-        if not batcher.alive:
-            return "the batcher's worker thread died"
-        if self._self_test_error is not None:
-            return f"the self-test encode failed: {self._self_test_error}"
-        limit = self.settings.unhealthy_after_failed_batches
-        if self._failed_batches >= limit:
-            return f"{self._failed_batches} model batches failed in a row (unhealthy_after_failed_batches={limit})"
-        return None
+        if len(self.models) == 1:
+            return problems[0][1]
+        return "; ".join(f"model {name}: {problem}" for name, problem in problems)
 
     @property
     def live(self) -> bool:
-        """Liveness: False only when the engine is broken (loading and draining are alive)."""
+        """Liveness: False only when an engine is broken (loading and draining are alive)."""
         return self.engine_problem is None
 
     @property
     def ready(self) -> bool:
-        """Readiness: loaded, warmed up, not draining, and the engine works."""
-        return self._batcher is not None and self._warmed and not self.draining and not self._closed and self.live
+        """Readiness: every model loaded, warmed up and working, not draining."""
+        return all(self.model_ready(name) for name in self.models)
 
-    async def warm_up(self, timeout: float) -> bool:
-        """The first self-test, run once after `start`: readiness stays False until it passes, so no probe
-        sees SERVING while the first forward (kernel selection, compilation, CUDA graph capture) still runs.
-        With `settings.warmup` off the core is ready at once, without a forward. Returns whether it passed."""
-        if self.settings.warmup and not await self.self_test(timeout):
+    def model_ready(self, name: str) -> bool:
+        """Readiness of one model: loaded, warmed up, working, and the server not draining."""
+        hosted = self.models[name]
+        return hosted.started and hosted.warmed and not self.draining and not self._closed and hosted.problem is None
+
+    async def warm_up(self, timeout: float, model: str | None = None) -> bool:
+        """The first self-test of the model named `model` (None: every started model not yet warmed up), run
+        once after `start`: its readiness stays False until it passes, so no probe sees SERVING while the
+        first forward (kernel selection, compilation, CUDA graph capture) still runs. With `settings.warmup`
+        off a model is ready at once, without a forward. Returns whether all passed."""
+        if self._closed:
             return False
-        self._warmed = True
-        return True
+        if model is None:
+            hosted_models = [h for h in self.models.values() if h.started and not h.warmed]
+        else:
+            hosted_models = [self.model(model)]
+        passed = True
+        for hosted in hosted_models:
+            if self.settings.warmup and not await hosted.self_test(timeout):
+                passed = False
+                continue
+            hosted.warmed = True
+        return passed
 
     @property
     def needs_self_test(self) -> bool:
-        """Batches have been failing (or the last self-test failed): only a passing self-test clears it."""
-        return self._self_test_error is not None or self._failed_batches >= self.settings.unhealthy_after_failed_batches
+        """Some model's batches have been failing (or its last self-test failed)."""
+        return any(hosted.needs_self_test for hosted in self.models.values())
 
-    async def self_test(self, timeout: float) -> bool:
-        """Encode `SELF_TEST_PROMPT` through the batcher (no cache, no admission) and check its rows; a pass
-        clears the failure count, a failure keeps the engine unhealthy until a later pass."""
-        batcher = self._batcher
-        if batcher is None or self._closed or not batcher.alive:
+    async def self_test(self, timeout: float, model: str | None = None) -> bool:
+        """Encode `SELF_TEST_PROMPT` with the model named `model` (None: every model, one after the other)
+        through its batcher (no cache, no admission) and check the rows; True when all passed. A pass clears
+        a model's failure count, a failure keeps it unhealthy until a later pass."""
+        if self._closed:
             return False
-        try:
-            encoded = await batcher.submit([SELF_TEST_PROMPT], timeout=timeout)
-            embeds = encoded.embeds
-            if embeds.shape[0] != 1 or embeds.shape[-1] != self.embedding_dim:
-                raise RuntimeError(f"unexpected shape {tuple(embeds.shape)}")
-            if not bool(torch.isfinite(embeds).all()):
-                raise RuntimeError("the rows are not finite")
-        except Exception as exc:
-            self._self_test_error = f"{type(exc).__name__}: {exc}"
-            self.metrics.self_tests.labels("failed").inc()
-            log.error("self-test failed: %s", self._self_test_error)
-            return False
-        self._self_test_error = None
-        self._failed_batches = 0
-        self.metrics.self_tests.labels("passed").inc()
-        return True
+        hosted_models = list(self.models.values()) if model is None else [self.model(model)]
+        results = [await hosted.self_test(timeout) for hosted in hosted_models]
+        return all(results)
 
     def start_draining(self) -> None:
         """New requests get UNAVAILABLE from now on; admitted ones run to completion."""
@@ -476,8 +490,8 @@ class EncoderCore:
 
     @property
     def queued_requests(self) -> int:
-        """Requests waiting for the model."""
-        return self._batcher.queued if self._batcher is not None else 0
+        """Requests waiting for a model (all models)."""
+        return sum(hosted.queued for hosted in self.models.values())
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (or `timeout` passes); True when idle."""
@@ -489,10 +503,13 @@ class EncoderCore:
         return True
 
     # -- requests -----------------------------------------------------------------------------------------
-    def request(self, frontend: str, *, request_id: str | None = None, bearer_token: str | None = None) -> RequestScope:
+    def request(
+        self, frontend: str, *, request_id: str | None = None, bearer_token: str | None = None, model: str = ""
+    ) -> RequestScope:
         """The scope of one request (see the module docstring); `bearer_token` is the raw token the request
-        carried, None when it carried none."""
-        return RequestScope(self, frontend, clean_request_id(request_id) or uuid.uuid4().hex[:16], bearer_token)
+        carried, None when it carried none; `model` the model it names ("" for the default)."""
+        rid = clean_request_id(request_id) or uuid.uuid4().hex[:16]
+        return RequestScope(self, frontend, rid, bearer_token, model)
 
     def authenticate(self, bearer_token: str | None) -> Principal:
         """For calls that are not encodes (Info, reflection): who sent `bearer_token`, or Unauthenticated."""
@@ -523,51 +540,48 @@ class EncoderCore:
 
     @property
     def upsample_limits(self) -> UpsampleLimits | None:
-        """What upsampling requests may ask for; None when this server does not upsample."""
-        return self._upsample_limits if self.upsampler is not None else None
+        """What upsampling requests to the default model may ask for; None when it does not upsample."""
+        return self.model().upsample_limits
 
-    async def _check_upsample(self, prompts: list[str], spec: UpsampleSpec, field_prefix: str = "") -> UpsampleJob:
-        limits = self.upsample_limits
+    async def _check_upsample(
+        self, hosted: HostedModel, prompts: list[str], spec: UpsampleSpec, field_prefix: str = ""
+    ) -> UpsampleJob:
+        limits = hosted.upsample_limits
         if limits is None:
+            who = "this server does" if len(self.models) == 1 else f"model {hosted.name} does"
             raise FailedPrecondition(
-                f"{field_prefix or 'upsampling: '}this server does not upsample prompts (start it with --upsampling)"
+                f"{field_prefix or 'upsampling: '}{who} not upsample prompts (start it with --upsampling)"
             )
         if not spec.images:
             return check_upsample_request(prompts, spec, limits, field_prefix)
         # Image files are decoded here, in a thread: neither the event loop nor the model thread waits on it.
         return await asyncio.to_thread(check_upsample_request, prompts, spec, limits, field_prefix)
 
-    async def _upsample_admitted(self, job: UpsampleJob, timeout: float) -> Upsampled:
-        assert self._batcher is not None and self.upsampler is not None
-        upsampler = self.upsampler
+    async def _upsample_admitted(self, hosted: HostedModel, job: UpsampleJob, timeout: float) -> Upsampled:
         try:
-            done = await self._batcher.run_task(lambda should_stop: upsampler.generate(job, should_stop), timeout)
-        except ResourceExhausted:
-            self.metrics.rejected.labels("upsample_max_queued_requests").inc()
-            raise
+            return await hosted.upsample(job, timeout)
         except ServiceError:
             raise
         except Exception as exc:  # the model raised: this request fails, the server carries on
             log.error("upsampling failed for %d prompts", len(job.prompts), exc_info=exc)
             raise EncodeFailed(f"upsampling failed: {type(exc).__name__}: {exc}") from None
-        upsampled = done.value
-        assert isinstance(upsampled, Upsampled)
-        self.metrics.upsample_seconds.labels("queue").observe(done.queue_seconds)
-        self.metrics.upsample_seconds.labels("generate").observe(done.run_seconds)
-        self.metrics.upsample_prompts.inc(len(job.prompts))
-        self.metrics.upsample_tokens.inc(sum(upsampled.new_tokens))
-        return upsampled
 
-    def response_bytes(self, prompts: int) -> int:
-        """Bytes of the embeddings for `prompts` prompts: what admission reserves."""
-        fp = self._serving_fingerprint()
-        return prompts * fp.max_length * self.embedding_dim * fp.itemsize
+    def response_bytes(self, prompts: int, hosted: HostedModel | None = None) -> int:
+        """Bytes of the embeddings for `prompts` prompts of `hosted` (default: the default model): what
+        admission reserves."""
+        hosted = hosted or self.model()
+        self._serving_fingerprint(hosted)
+        return hosted.response_bytes(prompts)
 
-    def admit(self, principal: Principal, prompts: int, *, nbytes: int | None = None) -> Admission:
-        """Reserve the response bytes of `prompts` prompts (or `nbytes`, e.g. an upsampling request's images)
-        and a concurrency slot of `principal`, or raise (InvalidArgument when the request could never fit,
-        ResourceExhausted / RateLimited when full)."""
-        nbytes = self.response_bytes(prompts) if nbytes is None else nbytes
+    def admit(
+        self, principal: Principal, prompts: int, hosted: HostedModel | None = None, *, nbytes: int | None = None
+    ) -> Admission:
+        """Reserve the response bytes of `prompts` prompts of `hosted` (default: the default model), or
+        `nbytes` (e.g. an upsampling request's images), in the server-wide budget and a concurrency slot of
+        `principal`, or raise (InvalidArgument when the request could never fit, ResourceExhausted /
+        RateLimited when full)."""
+        hosted = hosted or self.model()
+        nbytes = self.response_bytes(prompts, hosted) if nbytes is None else nbytes
         limit = self.settings.max_inflight_bytes
         if nbytes > limit:
             raise InvalidArgument(
@@ -576,7 +590,7 @@ class EncoderCore:
             )
         with self._lock:
             if self._inflight_bytes + nbytes > limit:
-                self.metrics.rejected.labels("max_inflight_bytes").inc()
+                self.metrics.rejected.labels("max_inflight_bytes", hosted.name).inc()
                 raise ResourceExhausted(
                     f"server busy: {self._inflight_bytes} response bytes in flight, this request needs {nbytes} "
                     f"more (max_inflight_bytes={limit})"
@@ -584,30 +598,34 @@ class EncoderCore:
             try:
                 self.limiter.acquire(principal, prompts)
             except RateLimited as exc:
-                self.metrics.rejected.labels(exc.limit).inc()
+                self.metrics.rejected.labels(exc.limit, hosted.name).inc()
                 raise
             self._inflight_bytes += nbytes
         return Admission(self, principal, nbytes)
 
-    def _serving_fingerprint(self) -> Fingerprint:
+    def _serving_fingerprint(self, hosted: HostedModel) -> Fingerprint:
         if self.draining or self._closed:
             raise Unavailable("the server is draining for shutdown; retry on another replica")
-        if self._batcher is None or self.fingerprint is None:
-            raise Unavailable("the model is still loading; retry shortly")
-        if not self._batcher.alive:  # nothing would ever answer: send the client elsewhere at once
-            raise Unavailable("the server's model worker has stopped; retry on another replica")
-        return self.fingerprint
+        return hosted.serving_fingerprint()
 
-    async def _encode_admitted(self, prompts: list[str], timeout: float, bypass_cache: bool) -> EncodeResult:
-        assert self._batcher is not None and self.fingerprint is not None
-        digest = self.fingerprint.digest
+    async def _encode_admitted(
+        self, hosted: HostedModel, prompts: list[str], timeout: float, bypass_cache: bool
+    ) -> EncodeResult:
+        fingerprint = hosted.serving_fingerprint()
+        digest = fingerprint.digest
+        lookups = self.metrics.cache_lookups
+
+        def count(tier: str, hit: bool) -> None:
+            lookups.labels(tier, "hit" if hit else "miss", hosted.name).inc()
+
+        def lookup() -> list[torch.Tensor | None]:
+            return [self.cache.get(digest, p, on_lookup=count) for p in prompts]
+
         rows: list[torch.Tensor | None] = [None] * len(prompts)
         hits = [False] * len(prompts)
         if self.cache.enabled and not bypass_cache:
-            if self.cache.disk is not None:  # file reads stay off the event loop
-                found = await asyncio.to_thread(lambda: [self.cache.get(digest, p) for p in prompts])
-            else:
-                found = [self.cache.get(digest, p) for p in prompts]
+            # File reads stay off the event loop.
+            found = await asyncio.to_thread(lookup) if self.cache.disk is not None else lookup()
             for i, row in enumerate(found):
                 if row is not None:
                     rows[i], hits[i] = row, True
@@ -616,14 +634,9 @@ class EncoderCore:
         queue_s = encode_s = 0.0
         embeds: torch.Tensor | None = None
         if missing:
-            try:
-                encoded = await self._batcher.submit(missing, timeout=timeout)
-            except ResourceExhausted:  # the queue is full (requests answered from the cache never queue)
-                self.metrics.rejected.labels("max_queued_requests").inc()
-                raise
+            # Requests answered from the cache never queue; a full queue is counted by the model.
+            encoded = await hosted.submit(missing, timeout)
             queue_s, encode_s = encoded.queue_seconds, encoded.encode_seconds
-            self.metrics.stage_seconds.labels("queue").observe(queue_s)
-            self.metrics.stage_seconds.labels("encode").observe(encode_s)
             if len(missing) == len(prompts):  # nothing cached, no repeats: the model's rows as they are
                 embeds = encoded.embeds
                 rows = []
@@ -632,19 +645,25 @@ class EncoderCore:
                 rows = [row if row is not None else by_prompt[p] for p, row in zip(prompts, rows, strict=True)]
             if self.cache.enabled:
                 if self.cache.disk is not None:
-                    await asyncio.to_thread(self._store, missing, encoded.embeds)
+                    await asyncio.to_thread(self._store, digest, missing, encoded.embeds)
                 else:
-                    self._store(missing, encoded.embeds)
+                    self._store(digest, missing, encoded.embeds)
         if embeds is None:
             embeds = torch.stack(rows)  # type: ignore[arg-type]
-        self.metrics.prompts.labels("model").inc(len(missing))
-        self.metrics.prompts.labels("cache").inc(sum(hits))
-        return EncodeResult(embeds=embeds, cache_hit=hits, queue_seconds=queue_s, encode_seconds=encode_s)
+        self.metrics.prompts.labels("model", hosted.name).inc(len(missing))
+        self.metrics.prompts.labels("cache", hosted.name).inc(sum(hits))
+        return EncodeResult(
+            embeds=embeds,
+            cache_hit=hits,
+            queue_seconds=queue_s,
+            encode_seconds=encode_s,
+            model=hosted.name,
+            fingerprint=fingerprint,
+        )
 
-    def _store(self, prompts: list[str], embeds: torch.Tensor) -> None:
-        assert self.fingerprint is not None
+    def _store(self, digest: str, prompts: list[str], embeds: torch.Tensor) -> None:
         for prompt, row in zip(prompts, embeds, strict=True):
-            self.cache.put(self.fingerprint.digest, prompt, row)
+            self.cache.put(digest, prompt, row)
 
     # -- accounting ---------------------------------------------------------------------------------------
     def _release(self, admission: Admission) -> None:
@@ -659,14 +678,3 @@ class EncoderCore:
     def _exit(self) -> None:
         with self._lock:
             self._inflight_requests -= 1
-
-    def _on_batch(self, stats: BatchStats) -> None:
-        if stats.failed:
-            self._failed_batches += 1
-            self.metrics.batch_failures.inc()
-            return
-        self._failed_batches = 0
-        self.metrics.batch_prompts.observe(stats.prompts)
-        self.metrics.batch_requests.observe(stats.jobs)
-        assert self.fingerprint is not None
-        self.metrics.model_tokens.inc(stats.prompts * self.fingerprint.max_length)

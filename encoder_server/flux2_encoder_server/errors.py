@@ -42,6 +42,12 @@ class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
 
 
+class ModelNotFound(ServiceError):
+    """The request named a model this server does not host; the message names the ones it does."""
+
+    code = "NOT_FOUND"
+
+
 class FailedPrecondition(ServiceError):
     """The request asked for a model fingerprint this server does not serve."""
 

@@ -22,7 +22,7 @@ from flux2split_proto.v1 import encoder_pb2 as pb
 from google.protobuf.message import DecodeError
 
 from . import __version__
-from .core import EncoderCore
+from .core import EncoderCore, HostedModel
 from .errors import (
     BodyTimeout,
     ClientGone,
@@ -30,6 +30,7 @@ from .errors import (
     EncodeFailed,
     FailedPrecondition,
     InvalidArgument,
+    ModelNotFound,
     RateLimited,
     RequestTooLarge,
     ResourceExhausted,
@@ -52,6 +53,7 @@ _BATCHING_MODES = {"dynamic": pb.BATCHING_MODE_DYNAMIC, "reproducible": pb.BATCH
 GRPC_STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     ServiceError: grpc.StatusCode.INTERNAL,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
     RequestTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
@@ -125,9 +127,10 @@ class TextEncoderService:
         # Written with context.write, not yielded: each write is awaited inside the request scope, so the
         # admission (in-flight bytes, per-token slot) is held until the last message is written, and a
         # write the client never reads (HTTP/2 flow control blocks it) is cut off by the send deadline.
-        request_id = "" if isinstance(request, _Malformed) else request.request_id
+        request_id, model = ("", "") if isinstance(request, _Malformed) else (request.request_id, request.model)
+        token = _metadata_token(context)
         try:
-            async with self.core.request("grpc", request_id=request_id, bearer_token=_metadata_token(context)) as req:
+            async with self.core.request("grpc", request_id=request_id, bearer_token=token, model=model) as req:
                 request = _parsed(request)
                 if request.format not in pb.TensorFormat.values():
                     raise InvalidArgument(
@@ -144,12 +147,14 @@ class TextEncoderService:
                 with req.stage("serialize"):
                     # Hashing and copying 15.7 MB per prompt must not stall the event loop.
                     payload = await asyncio.to_thread(codec.serialize, result.embeds, request.format)
-                assert self.core.fingerprint is not None
+                fingerprint = result.fingerprint
+                assert fingerprint is not None
                 header = payload.header(
-                    fingerprint=fingerprint_message(self.core.fingerprint),
+                    fingerprint=fingerprint_message(fingerprint),
                     cache_hit=result.cache_hit,
                     request_id=req.request_id,
-                    batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
+                    batching_mode=_BATCHING_MODES[fingerprint.batching_mode],
+                    model=result.model,
                 )
                 if result.upsampled is not None:
                     header.upsampled_prompts.extend(result.upsampled.prompts)
@@ -169,19 +174,21 @@ class TextEncoderService:
             pass  # counted CANCELLED by the scope; there is nobody to send a status to
 
     async def Upsample(self, request: Any, context: grpc.aio.ServicerContext) -> pb.UpsampleResponse:
-        request_id = "" if isinstance(request, _Malformed) else request.request_id
+        request_id, model = ("", "") if isinstance(request, _Malformed) else (request.request_id, request.model)
+        token = _metadata_token(context)
         try:
-            async with self.core.request("grpc", request_id=request_id, bearer_token=_metadata_token(context)) as req:
+            async with self.core.request("grpc", request_id=request_id, bearer_token=token, model=model) as req:
                 request = _parsed(request)
                 upsampled = await req.upsample(
                     list(request.prompts), _upsample_spec(request), timeout=context.time_remaining()
                 )
-                assert self.core.fingerprint is not None
+                fingerprint = self.core.model(model).fingerprint
+                assert fingerprint is not None
                 return pb.UpsampleResponse(
                     prompts=upsampled.prompts,
                     request_id=req.request_id,
                     seed=upsampled.seed,
-                    fingerprint=fingerprint_message(self.core.fingerprint),
+                    fingerprint=fingerprint_message(fingerprint),
                     new_tokens=upsampled.new_tokens,
                 )
         except ServiceError as exc:
@@ -189,18 +196,35 @@ class TextEncoderService:
         raise AssertionError("unreachable: abort raises")
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        """The model `request.model` names (default: the default model) in the single-model fields, and
+        every loaded model in `models`."""
         try:
             self.core.authenticate(_metadata_token(context))  # before parsing: one rule for every rpc
-            _parsed(request)
-            if self.core.fingerprint is None:
+            hosted = self.core.model(_parsed(request).model)
+            if hosted.fingerprint is None:
                 raise Unavailable("the model is still loading; retry shortly")
         except ServiceError as exc:
             await abort(context, exc)
-        s = self.core.settings
-        assert self.core.fingerprint is not None
+        described = self._served_model(hosted)
         return pb.InfoResponse(
-            fingerprint=fingerprint_message(self.core.fingerprint),
-            embedding_dim=self.core.embedding_dim,
+            fingerprint=described.fingerprint,
+            embedding_dim=described.embedding_dim,
+            limits=described.limits,
+            server_version=__version__,
+            api_version=API_VERSION,
+            batching_mode=described.batching_mode,
+            upsampling=described.upsampling if described.HasField("upsampling") else None,
+            models=[self._served_model(h) for h in self.core.models.values() if h.fingerprint is not None],
+            default_model=self.core.default_model,
+        )
+
+    def _served_model(self, hosted: HostedModel) -> pb.ServedModel:
+        s = self.core.settings
+        assert hosted.fingerprint is not None
+        return pb.ServedModel(
+            name=hosted.name,
+            fingerprint=fingerprint_message(hosted.fingerprint),
+            embedding_dim=hosted.embedding_dim,
             limits=pb.ServerLimits(
                 max_prompts_per_request=s.max_prompts_per_request,
                 max_prompt_chars=s.max_prompt_chars,
@@ -209,10 +233,9 @@ class TextEncoderService:
                 max_inflight_bytes=s.max_inflight_bytes,
                 max_batch_prompts=s.max_batch_prompts,
             ),
-            server_version=__version__,
-            api_version=API_VERSION,
-            batching_mode=_BATCHING_MODES[self.core.fingerprint.batching_mode],
-            upsampling=_upsample_limits(self.core.upsample_limits),
+            batching_mode=_BATCHING_MODES[hosted.fingerprint.batching_mode],
+            is_default=hosted.is_default,
+            upsampling=_upsample_limits(hosted.upsample_limits),
         )
 
 

@@ -8,11 +8,21 @@
                     "max_new_tokens": 512, "seed": 0} -> 200 {"prompts": [...], "seed": ..., "new_tokens": [...]}
                     (prompt upsampling, servers started with --upsampling; same token rule as /predict)
 
+A server hosting several models serves each one under its name as well (the default model also on the
+routes above, so the hosted endpoint's clients keep working):
+
+    POST /models/{name}/predict   POST /models/{name}/upsample
+    GET  /models/{name}/info      GET  /models/{name}/health
+    GET  /models                  every hosted model and the default's name
+
+A name the server does not host is 404 with the hosted names in the message. Every route but health
+needs the bearer token, as every gRPC rpc but health does.
+
 Scripts written for the hosted endpoint (the FLUX.2 docs snippet, diffusers'
 `train_dreambooth_lora_flux2.py --remote_text_encoder`, ComfyUI nodes) work by changing only the URL.
 
-This is a thin layer over `EncoderCore`, the same core and batcher the gRPC service uses: one model,
-one queue, the same limits and the same authentication. Errors are JSON
+This is a thin layer over `EncoderCore`, the same core and batchers the gRPC service uses: one queue per
+model, the same limits and the same authentication. Errors are JSON
 `{"error": {"code": "INVALID_ARGUMENT", "message": "..."}}` with the HTTP status chosen here, in
 `HTTP_STATUS`; an error a client should retry carries `Retry-After` (whole seconds).
 
@@ -36,7 +46,7 @@ from typing import Any, TypeVar
 import h11
 import torch
 import uvicorn
-from flux2split_proto.shared import FINGERPRINT_HEADER, fingerprint_to_dict
+from flux2split_proto.shared import FINGERPRINT_HEADER, MODEL_NAME_HEADER, fingerprint_to_dict
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -46,7 +56,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
-from .core import EncoderCore, RequestScope
+from .core import EncoderCore, HostedModel, RequestScope
 from .errors import (
     BodyTimeout,
     ClientGone,
@@ -54,6 +64,7 @@ from .errors import (
     EncodeFailed,
     FailedPrecondition,
     InvalidArgument,
+    ModelNotFound,
     RateLimited,
     RequestTooLarge,
     ResourceExhausted,
@@ -77,6 +88,7 @@ MODEL_HEADER = "X-Flux2-Model"
 HTTP_STATUS: dict[type[ServiceError], int] = {
     ServiceError: 500,
     InvalidArgument: 400,
+    ModelNotFound: 404,
     RequestTooLarge: 413,
     Unauthenticated: 401,
     FailedPrecondition: 409,
@@ -244,7 +256,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
     settings = core.settings
     max_body = settings.http_max_body_bytes
 
-    async def predict(request: Request, send: Send) -> Response | None:
+    async def predict(request: Request, send: Send, model: str) -> Response | None:
         """Answers through `send` itself (returns None), or returns the error response to send."""
         token = bearer_token(request.headers.get("authorization"))
         request_id = request.headers.get("x-request-id") or None
@@ -252,17 +264,17 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             # The scope authenticates, holds the in-flight bytes and the per-token slot, and records
             # metrics and the access-log line, exactly as for gRPC. The answer is sent inside it
             # (`_Answer`), so all of that is held until the last byte is out or the client is gone.
-            async with core.request("http", request_id=request_id, bearer_token=token) as req:
+            async with core.request("http", request_id=request_id, bearer_token=token, model=model) as req:
                 body = await read_body(request, max_body, settings.http_read_timeout_s)
                 result = await _unless_disconnected(request, req.encode(parse_prompts(body), field="prompt"))
                 with req.stage("serialize"):
                     # torch.save copies 15.7 MB per prompt: not on the event loop.
                     payload = await asyncio.to_thread(torch_save_bytes, result.embeds)
+                headers = {"X-Request-Id": req.request_id, MODEL_NAME_HEADER: result.model}
+                if result.fingerprint is not None:
+                    headers[FINGERPRINT_HEADER] = result.fingerprint.digest
+                    headers[MODEL_HEADER] = result.fingerprint.weights_id
                 del result
-                headers = {"X-Request-Id": req.request_id}
-                if core.fingerprint is not None:
-                    headers[FINGERPRINT_HEADER] = core.fingerprint.digest
-                    headers[MODEL_HEADER] = core.fingerprint.weights_id
                 answer = _Answer(payload, headers, req, settings.chunk_bytes)
                 del payload
                 await answer.send(send)
@@ -284,11 +296,11 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
         images_base64 = settings.upsample_max_images * settings.upsample_max_image_bytes * 4 // 3
         upsample_body = max(max_body, images_base64 + (1 << 20))
 
-    async def upsample(request: Request) -> Response:
+    async def upsample(request: Request, model: str) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         request_id = request.headers.get("x-request-id") or None
         try:
-            async with core.request("http", request_id=request_id, bearer_token=token) as req:
+            async with core.request("http", request_id=request_id, bearer_token=token, model=model) as req:
                 body = await read_body(request, upsample_body, settings.http_read_timeout_s)
                 prompts, spec = parse_upsample(body)
                 del body
@@ -300,7 +312,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
                         "new_tokens": upsampled.new_tokens,
                         "request_id": req.request_id,
                     },
-                    headers={"X-Request-Id": req.request_id},
+                    headers={"X-Request-Id": req.request_id, MODEL_NAME_HEADER: core.model(model).name},
                 )
         except ServiceError as exc:
             log.info("POST /upsample failed: %d %s %s", status_for(exc, HTTP_STATUS), exc.code, exc)
@@ -312,8 +324,9 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
 
     async def upsample_app(scope: Scope, receive: Receive, send: Send) -> None:
         nonlocal unfinished
+        model = scope.get("path_params", {}).get("name", "")  # "" on /upsample: the default model
         if unfinished >= settings.http_max_concurrent_requests:
-            core.metrics.rejected.labels("http_max_concurrent_requests").inc()
+            core.metrics.rejected.labels("http_max_concurrent_requests", core.model_label(model)).inc()
             full = ResourceExhausted(
                 f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
                 "retry shortly, preferably on another replica"
@@ -322,15 +335,16 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             return
         unfinished += 1
         try:
-            response = await upsample(Request(scope, receive))
+            response = await upsample(Request(scope, receive), model)
             await response(scope, receive, send)
         finally:
             unfinished -= 1
 
     async def predict_app(scope: Scope, receive: Receive, send: Send) -> None:
         nonlocal unfinished
+        model = scope.get("path_params", {}).get("name", "")  # "" on /predict: the default model
         if unfinished >= settings.http_max_concurrent_requests:
-            core.metrics.rejected.labels("http_max_concurrent_requests").inc()
+            core.metrics.rejected.labels("http_max_concurrent_requests", core.model_label(model)).inc()
             full = ResourceExhausted(
                 f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
                 "retry shortly, preferably on another replica"
@@ -339,42 +353,74 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             return
         unfinished += 1
         try:
-            response = await predict(Request(scope, receive), send)
+            response = await predict(Request(scope, receive), send, model)
             if response is not None:
                 await response(scope, receive, send)
         finally:
             unfinished -= 1
 
-    async def health(request: Request) -> Response:
-        if is_serving():
+    def serving_json(serving: bool) -> Response:
+        if serving:
             return JSONResponse({"status": "SERVING"})
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503, headers={"Retry-After": "1"})
 
-    async def info(request: Request) -> Response:
-        try:  # the weights path, revision and limits: a token, as for gRPC Info
-            core.authenticate(bearer_token(request.headers.get("authorization")))
+    async def health(request: Request) -> Response:
+        return serving_json(is_serving())
+
+    async def model_health(request: Request) -> Response:
+        """Readiness of one model (needs no token, like /health); 404 for a model not hosted."""
+        try:
+            hosted = core.model(request.path_params["name"])
         except ServiceError as exc:
             return service_error_response(exc)
-        if core.fingerprint is None:
-            return service_error_response(Unavailable("the model is still loading; retry shortly"))
+        return serving_json(is_serving() and core.model_ready(hosted.name))
+
+    def model_json(hosted: HostedModel) -> dict[str, Any]:
+        assert hosted.fingerprint is not None
         s = core.settings
-        return JSONResponse(
-            {
-                "fingerprint": {
-                    **fingerprint_to_dict(fingerprint_message(core.fingerprint)),
-                    "batching_mode": core.fingerprint.batching_mode,
-                },
-                "embedding_dim": core.embedding_dim,
-                "limits": {
-                    "max_prompts_per_request": s.max_prompts_per_request,
-                    "max_prompt_chars": s.max_prompt_chars,
-                    "max_queued_requests": s.max_queued_requests,
-                    "http_max_body_bytes": s.http_max_body_bytes,
-                },
-                "server_version": __version__,
-                **_upsampling_info(core),
-            }
-        )
+        return {
+            "name": hosted.name,
+            "is_default": hosted.is_default,
+            "fingerprint": {
+                **fingerprint_to_dict(fingerprint_message(hosted.fingerprint)),
+                "batching_mode": hosted.fingerprint.batching_mode,
+            },
+            "embedding_dim": hosted.embedding_dim,
+            "limits": {
+                "max_prompts_per_request": s.max_prompts_per_request,
+                "max_prompt_chars": s.max_prompt_chars,
+                "max_queued_requests": s.max_queued_requests,
+                "http_max_body_bytes": s.http_max_body_bytes,
+            },
+            **_upsampling_info(hosted),
+        }
+
+    def models_json() -> dict[str, Any]:
+        loaded = [model_json(h) for h in core.models.values() if h.fingerprint is not None]
+        return {"default_model": core.default_model, "models": loaded}
+
+    def authorized(request: Request) -> None:
+        # The weights paths, revisions and limits: a token, as for gRPC Info.
+        core.authenticate(bearer_token(request.headers.get("authorization")))
+
+    async def info(request: Request) -> Response:
+        """One model's fingerprint, width and limits at the top level (the default on /info, the named one
+        on /models/{name}/info), every loaded model under "models"."""
+        try:
+            authorized(request)
+            hosted = core.model(request.path_params.get("name", ""))
+            if hosted.fingerprint is None:
+                raise Unavailable("the model is still loading; retry shortly")
+        except ServiceError as exc:
+            return service_error_response(exc)
+        return JSONResponse({**model_json(hosted), "server_version": __version__, **models_json()})
+
+    async def models(request: Request) -> Response:
+        try:
+            authorized(request)
+        except ServiceError as exc:
+            return service_error_response(exc)
+        return JSONResponse({**models_json(), "server_version": __version__})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -392,15 +438,20 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
             Route("/info", info, methods=["GET"]),
+            Route("/models", models, methods=["GET"]),
+            Route("/models/{name}/predict", _AsgiEndpoint(predict_app), methods=["POST"]),
+            Route("/models/{name}/info", info, methods=["GET"]),
+            Route("/models/{name}/health", model_health, methods=["GET"]),
             Route("/upsample", _AsgiEndpoint(upsample_app), methods=["POST"]),
+            Route("/models/{name}/upsample", _AsgiEndpoint(upsample_app), methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
 
 
-def _upsampling_info(core: EncoderCore) -> dict[str, Any]:
-    """/info's "upsampling" limits, on servers that upsample."""
-    limits = core.upsample_limits
+def _upsampling_info(hosted: HostedModel) -> dict[str, Any]:
+    """A model's "upsampling" limits in /info, for a model that upsamples."""
+    limits = hosted.upsample_limits
     if limits is None:
         return {}
     return {

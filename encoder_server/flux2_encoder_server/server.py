@@ -1,4 +1,4 @@
-"""Server lifecycle: bind, load the model while health says NOT_SERVING, warm up, serve, drain."""
+"""Server lifecycle: bind, load the models while health says NOT_SERVING, warm up, serve, drain."""
 
 from __future__ import annotations
 
@@ -28,17 +28,26 @@ from .grpc_service import (
     add_text_encoder_service,
 )
 from .http_app import HttpFrontEnd, create_app
+from .metrics import NO_MODEL
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Loads the engine to serve (blocking; runs in a worker thread): `load_engine`, or a test's stand-in.
+#: Loads the engine to serve (blocking; runs in a worker thread): `load_engine`, or a test's stand-in. It is
+#: called once per hosted model with `Settings.for_model(spec)`: `settings.model` is that model's source.
 EngineFactory = Callable[[Settings], Engine]
 
 #: The gRPC health service name the liveness probe asks for: SERVING from start and through a drain,
 #: NOT_SERVING only when the engine is broken (its worker died, batches keep failing, the self-test fails).
-#: "" and the TextEncoder's name are readiness: NOT_SERVING while loading, draining or broken.
+#: "" and the TextEncoder's name are readiness: NOT_SERVING while loading, draining or broken (any model).
 LIVENESS_SERVICE = "liveness"
+
+
+def model_health_service(name: str) -> str:
+    """The gRPC health service name of one hosted model's readiness: "flux2split.v1.TextEncoder/<name>"."""
+    return f"{SERVICE_NAME}/{name}"
+
+
 #: How often the server looks at the engine's state (and runs a self-test when failures accumulate).
 _HEALTH_POLL_S = 0.25
 #: Least time between two self-tests run because batches failed.
@@ -101,14 +110,16 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 class EncoderServer:
-    """One gRPC server (and, with `http_port` set, the HTTP /predict front-end) over one engine.
-    `await start()`, `await load()`, later `await stop()`."""
+    """One gRPC server (and, with `http_port` set, the HTTP /predict front-end) over the engines of every
+    hosted model. `await start()`, `await load()`, later `await stop()`."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory = load_engine):
         self.settings = settings
         self.core = EncoderCore(settings)
         self.metrics = self.core.metrics
+        #: The default model's engine, and every hosted model's by name (filled as they load).
         self.engine: Engine | None = None
+        self.engines: dict[str, Engine] = {}
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
@@ -173,7 +184,7 @@ class EncoderServer:
             "on for " + ", ".join(self.core.authenticator.labels) if self.core.authenticator.enabled else "off",
         )
         if s.http_port is not None:
-            dropped = self.metrics.dropped.labels("http_header_timeout")
+            dropped = self.metrics.dropped.labels("http_header_timeout", NO_MODEL)
             self._http = HttpFrontEnd(
                 create_app(self.core, self.serving),
                 s.host,
@@ -194,26 +205,38 @@ class EncoderServer:
         return self.core.ready
 
     async def load(self) -> None:
-        started = time.monotonic()
-        engine = await asyncio.to_thread(self._engine_factory, self.settings)
-        self.engine = engine
-        self.core.start(engine)
-        # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING,
-        # and none reports it before that forward has passed.
-        if not await self.core.warm_up(self.settings.default_timeout_s):
-            raise RuntimeError(f"the engine failed its self-test: {self.core.engine_problem}")
+        """Load every hosted model in turn (the default first; on one GPU they share the device), start its
+        batcher and warm it up; health turns SERVING once all of them are."""
+        for spec in self.settings.models:
+            started = time.monotonic()
+            engine = await asyncio.to_thread(self._engine_factory, self.settings.for_model(spec))
+            self.engines[spec.name] = engine
+            if spec.name == self.core.default_model:
+                self.engine = engine
+            self.core.start(engine, spec.name)
+            # The warm-up is the first self-test: a model that cannot encode a fixed prompt never reports SERVING,
+            # and none reports it before that forward has passed.
+            if not await self.core.warm_up(self.settings.default_timeout_s, model=spec.name):
+                raise RuntimeError(f"the engine of model {spec.name} failed its self-test: {self.core.engine_problem}")
+            fp = engine.fingerprint
+            log.info("model %s: %s (digest %s) loaded", spec.name, fp.weights_id, fp.digest[:16])
+            self._report_load(spec.name, engine, time.monotonic() - started)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_engine())
         await self._refresh_health()
-        log.info("SERVING %s (digest %s)", engine.fingerprint.weights_id, engine.fingerprint.digest[:16])
-        self._report_load(engine, time.monotonic() - started)
+        log.info("SERVING %s", ", ".join(f"{name} ({e.fingerprint.weights_id})" for name, e in self.engines.items()))
 
-    def _report_load(self, engine: Engine, seconds: float) -> None:
+    def _report_load(self, model: str, engine: Engine, seconds: float) -> None:
         # Engines built in memory (tests' fakes, from_model) carry no load report.
         report = getattr(engine, "load_report", None)
         self.metrics.record_load(
-            seconds, report.bytes_read if report else None, report.bytes_downloaded if report else 0
+            model, seconds, report.bytes_read if report else None, report.bytes_downloaded if report else 0
         )
-        log.info("time to SERVING %.1fs (weights: %s)", seconds, report.describe() if report else "built in memory")
+        log.info(
+            "model %s: time to SERVING %.1fs (weights: %s)",
+            model,
+            seconds,
+            report.describe() if report else "built in memory",
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new work, let admitted requests finish within the grace period.
@@ -255,11 +278,15 @@ class EncoderServer:
         await self._stopped.wait()
 
     async def _refresh_health(self) -> None:
-        """Report the core's state: readiness under "" and the TextEncoder's name, liveness under
-        LIVENESS_SERVICE (watchers are notified only on a change)."""
+        """Report the core's state: readiness under "" and the TextEncoder's name (every model), each model's
+        under `model_health_service(name)`, liveness under LIVENESS_SERVICE (watchers are notified only on a
+        change)."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        ready = serving if self.core.ready else not_serving
-        wanted = {"": ready, SERVICE_NAME: ready, LIVENESS_SERVICE: serving if self.core.live else not_serving}
+        core = self.core
+        ready = serving if core.ready else not_serving
+        wanted = {"": ready, SERVICE_NAME: ready, LIVENESS_SERVICE: serving if core.live else not_serving}
+        for name in core.models:
+            wanted[model_health_service(name)] = serving if core.model_ready(name) else not_serving
         for name, status in wanted.items():
             if self._reported.get(name) != status:
                 self._reported[name] = status

@@ -4,6 +4,10 @@ Every field is a flag (`--max-batch-prompts 32`) and an environment variable
 (`FLUX2_ENCODER_MAX_BATCH_PROMPTS=32`); a flag wins over the environment, the environment over the
 default. Nothing else in the server reads the environment.
 
+The models a server hosts come from `--model`, repeatable as `--model NAME=REPO_OR_PATH` (in the
+environment: comma-separated, `FLUX2_ENCODER_MODEL=flux2-dev=REPO,klein-4b=REPO`); a single `--model REPO`
+serves one model named `default`. `Settings.models` is that list, parsed once here.
+
 Secret settings (bearer tokens) are held as `SecretStr`: `repr(settings)`, `--help`, logs and error
 messages show a mask, never the value; only `get_secret_value()` gives it, where it is used.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hmac
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +25,49 @@ from typing import Any
 from .security import parse_token_lines
 
 ENV_PREFIX = "FLUX2_ENCODER_"
+
+#: The name of the model a plain `--model REPO_OR_PATH` serves.
+DEFAULT_MODEL_NAME = "default"
+#: What a served model's name may be: it travels in requests, metric labels and HTTP paths
+#: (/models/{name}/predict).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: the name requests use and the hub repo id or folder it is loaded from."""
+
+    name: str
+    source: str
+
+
+def parse_model_specs(raw: str) -> tuple[ModelSpec, ...]:
+    """`--model` as given: `REPO_OR_PATH` (one model named `default`) or comma-separated `NAME=REPO_OR_PATH`
+    entries (one model each, every one named). Raises ValueError naming the bad entry."""
+    entries = [entry.strip() for entry in raw.split(",")]
+    if len(entries) == 1 and "=" not in entries[0]:
+        if not entries[0]:
+            raise ValueError("--model: a hub repo id or a folder is required")
+        return (ModelSpec(DEFAULT_MODEL_NAME, entries[0]),)
+    specs: list[ModelSpec] = []
+    for i, entry in enumerate(entries, 1):
+        name, sep, source = entry.partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep:
+            raise ValueError(
+                f"--model entry {i} ({entry!r}): name every model when serving several (NAME=REPO_OR_PATH)"
+            )
+        if not MODEL_NAME.fullmatch(name):
+            raise ValueError(
+                f"--model entry {i}: model name {name[:64]!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if not source:
+            raise ValueError(f"--model entry {i} ({name}): a hub repo id or a folder is required after '='")
+        if any(spec.name == name for spec in specs):
+            raise ValueError(f"--model entry {i}: the name {name!r} is given twice")
+        specs.append(ModelSpec(name, source))
+    return tuple(specs)
 
 
 class SecretStr:
@@ -70,9 +118,15 @@ def _secret_setting(help: str) -> Any:
 class Settings:
     model: str = _setting(
         "black-forest-labs/FLUX.2-dev",
-        "hub repo id or local folder holding text_encoder/ and tokenizer/",
+        "hub repo id or local folder holding text_encoder/ and tokenizer/ (served as the model named 'default'); "
+        "repeat as --model NAME=REPO_OR_PATH to host several models on one server, each with its own queue and "
+        "batches (comma-separated in the environment variable)",
+        repeatable=True,
     )
-    revision: str | None = _setting(None, "hub revision (branch, tag or commit) of --model")
+    default_model: str | None = _setting(
+        None, "name of the model that requests naming none get (and HTTP /predict serves); default: the first --model"
+    )
+    revision: str | None = _setting(None, "hub revision (branch, tag or commit) of --model (one model only)")
     text_encoder_subfolder: str = _setting("text_encoder", "subfolder of --model with the encoder weights")
     tokenizer_subfolder: str = _setting("tokenizer", "subfolder of --model with the tokenizer")
     device: str | None = _setting(None, "torch device for the encoder; default cuda if available, else cpu")
@@ -243,6 +297,36 @@ class Settings:
             value = getattr(self, f.name)
             if f.metadata.get("secret") and isinstance(value, str):
                 object.__setattr__(self, f.name, SecretStr(value))
+        # The hosted models, parsed once (a bad --model is reported by problems(), and by `models`).
+        try:
+            specs: tuple[ModelSpec, ...] | str = parse_model_specs(self.model)
+        except ValueError as exc:
+            specs = str(exc)
+        object.__setattr__(self, "_model_specs", specs)
+
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        """Every model to serve, the default first, then the others in the order given."""
+        specs = self._model_specs  # type: ignore[attr-defined]
+        if isinstance(specs, str):
+            raise ValueError(specs)
+        default = self.default_model_name
+        return tuple(sorted(specs, key=lambda spec: spec.name != default))
+
+    @property
+    def default_model_name(self) -> str:
+        """The model requests that name none get: --default-model, else the first --model."""
+        specs = self._model_specs  # type: ignore[attr-defined]
+        if self.default_model:
+            return self.default_model
+        return specs[0].name if not isinstance(specs, str) else DEFAULT_MODEL_NAME
+
+    def for_model(self, spec: ModelSpec) -> Settings:
+        """These settings with `spec` as the only model: what the engine factory loads it with (the settings
+        themselves when they name that one model only)."""
+        if self.model == spec.source:
+            return self
+        return dataclasses.replace(self, model=spec.source, default_model=None)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -264,6 +348,8 @@ class Settings:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = _converter(f)
+            if f.metadata.get("repeatable"):
+                kwargs["action"] = _Repeated
             parser.add_argument(flag, **kwargs)
         return parser
 
@@ -281,7 +367,8 @@ class Settings:
                     parser.error(f"{ENV_PREFIX}{f.name.upper()}={shown}: {exc}")
         parser.set_defaults(**env_defaults)
         args = parser.parse_args(argv)
-        settings = cls(**vars(args))
+        values: dict[str, Any] = {k: ",".join(v) if isinstance(v, list) else v for k, v in vars(args).items()}
+        settings = cls(**values)
         problems = settings.problems()
         if problems:
             parser.error("; ".join(problems))
@@ -341,6 +428,20 @@ class Settings:
         if self.http_max_body_bytes < 1024:
             out.append("--http-max-body-bytes must be at least 1 KiB")
         out.extend(self._token_problems())
+        out.extend(self._model_problems())
+        return out
+
+    def _model_problems(self) -> list[str]:
+        try:
+            specs = self.models
+        except ValueError as exc:
+            return [str(exc)]
+        names = [spec.name for spec in specs]
+        out = []
+        if self.default_model is not None and self.default_model not in names:
+            out.append(f"--default-model {self.default_model!r} is not one of the --model names: {', '.join(names)}")
+        if self.revision is not None and len(specs) > 1:
+            out.append("--revision pins one model; with several --model entries, serve pinned local folders instead")
         return out
 
     def _token_problems(self) -> list[str]:
@@ -353,6 +454,15 @@ class Settings:
         except ValueError as exc:
             return [str(exc)]
         return []
+
+
+class _Repeated(argparse.Action):
+    """A repeatable flag: the values given replace the default (or the environment's value) and are joined
+    with commas after parsing, as the environment variable spells several."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        given = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*(given if isinstance(given, list) else []), values])
 
 
 def _converter(f: dataclasses.Field) -> Any:

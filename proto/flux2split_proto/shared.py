@@ -1,7 +1,8 @@
 """Definitions both sides of the wire must agree on, kept in one place: the dtype table, the fingerprint
-as a message and as JSON, the HTTP header that names the model digest, the fingerprint-mismatch message,
-and the retry delay a server suggests (`google.rpc.RetryInfo`, the google.rpc way: a structured status
-detail in the `grpc-status-details-bin` trailer, and `Retry-After` on HTTP).
+as a message and as JSON, the HTTP headers that name the model digest and the served model, the
+fingerprint-mismatch message, and the retry delay a server suggests (`google.rpc.RetryInfo`, the
+google.rpc way: a structured status detail in the `grpc-status-details-bin` trailer, and `Retry-After`
+on HTTP).
 
 Only protobuf types here; torch dtypes live in `codec` (imported lazily there).
 """
@@ -16,6 +17,8 @@ from .v1 import encoder_pb2 as pb
 
 #: Response header of the HTTP front-end naming the model digest (the torch.save body carries none).
 FINGERPRINT_HEADER = "X-Flux2-Fingerprint"
+#: Response header of the HTTP front-end naming the served model that answered (TensorHeader.model on gRPC).
+MODEL_NAME_HEADER = "X-Flux2-Model-Name"
 
 #: Wire dtype by its name, and bytes per element, for every dtype the contract can carry.
 DTYPE_BY_NAME: Mapping[str, pb.DType] = {

@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flux2split_proto/v1/encoder.proto\x12\rflux2split.v1\"\xcf\x01\n\x10ModelFingerprint\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nweights_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x15\n\rhidden_layers\x18\x04 \x03(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12#\n\x05\x64type\x18\x06 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x12\n\nupsampling\x18\t \x01(\x08\"\xc7\x01\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12\x1c\n\x14\x65xpected_fingerprint\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\x12\x30\n\x08upsample\x18\x07 \x01(\x0b\x32\x1e.flux2split.v1.UpsampleOptions\"\x9a\x01\n\x0fUpsampleOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\x19\n\x11images_per_prompt\x18\x05 \x03(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xd7\x02\n\x0cTensorHeader\x12+\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x34\n\x0b\x66ingerprint\x18\x06 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x11\n\tcache_hit\x18\x07 \x03(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x32\n\rbatching_mode\x18\t \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12\x19\n\x11upsampled_prompts\x18\x0b \x03(\t\x12\x15\n\rupsample_seed\x18\x0c \x01(\x04\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"t\n\x0e\x45ncodeResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.flux2split.v1.TensorHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.flux2split.v1.TensorChunkH\x00\x42\x06\n\x04part\"\r\n\x0bInfoRequest\"\xb2\x01\n\x0cServerLimits\x12\x1f\n\x17max_prompts_per_request\x18\x01 \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\x05\x12\x1a\n\x12max_inflight_bytes\x18\x05 \x01(\x03\x12\x19\n\x11max_batch_prompts\x18\x06 \x01(\x05\"\x9c\x02\n\x0cInfoResponse\x12\x34\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12+\n\x06limits\x18\x03 \x01(\x0b\x32\x1b.flux2split.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x05 \x01(\t\x12\x32\n\rbatching_mode\x18\x06 \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12\x31\n\nupsampling\x18\t \x01(\x0b\x32\x1d.flux2split.v1.UpsampleLimits\"\xad\x01\n\x0eUpsampleLimits\x12\x12\n\nmax_images\x18\x01 \x01(\x05\x12\x17\n\x0fmax_image_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x03\x12\x17\n\x0fmax_temperature\x18\x04 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x13\n\x0bmax_prompts\x18\x06 \x01(\x05\x12\x0e\n\x06images\x18\x07 \x01(\x08\"\xce\x01\n\x0fUpsampleRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x19\n\x11images_per_prompt\x18\x08 \x03(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\x8f\x01\n\x10UpsampleResponse\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x34\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x12\n\nnew_tokens\x18\x05 \x03(\x05*c\n\x0cTensorFormat\x12\x1d\n\x19TENSOR_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_FORMAT_RAW\x10\x01\x12\x1d\n\x19TENSOR_FORMAT_SAFETENSORS\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*h\n\x0c\x42\x61tchingMode\x12\x1d\n\x19\x42\x41TCHING_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41TCHING_MODE_DYNAMIC\x10\x01\x12\x1e\n\x1a\x42\x41TCHING_MODE_REPRODUCIBLE\x10\x02\x32\xe4\x01\n\x0bTextEncoder\x12G\n\x06\x45ncode\x12\x1c.flux2split.v1.EncodeRequest\x1a\x1d.flux2split.v1.EncodeResponse0\x01\x12?\n\x04Info\x12\x1a.flux2split.v1.InfoRequest\x1a\x1b.flux2split.v1.InfoResponse\x12K\n\x08Upsample\x12\x1e.flux2split.v1.UpsampleRequest\x1a\x1f.flux2split.v1.UpsampleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flux2split_proto/v1/encoder.proto\x12\rflux2split.v1\"\xcf\x01\n\x10ModelFingerprint\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nweights_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x15\n\rhidden_layers\x18\x04 \x03(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12#\n\x05\x64type\x18\x06 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x12\n\nupsampling\x18\t \x01(\x08\"\xd6\x01\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12\x1c\n\x14\x65xpected_fingerprint\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\x12\x30\n\x08upsample\x18\x07 \x01(\x0b\x32\x1e.flux2split.v1.UpsampleOptions\"\x9a\x01\n\x0fUpsampleOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\x19\n\x11images_per_prompt\x18\x05 \x03(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xe6\x02\n\x0cTensorHeader\x12+\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1b.flux2split.v1.TensorFormat\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.flux2split.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x34\n\x0b\x66ingerprint\x18\x06 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x11\n\tcache_hit\x18\x07 \x03(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x32\n\rbatching_mode\x18\t \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12\r\n\x05model\x18\n \x01(\t\x12\x19\n\x11upsampled_prompts\x18\x0b \x03(\t\x12\x15\n\rupsample_seed\x18\x0c \x01(\x04\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"t\n\x0e\x45ncodeResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.flux2split.v1.TensorHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.flux2split.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x1c\n\x0bInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb2\x01\n\x0cServerLimits\x12\x1f\n\x17max_prompts_per_request\x18\x01 \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\x05\x12\x1a\n\x12max_inflight_bytes\x18\x05 \x01(\x03\x12\x19\n\x11max_batch_prompts\x18\x06 \x01(\x05\"\x90\x02\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.flux2split.v1.ServerLimits\x12\x32\n\rbatching_mode\x18\x05 \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12\x31\n\nupsampling\x18\x07 \x01(\x0b\x32\x1d.flux2split.v1.UpsampleLimits\"\xdf\x02\n\x0cInfoResponse\x12\x34\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12+\n\x06limits\x18\x03 \x01(\x0b\x32\x1b.flux2split.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x05 \x01(\t\x12\x32\n\rbatching_mode\x18\x06 \x01(\x0e\x32\x1b.flux2split.v1.BatchingMode\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.flux2split.v1.ServedModel\x12\x15\n\rdefault_model\x18\x08 \x01(\t\x12\x31\n\nupsampling\x18\t \x01(\x0b\x32\x1d.flux2split.v1.UpsampleLimits\"\xad\x01\n\x0eUpsampleLimits\x12\x12\n\nmax_images\x18\x01 \x01(\x05\x12\x17\n\x0fmax_image_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x03\x12\x17\n\x0fmax_temperature\x18\x04 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x13\n\x0bmax_prompts\x18\x06 \x01(\x05\x12\x0e\n\x06images\x18\x07 \x01(\x08\"\xce\x01\n\x0fUpsampleRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x19\n\x11images_per_prompt\x18\x08 \x03(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\x8f\x01\n\x10UpsampleResponse\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x34\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x1f.flux2split.v1.ModelFingerprint\x12\x12\n\nnew_tokens\x18\x05 \x03(\x05*c\n\x0cTensorFormat\x12\x1d\n\x19TENSOR_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_FORMAT_RAW\x10\x01\x12\x1d\n\x19TENSOR_FORMAT_SAFETENSORS\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*h\n\x0c\x42\x61tchingMode\x12\x1d\n\x19\x42\x41TCHING_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41TCHING_MODE_DYNAMIC\x10\x01\x12\x1e\n\x1a\x42\x41TCHING_MODE_REPRODUCIBLE\x10\x02\x32\xe4\x01\n\x0bTextEncoder\x12G\n\x06\x45ncode\x12\x1c.flux2split.v1.EncodeRequest\x1a\x1d.flux2split.v1.EncodeResponse0\x01\x12?\n\x04Info\x12\x1a.flux2split.v1.InfoRequest\x1a\x1b.flux2split.v1.InfoResponse\x12K\n\x08Upsample\x12\x1e.flux2split.v1.UpsampleRequest\x1a\x1f.flux2split.v1.UpsampleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flux2split_proto.v1.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORFORMAT']._serialized_start=2144
-  _globals['_TENSORFORMAT']._serialized_end=2243
-  _globals['_DTYPE']._serialized_start=2245
-  _globals['_DTYPE']._serialized_end=2333
-  _globals['_BATCHINGMODE']._serialized_start=2335
-  _globals['_BATCHINGMODE']._serialized_end=2439
+  _globals['_TENSORFORMAT']._serialized_start=2531
+  _globals['_TENSORFORMAT']._serialized_end=2630
+  _globals['_DTYPE']._serialized_start=2632
+  _globals['_DTYPE']._serialized_end=2720
+  _globals['_BATCHINGMODE']._serialized_start=2722
+  _globals['_BATCHINGMODE']._serialized_end=2826
   _globals['_MODELFINGERPRINT']._serialized_start=53
   _globals['_MODELFINGERPRINT']._serialized_end=260
   _globals['_ENCODEREQUEST']._serialized_start=263
-  _globals['_ENCODEREQUEST']._serialized_end=462
-  _globals['_UPSAMPLEOPTIONS']._serialized_start=465
-  _globals['_UPSAMPLEOPTIONS']._serialized_end=619
-  _globals['_TENSORHEADER']._serialized_start=622
-  _globals['_TENSORHEADER']._serialized_end=965
-  _globals['_TENSORCHUNK']._serialized_start=967
-  _globals['_TENSORCHUNK']._serialized_end=1010
-  _globals['_ENCODERESPONSE']._serialized_start=1012
-  _globals['_ENCODERESPONSE']._serialized_end=1128
-  _globals['_INFOREQUEST']._serialized_start=1130
-  _globals['_INFOREQUEST']._serialized_end=1143
-  _globals['_SERVERLIMITS']._serialized_start=1146
-  _globals['_SERVERLIMITS']._serialized_end=1324
-  _globals['_INFORESPONSE']._serialized_start=1327
-  _globals['_INFORESPONSE']._serialized_end=1611
-  _globals['_UPSAMPLELIMITS']._serialized_start=1614
-  _globals['_UPSAMPLELIMITS']._serialized_end=1787
-  _globals['_UPSAMPLEREQUEST']._serialized_start=1790
-  _globals['_UPSAMPLEREQUEST']._serialized_end=1996
-  _globals['_UPSAMPLERESPONSE']._serialized_start=1999
-  _globals['_UPSAMPLERESPONSE']._serialized_end=2142
-  _globals['_TEXTENCODER']._serialized_start=2442
-  _globals['_TEXTENCODER']._serialized_end=2670
+  _globals['_ENCODEREQUEST']._serialized_end=477
+  _globals['_UPSAMPLEOPTIONS']._serialized_start=480
+  _globals['_UPSAMPLEOPTIONS']._serialized_end=634
+  _globals['_TENSORHEADER']._serialized_start=637
+  _globals['_TENSORHEADER']._serialized_end=995
+  _globals['_TENSORCHUNK']._serialized_start=997
+  _globals['_TENSORCHUNK']._serialized_end=1040
+  _globals['_ENCODERESPONSE']._serialized_start=1042
+  _globals['_ENCODERESPONSE']._serialized_end=1158
+  _globals['_INFOREQUEST']._serialized_start=1160
+  _globals['_INFOREQUEST']._serialized_end=1188
+  _globals['_SERVERLIMITS']._serialized_start=1191
+  _globals['_SERVERLIMITS']._serialized_end=1369
+  _globals['_SERVEDMODEL']._serialized_start=1372
+  _globals['_SERVEDMODEL']._serialized_end=1644
+  _globals['_INFORESPONSE']._serialized_start=1647
+  _globals['_INFORESPONSE']._serialized_end=1998
+  _globals['_UPSAMPLELIMITS']._serialized_start=2001
+  _globals['_UPSAMPLELIMITS']._serialized_end=2174
+  _globals['_UPSAMPLEREQUEST']._serialized_start=2177
+  _globals['_UPSAMPLEREQUEST']._serialized_end=2383
+  _globals['_UPSAMPLERESPONSE']._serialized_start=2386
+  _globals['_UPSAMPLERESPONSE']._serialized_end=2529
+  _globals['_TEXTENCODER']._serialized_start=2829
+  _globals['_TEXTENCODER']._serialized_end=3057
 # @@protoc_insertion_point(module_scope)

@@ -59,20 +59,22 @@ class ModelFingerprint(_message.Message):
     def __init__(self, family: _Optional[str] = ..., weights_id: _Optional[str] = ..., revision: _Optional[str] = ..., hidden_layers: _Optional[_Iterable[int]] = ..., max_length: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., digest: _Optional[str] = ..., precision: _Optional[str] = ..., upsampling: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("prompts", "format", "expected_fingerprint", "request_id", "bypass_cache", "upsample")
+    __slots__ = ("prompts", "format", "expected_fingerprint", "request_id", "bypass_cache", "model", "upsample")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     UPSAMPLE_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     format: TensorFormat
     expected_fingerprint: str
     request_id: str
     bypass_cache: bool
+    model: str
     upsample: UpsampleOptions
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[TensorFormat, str]] = ..., expected_fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., upsample: _Optional[_Union[UpsampleOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[TensorFormat, str]] = ..., expected_fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., model: _Optional[str] = ..., upsample: _Optional[_Union[UpsampleOptions, _Mapping]] = ...) -> None: ...
 
 class UpsampleOptions(_message.Message):
     __slots__ = ("temperature", "max_new_tokens", "seed", "images", "images_per_prompt")
@@ -89,7 +91,7 @@ class UpsampleOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., images: _Optional[_Iterable[bytes]] = ..., images_per_prompt: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("format", "dtype", "shape", "byte_length", "sha256", "fingerprint", "cache_hit", "request_id", "batching_mode", "upsampled_prompts", "upsample_seed")
+    __slots__ = ("format", "dtype", "shape", "byte_length", "sha256", "fingerprint", "cache_hit", "request_id", "batching_mode", "model", "upsampled_prompts", "upsample_seed")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,7 @@ class TensorHeader(_message.Message):
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     UPSAMPLED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     UPSAMPLE_SEED_FIELD_NUMBER: _ClassVar[int]
     format: TensorFormat
@@ -110,9 +113,10 @@ class TensorHeader(_message.Message):
     cache_hit: _containers.RepeatedScalarFieldContainer[bool]
     request_id: str
     batching_mode: BatchingMode
+    model: str
     upsampled_prompts: _containers.RepeatedScalarFieldContainer[str]
     upsample_seed: int
-    def __init__(self, format: _Optional[_Union[TensorFormat, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[bytes] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., cache_hit: _Optional[_Iterable[bool]] = ..., request_id: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., upsampled_prompts: _Optional[_Iterable[str]] = ..., upsample_seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, format: _Optional[_Union[TensorFormat, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[bytes] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., cache_hit: _Optional[_Iterable[bool]] = ..., request_id: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., model: _Optional[str] = ..., upsampled_prompts: _Optional[_Iterable[str]] = ..., upsample_seed: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -131,8 +135,10 @@ class EncodeResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_prompts_per_request", "max_prompt_chars", "chunk_bytes", "max_queued_requests", "max_inflight_bytes", "max_batch_prompts")
@@ -150,14 +156,34 @@ class ServerLimits(_message.Message):
     max_batch_prompts: int
     def __init__(self, max_prompts_per_request: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ..., max_batch_prompts: _Optional[int] = ...) -> None: ...
 
+class ServedModel(_message.Message):
+    __slots__ = ("name", "fingerprint", "embedding_dim", "limits", "batching_mode", "is_default", "upsampling")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: ModelFingerprint
+    embedding_dim: int
+    limits: ServerLimits
+    batching_mode: BatchingMode
+    is_default: bool
+    upsampling: UpsampleLimits
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., is_default: _Optional[bool] = ..., upsampling: _Optional[_Union[UpsampleLimits, _Mapping]] = ...) -> None: ...
+
 class InfoResponse(_message.Message):
-    __slots__ = ("fingerprint", "embedding_dim", "limits", "server_version", "api_version", "batching_mode", "upsampling")
+    __slots__ = ("fingerprint", "embedding_dim", "limits", "server_version", "api_version", "batching_mode", "models", "default_model", "upsampling")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     UPSAMPLING_FIELD_NUMBER: _ClassVar[int]
     fingerprint: ModelFingerprint
     embedding_dim: int
@@ -165,8 +191,10 @@ class InfoResponse(_message.Message):
     server_version: str
     api_version: str
     batching_mode: BatchingMode
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    default_model: str
     upsampling: UpsampleLimits
-    def __init__(self, fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., upsampling: _Optional[_Union[UpsampleLimits, _Mapping]] = ...) -> None: ...
+    def __init__(self, fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., batching_mode: _Optional[_Union[BatchingMode, str]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., default_model: _Optional[str] = ..., upsampling: _Optional[_Union[UpsampleLimits, _Mapping]] = ...) -> None: ...
 
 class UpsampleLimits(_message.Message):
     __slots__ = ("max_images", "max_image_bytes", "max_image_pixels", "max_temperature", "max_new_tokens", "max_prompts", "images")

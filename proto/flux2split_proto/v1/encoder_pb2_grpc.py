@@ -27,9 +27,13 @@ if _version_not_supported:
 
 class TextEncoderStub:
     """The prompt-embedding service. Health is the standard grpc.health.v1.Health service on the same port
-    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials. When the server has
-    tokens configured, every other rpc needs the metadata `authorization: Bearer <token>`
-    (UNAUTHENTICATED otherwise).
+    (service names "" and "flux2split.v1.TextEncoder", and "flux2split.v1.TextEncoder/<model>" per served
+    model); it needs no credentials. When the server has tokens configured, every other rpc needs the
+    metadata `authorization: Bearer <token>` (UNAUTHENTICATED otherwise).
+
+    One server may host several models (e.g. FLUX.2-dev's Mistral and FLUX.2 [klein]'s Qwen3 encoders), each
+    with its own queue and batches; a request names the model in `model`, and no name means the server's
+    default model. A name the server does not serve is NOT_FOUND, with a message naming the models served.
     """
 
     def __init__(self, channel):
@@ -57,9 +61,13 @@ class TextEncoderStub:
 
 class TextEncoderServicer:
     """The prompt-embedding service. Health is the standard grpc.health.v1.Health service on the same port
-    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials. When the server has
-    tokens configured, every other rpc needs the metadata `authorization: Bearer <token>`
-    (UNAUTHENTICATED otherwise).
+    (service names "" and "flux2split.v1.TextEncoder", and "flux2split.v1.TextEncoder/<model>" per served
+    model); it needs no credentials. When the server has tokens configured, every other rpc needs the
+    metadata `authorization: Bearer <token>` (UNAUTHENTICATED otherwise).
+
+    One server may host several models (e.g. FLUX.2-dev's Mistral and FLUX.2 [klein]'s Qwen3 encoders), each
+    with its own queue and batches; a request names the model in `model`, and no name means the server's
+    default model. A name the server does not serve is NOT_FOUND, with a message naming the models served.
     """
 
     def Encode(self, request, context):
@@ -72,7 +80,7 @@ class TextEncoderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """Describes the model being served and the limits the server enforces.
+        """Describes the models being served and the limits the server enforces.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,8 +88,8 @@ class TextEncoderServicer:
 
     def Upsample(self, request, context):
         """Rewrites prompts the way FLUX.2 expects (prompt upsampling, diffusers' Flux2Pipeline.upsample_prompt)
-        with the same text encoder, generating text. Only on servers started with upsampling on
-        (FAILED_PRECONDITION otherwise); InfoResponse.upsampling says whether it is and gives the limits.
+        with the same text encoder, generating text. Only for models served with upsampling on
+        (FAILED_PRECONDITION otherwise); ServedModel.upsampling says which are and gives their limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,9 +123,13 @@ def add_TextEncoderServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TextEncoder:
     """The prompt-embedding service. Health is the standard grpc.health.v1.Health service on the same port
-    (service names "" and "flux2split.v1.TextEncoder"); it needs no credentials. When the server has
-    tokens configured, every other rpc needs the metadata `authorization: Bearer <token>`
-    (UNAUTHENTICATED otherwise).
+    (service names "" and "flux2split.v1.TextEncoder", and "flux2split.v1.TextEncoder/<model>" per served
+    model); it needs no credentials. When the server has tokens configured, every other rpc needs the
+    metadata `authorization: Bearer <token>` (UNAUTHENTICATED otherwise).
+
+    One server may host several models (e.g. FLUX.2-dev's Mistral and FLUX.2 [klein]'s Qwen3 encoders), each
+    with its own queue and batches; a request names the model in `model`, and no name means the server's
+    default model. A name the server does not serve is NOT_FOUND, with a message naming the models served.
     """
 
     @staticmethod
