@@ -17,7 +17,7 @@ import pytest
 import torch
 from flux2_client.endpoints import EncoderPool, RetryPolicy
 from flux2_client.remote import RemoteEncoderError
-from flux2_encoder_server.testing import ServerThread, local_settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 from flux2split_proto import codec, shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
@@ -163,17 +163,23 @@ def test_other_servers_serve_while_one_asks_for_a_delay(scripted_grpc):
 
 
 @pytest.fixture(scope="module")
-def grpc_and_http_server(tiny, engine):
-    thread = ServerThread(local_settings(str(tiny.pipeline), http_port=0), lambda _s: engine).start()
+def rows_engine() -> FakeEngine:
+    """A row of its own per prompt (the pool's transports and threads are under test, not the model)."""
+    return FakeEngine(distinct_rows=None)
+
+
+@pytest.fixture(scope="module")
+def grpc_and_http_server(tiny, rows_engine):
+    thread = ServerThread(local_settings(str(tiny.pipeline), http_port=0), lambda _s: rows_engine).start()
     yield thread
     thread.stop()
 
 
-def test_one_pool_over_mixed_targets_shared_by_threads(grpc_and_http_server, engine):
+def test_one_pool_over_mixed_targets_shared_by_threads(grpc_and_http_server, rows_engine):
     server = grpc_and_http_server
     targets = [server.target, f"dns:///{server.target}", server.http_url + "/predict"]
     prompts = [f"prompt {i}" for i in range(6)]
-    expected = dict(zip(prompts, engine.encode(prompts), strict=True))
+    expected = dict(zip(prompts, rows_engine.encode(prompts), strict=True))
     results: dict[str, torch.Tensor] = {}
     errors: list[BaseException] = []
 
@@ -207,13 +213,13 @@ def test_one_pool_over_mixed_targets_shared_by_threads(grpc_and_http_server, eng
     assert sum(stats.served_by.values()) == len(prompts)  # every success counted, under concurrency too
 
 
-def test_pool_info_is_the_same_over_grpc_and_http(grpc_and_http_server, engine):
+def test_pool_info_is_the_same_over_grpc_and_http(grpc_and_http_server, rows_engine):
     server = grpc_and_http_server
     with EncoderPool([server.target]) as over_grpc, EncoderPool([server.http_url]) as over_http:
         a, b = over_grpc.info(), over_http.info()
     assert a.fingerprint == b.fingerprint
-    assert a.fingerprint.digest == engine.fingerprint.digest
-    assert a.embedding_dim == b.embedding_dim == engine.embedding_dim
+    assert a.fingerprint.digest == rows_engine.fingerprint.digest
+    assert a.embedding_dim == b.embedding_dim == rows_engine.embedding_dim
     assert a.limits.max_prompts_per_request == b.limits.max_prompts_per_request > 0
     assert a.batching_mode == b.batching_mode == pb.BATCHING_MODE_REPRODUCIBLE
 
