@@ -296,7 +296,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
         images_base64 = settings.upsample_max_images * settings.upsample_max_image_bytes * 4 // 3
         upsample_body = max(max_body, images_base64 + (1 << 20))
 
-    async def upsample(request: Request, model: str) -> Response:
+    async def upsample(request: Request, _send: Send, model: str) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         request_id = request.headers.get("x-request-id") or None
         try:
@@ -322,42 +322,35 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
 
     unfinished = 0  # /predict and /upsample requests being read, encoded or sent
 
-    async def upsample_app(scope: Scope, receive: Receive, send: Send) -> None:
-        nonlocal unfinished
-        model = scope.get("path_params", {}).get("name", "")  # "" on /upsample: the default model
-        if unfinished >= settings.http_max_concurrent_requests:
-            core.metrics.rejected.labels("http_max_concurrent_requests", core.model_label(model)).inc()
-            full = ResourceExhausted(
-                f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
-                "retry shortly, preferably on another replica"
-            )
-            await service_error_response(full, close=True)(scope, receive, send)
-            return
-        unfinished += 1
-        try:
-            response = await upsample(Request(scope, receive), model)
-            await response(scope, receive, send)
-        finally:
-            unfinished -= 1
+    def capped(
+        handle: Callable[[Request, Send, str], Awaitable[Response | None]],
+    ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+        """An ASGI app for `handle` (which answers itself when it returns None) that counts toward
+        `http_max_concurrent_requests` from the first byte read to the last byte sent."""
 
-    async def predict_app(scope: Scope, receive: Receive, send: Send) -> None:
-        nonlocal unfinished
-        model = scope.get("path_params", {}).get("name", "")  # "" on /predict: the default model
-        if unfinished >= settings.http_max_concurrent_requests:
-            core.metrics.rejected.labels("http_max_concurrent_requests", core.model_label(model)).inc()
-            full = ResourceExhausted(
-                f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
-                "retry shortly, preferably on another replica"
-            )
-            await service_error_response(full, close=True)(scope, receive, send)
-            return
-        unfinished += 1
-        try:
-            response = await predict(Request(scope, receive), send, model)
-            if response is not None:
-                await response(scope, receive, send)
-        finally:
-            unfinished -= 1
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            nonlocal unfinished
+            model = scope.get("path_params", {}).get("name", "")  # "" on /predict, /upsample: the default
+            if unfinished >= settings.http_max_concurrent_requests:
+                core.metrics.rejected.labels("http_max_concurrent_requests", core.model_label(model)).inc()
+                full = ResourceExhausted(
+                    f"http_max_concurrent_requests={settings.http_max_concurrent_requests} requests are unfinished; "
+                    "retry shortly, preferably on another replica"
+                )
+                await service_error_response(full, close=True)(scope, receive, send)
+                return
+            unfinished += 1
+            try:
+                response = await handle(Request(scope, receive), send, model)
+                if response is not None:
+                    await response(scope, receive, send)
+            finally:
+                unfinished -= 1
+
+        return app
+
+    predict_app = capped(predict)
+    upsample_app = capped(upsample)
 
     def serving_json(serving: bool) -> Response:
         if serving:
