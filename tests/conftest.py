@@ -8,7 +8,7 @@ import torch
 from flux2_client.tiny import TinyPaths, make_tiny_flux2
 from flux2_client.tiny_klein import TinyKleinPaths, make_tiny_klein
 from flux2_encoder_server import EncoderEngine
-from flux2_encoder_server.testing import ServerThread, local_settings
+from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 
 # One intra-op thread per process, subprocesses included: a server's model thread and the test's own
 # reference computations run at the same time, and OpenMP teams of two on two busy cores spin against each
@@ -43,6 +43,15 @@ def uncapped_cuda_allocator() -> Iterator[None]:
     torch.cuda.synchronize()
     torch.cuda.set_per_process_memory_fraction(1.0, 0)
     torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def rows_engine() -> FakeEngine:
+    """A stand-in model with a row of its own for every prompt, drawn from the prompt's hash: for tests of
+    what the server, pool or bulk encoder do with rows (a row answered for the wrong prompt shows). The real
+    model's bytes against diffusers are test_embeddings_exact's job, and the tiny model's bf16 forward costs
+    about half a second per prompt on a CPU without native bf16."""
+    return FakeEngine(distinct_rows=None)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from flux2_client.captions import read_captions
 from flux2_client.http_encoder import HttpTextEncoder
 from flux2_client.shards import EmbeddingShards, ShardFingerprintError, ShardWriter
 from flux2_client.training import open_encoder
-from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
+from flux2_encoder_server.testing import ServerThread, local_settings
 from flux2split_proto.v1 import encoder_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,15 +66,6 @@ class CountingEngine:
     def unblock(self) -> None:
         self.block_after = None
         self.release.set()
-
-
-@pytest.fixture(scope="module")
-def rows_engine() -> FakeEngine:
-    """The model behind the bulk servers: a row of its own for every caption, drawn from the caption's hash
-    (what these tests check is that each saved row is its own caption's, never another's, and that nothing
-    is encoded twice; the real model's bytes against diffusers are test_embeddings_exact's job, and the
-    tiny model's bf16 forward costs about half a second per prompt on a CPU without native bf16)."""
-    return FakeEngine(distinct_rows=None)
 
 
 def make_captions(unique: int, duplicates: int) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from flux2_client.endpoints import EncoderPool, RetryPolicy
 from flux2_client.remote import RemoteEncoderError
-from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
+from flux2_encoder_server.testing import ServerThread, local_settings
 from flux2split_proto import codec, shared
 from flux2split_proto.v1 import encoder_pb2 as pb
 from flux2split_proto.v1 import encoder_pb2_grpc as pb_grpc
@@ -160,12 +160,6 @@ def test_other_servers_serve_while_one_asks_for_a_delay(scripted_grpc):
             assert torch.equal(pool.encode("abc", timeout=10.0).prompt_embeds, rows_for(["abc"]))
     assert len(busy.arrivals) == 1  # asked once, then left alone for the 30 s it asked for
     assert len(ready.arrivals) == 4
-
-
-@pytest.fixture(scope="module")
-def rows_engine() -> FakeEngine:
-    """A row of its own per prompt (the pool's transports and threads are under test, not the model)."""
-    return FakeEngine(distinct_rows=None)
 
 
 @pytest.fixture(scope="module")
