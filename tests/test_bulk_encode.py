@@ -83,7 +83,15 @@ def run_encode_cli(args: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: a command started in the background by a non-interactive shell (as CI runners
+        # may start the suite) inherits SIGINT ignored, Python then installs no KeyboardInterrupt handler,
+        # and the test's "Ctrl-C" would be lost.
+        preexec_fn=_sigint_as_in_a_terminal,
     )
+
+
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupted_then_resumed(tmp_path, tiny, engine, *, unique, duplicates, shard_rows, block_after, sig):
