@@ -68,7 +68,7 @@ def embedding_width(args: argparse.Namespace) -> int:
 
 def bench_reference(
     report: Report, full: Any, tok: Any, pool: list[str], args: argparse.Namespace
-) -> dict[int, torch.Tensor]:
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     from diffusers import Flux2Pipeline
 
     dev = torch.device(args.device)
@@ -91,8 +91,20 @@ def bench_reference(
         rows.append(measure(lambda b=b: call(pool[:b]), b, args.device, args.reps))
         log("reference", rows[-1])
     report["reference"] = rows
-    # diffusers' own single-prompt calls for the probes: the bytes a user of Flux2Pipeline gets.
-    return {i: call([pool[i]]) for i in args.probes}
+    # diffusers' own single-prompt calls for the probes: the bytes a user of Flux2Pipeline gets; and its
+    # call on the largest batch, the bytes the engines must equal (engine_vs_diffusers).
+    return {i: call([pool[i]]) for i in args.probes}, call(pool[: max(args.batches)])
+
+
+def engine_vs_diffusers(report: Report, engines: dict[str, Any], pool: list[str], want: torch.Tensor) -> None:
+    """Each engine on the largest batch vs diffusers' own call on the same prompts (the whole model,
+    `output_hidden_states`): the pruned engines must give the same bytes (dynamic mode: diffusers'
+    batching; reproducible mode: equal too wherever the batch's kernels do not depend on its size)."""
+    out = {}
+    for key, engine in engines.items():
+        out[key] = compare(engine.encode(pool[: want.shape[0]]), want)
+        log("engine_vs_diffusers", key, out[key])
+    report["engine_vs_diffusers"] = out
 
 
 def bench_engine(report: Report, engine: Any, pool: list[str], args: argparse.Namespace, key: str) -> None:
@@ -576,9 +588,10 @@ def main() -> None:
     report.save()
 
     diffusers_single: dict[int, torch.Tensor] = {}
+    diffusers_batch: torch.Tensor | None = None
     if "reference" in sections:
         with report.section("reference"):
-            diffusers_single = bench_reference(report, full, tok, pool, args)
+            diffusers_single, diffusers_batch = bench_reference(report, full, tok, pool, args)
 
     repro = EncoderEngine.from_model(full, tok, batching_mode="reproducible")
     dynamic = EncoderEngine.from_model(full, tok, batching_mode="dynamic")
@@ -587,6 +600,10 @@ def main() -> None:
         with report.section("engine"):
             bench_engine(report, dynamic, pool, args, "engine_eager_dynamic")
             bench_engine(report, repro, pool, args, "engine_eager_reproducible")
+            if diffusers_batch is not None:
+                engines = {"eager_dynamic": dynamic, "eager_reproducible": repro}
+                engine_vs_diffusers(report, engines, pool, diffusers_batch)
+                diffusers_batch = None
     if "invariance" in sections and diffusers_single:
         with report.section("invariance"):
             invariance(report, dynamic, pool, diffusers_single, "invariance_eager_dynamic")

@@ -10,6 +10,12 @@ DiT's and the VAE decode's transient peaks, memory outside the allocator (tests/
     python -m bench.lowvram --out results.json                 # the default matrix
     python -m bench.lowvram --configs plan:8:0,leaf:8:0        # mode:cap_GiB:reference_images
     python -m bench.lowvram --checkpoint /tmp/nf4-dit --configs plan:8:0:copy,plan:8:0:stream
+    python -m bench.lowvram --family klein-9b --configs resident:0:0,plan:4:0 --steps 4
+
+`--family klein-4b|klein-9b` builds the FLUX.2 [klein] DiT instead (shapes from diffusers' conversion
+script, docs/design.md#model-shapes-and-sizes) and runs `Flux2KleinPipeline` (distilled: no guidance) with
+embeddings of its width. Every row times `--repeats` generations (default 3) and reports the median s/step
+with the spread.
 
 Host RAM (issue 11): every row reports the process's peak RSS while loading (from the start of the DiT's
 load to the end of the plan's layout) and while generating, and its RSS at each stage (anonymous and
@@ -40,6 +46,17 @@ from typing import Any
 
 GiB = 1 << 30
 DEFAULT_CONFIGS = "resident:0:0,plan:8:0,leaf:8:0,plan:8:2,leaf:8:2,plan:4:0,leaf:4:0"
+#: Transformer configs per family, as `Flux2Transformer2DModel` overrides of its FLUX.2-dev defaults (FLUX.2
+#: [klein]: diffusers' conversion script; docs/design.md#model-shapes-and-sizes).
+DIT_CONFIGS: dict[str, dict[str, Any]] = {
+    "dev": {},
+    "klein-4b": dict(
+        num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+    ),
+    "klein-9b": dict(
+        num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288, guidance_embeds=False
+    ),
+}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -150,10 +167,14 @@ def worker(
     overhead_gib: float | None,
     load_mode: str = "stream",
     checkpoint: str | None = None,
+    family: str = "dev",
+    repeats: int = 3,
 ) -> dict:
     """One configuration in this process (which must not have touched CUDA yet)."""
+    import statistics
+
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
     from flux2_client._quantization import load_nf4_transformer
     from flux2_client.offload import apply_leaf_level_offloading, apply_memory_plan, plan_for, spec_from_module
     from flux2_client.planner import DEFAULT_CUDA_OVERHEAD, Workload
@@ -165,6 +186,7 @@ def worker(
     index = device.index or 0
     total = torch.cuda.get_device_properties(device).total_memory
     result: dict[str, Any] = {"mode": mode, "cap_gib": cap, "refs": refs, "card": torch.cuda.get_device_name(device)}
+    result["family"] = family
     result.update(load_mode=load_mode if mode == "plan" else None, dit_source="checkpoint" if checkpoint else "build")
     overhead = int(overhead_gib * GiB) if overhead_gib is not None else DEFAULT_CUDA_OVERHEAD
     if cap:
@@ -183,15 +205,17 @@ def worker(
         load_peak = HostPeak()
         transformer = load_nf4_transformer(checkpoint, device="cpu")
     else:
-        transformer = build_nf4_dit(device)
+        transformer = build_nf4_dit(device, config=DIT_CONFIGS[family])
     vae = AutoencoderKLFlux2().to(device, torch.bfloat16).eval()
-    pipe = Flux2Pipeline(
+    components = dict(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG),
         vae=vae,
         text_encoder=None,
         tokenizer=None,
         transformer=transformer,
     )
+    # Klein [distilled]: no guidance embedder, no classifier-free guidance (one DiT call a step).
+    pipe = Flux2Pipeline(**components) if family == "dev" else Flux2KleinPipeline(**components, is_distilled=True)
     result["build_s"] = time.perf_counter() - t0
     result["rss_after_build"] = _rss()[0]
     result["host_after_build"] = _host()
@@ -236,7 +260,8 @@ def worker(
     del transformer
 
     gen = torch.Generator(device).manual_seed(0)
-    embeds = torch.randn(1, 512, 15360, device=device, dtype=torch.bfloat16, generator=gen)
+    width = pipe.transformer.config.joint_attention_dim
+    embeds = torch.randn(1, 512, width, device=device, dtype=torch.bfloat16, generator=gen)
     images = None
     if refs:
         import numpy as np
@@ -252,7 +277,7 @@ def worker(
             height=1024,
             width=1024,
             num_inference_steps=num_steps,
-            guidance_scale=4.0,
+            guidance_scale=4.0 if family == "dev" else 1.0,  # distilled Klein: no CFG
             generator=torch.Generator("cpu").manual_seed(0),
             callback_on_step_end=on_step,
             output_type=output_type,
@@ -291,12 +316,25 @@ def worker(
         decode_allocated = torch.cuda.max_memory_allocated(device)
         decode_reserved = torch.cuda.max_memory_reserved(device)
         steps_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)]
+        # More timed generations (the peaks above come from the first): s/step and seconds are the median.
+        per_run = [sum(steps_ms) / len(steps_ms) / 1000]
+        walls = [wall]
+        for _ in range(repeats - 1):
+            marks.clear()
+            t0 = time.perf_counter()
+            call(steps, on_step)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+            run_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)]
+            per_run.append(sum(run_ms) / len(run_ms) / 1000)
         result["rss_peak_generation"] = generation_peak.stop()  # warm-up and timed call, VAE decode included
         result.update(
             ok=True,
-            s_per_step=sum(steps_ms) / len(steps_ms) / 1000,
+            s_per_step=statistics.median(per_run),
+            s_per_step_runs=per_run,
+            generation_s_runs=walls,
             step_ms=steps_ms,
-            generation_s=wall,
+            generation_s=statistics.median(walls),
             steps=steps,
             peak_allocated=max(denoise_peak["allocated"], decode_allocated),
             peak_reserved=max(denoise_peak["reserved"], decode_reserved),
@@ -340,6 +378,8 @@ def run_config(
     overhead_gib: float | None = None,
     load_mode: str = "stream",
     checkpoint: Path | None = None,
+    family: str = "dev",
+    repeats: int = 3,
 ) -> dict:
     """Run one configuration in a fresh process (`python -m bench.lowvram --worker`) and return its
     result; the process's other output (the plan) is in result["log"]."""
@@ -353,7 +393,7 @@ def run_config(
     cmd += ["--steps", str(steps)]
     if overhead_gib is not None:
         cmd += ["--overhead", str(overhead_gib)]
-    cmd += ["--load-mode", load_mode]
+    cmd += ["--load-mode", load_mode, "--family", family, "--repeats", str(repeats)]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
     t0 = time.perf_counter()
@@ -402,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         help="load the DiT from this pre-quantized folder as the CLI does (written once if it holds none)",
     )
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--family", choices=sorted(DIT_CONFIGS), default="dev", help="which DiT (default FLUX.2-dev)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per row (median reported)")
     parser.add_argument("--out", type=Path, default=Path("lowvram.json"))
     parser.add_argument("--budget-s", type=float, default=480, help="stop starting new configs after this")
     parser.add_argument("--overhead", type=float, default=None, help="planner's CUDA overhead estimate, GiB")
@@ -413,7 +455,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     checkpoint = str(args.checkpoint) if args.checkpoint else None
     if args.worker:
-        res = worker(args.mode, args.cap, args.refs, args.steps, args.overhead, args.load_mode, checkpoint)
+        res = worker(
+            args.mode,
+            args.cap,
+            args.refs,
+            args.steps,
+            args.overhead,
+            args.load_mode,
+            checkpoint,
+            family=args.family,
+            repeats=args.repeats,
+        )
         print("RESULT " + json.dumps(res), flush=True)
         return
     start = time.perf_counter()
@@ -429,7 +481,9 @@ def main(argv: list[str] | None = None) -> None:
             results.append({"mode": mode, "cap_gib": float(cap), "refs": int(refs), "ok": False, "error": "skipped"})
             continue
         steps = args.steps if int(refs) == 0 else max(3, args.steps - 2)
-        res = run_config(mode, float(cap), int(refs), steps, args.overhead, load_mode, args.checkpoint)
+        res = run_config(
+            mode, float(cap), int(refs), steps, args.overhead, load_mode, args.checkpoint, args.family, args.repeats
+        )
         if res["log"]:
             print(res["log"][-4000:])
         print(json.dumps({k: v for k, v in res.items() if k != "log"}), flush=True)
