@@ -366,3 +366,38 @@ def test_generate_upsample_prints_and_saves_the_rewritten_prompt(tiny, echo_serv
     assert parameters.startswith("a fox +0 images\n")
     job = echo_server.upsampler.jobs[-1]
     assert job.temperature == 0.15 and job.seed == 9
+
+
+def test_a_long_generation_gives_way_to_queued_encodes_between_its_steps():
+    """A task of 100 steps of 10 ms (a 1 s generation) that calls should_stop() between steps, as the
+    upsampler's stopping criterion does after each token: an encode queued 50 ms in is answered long before
+    the task ends (it used to wait for the whole generation: encoding fell to a tenth of its rate on the
+    H200), the task still runs to its end, and its reported model time leaves out the batch it let run."""
+    from flux2_encoder_server.batcher import Batcher
+
+    fake = FakeEngine(device_ms_per_prompt=200)
+    batcher = Batcher(fake.launch, max_batch_prompts=4, max_wait_s=0.0, task_share=0.25, task_slice_s=0.05)
+
+    def generation(should_stop) -> int:
+        steps = 0
+        while steps < 100 and not should_stop():
+            time.sleep(0.01)
+            steps += 1
+        return steps
+
+    async def scenario():
+        task = asyncio.ensure_future(batcher.run_task(generation, timeout=30))
+        await asyncio.sleep(0.05)
+        queued = time.monotonic()
+        encoded = await batcher.submit(["a prompt"], timeout=30)
+        waited = time.monotonic() - queued
+        return encoded, waited, await task, time.monotonic() - queued
+
+    try:
+        encoded, waited, result, total = asyncio.run(scenario())
+    finally:
+        batcher.close()
+    assert result.value == 100
+    assert waited < 0.6, f"the encode waited {waited:.2f}s for a 1 s generation"
+    assert torch.equal(encoded.embeds, FakeEngine().encode(["a prompt"]))
+    assert result.run_seconds < total - 0.15  # the 200 ms batch is not the task's time

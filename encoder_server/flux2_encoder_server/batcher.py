@@ -18,6 +18,10 @@ one `generate` per request), each alone on the worker thread, in FIFO order, wit
 While both kinds wait, `task_share` of the worker's turns go to tasks (0.25: one task, then three batches),
 so a burst of tasks cannot starve encoding, nor a flood of prompts the tasks. A task runs after the
 batches already launched (the device runs them in order) and is answered from the worker thread itself.
+A running task also shares its own time: it calls `should_stop()` between its steps (each generated
+token), and there, once it has run `task_slice_s` while prompts wait, the worker runs queued prompt batches
+for `(1 - task_share) / task_share` times that long before the task goes on. Without it one 512-token
+generation held the model for ~12 s and encoding fell to a tenth of its rate (H200, docs/benchmarks.md).
 
 The worker threads must outlive any single failure: everything it does per batch is guarded, and
 results are handed to the callers' event loops with `call_soon_threadsafe` (a loop that has gone away
@@ -83,6 +87,9 @@ class _Task:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_at: float | None = None
     run_seconds: float = 0.0
+    #: When the task last started (or went back to) its own work, and the time it gave to prompt batches.
+    slice_started: float = 0.0
+    yielded_seconds: float = 0.0
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -142,12 +149,14 @@ class Batcher:
         on_drop: Callable[[str], None] | None = None,
         max_queued_tasks: int = 16,
         task_share: float = 0.25,
+        task_slice_s: float = 0.1,
     ):
         if not 0 < task_share <= 1:
             raise ValueError(f"task_share must be in (0, 1], got {task_share}")
         self._encode = encode
         self.max_queued_tasks = max_queued_tasks
         self.task_share = task_share
+        self.task_slice_s = task_slice_s
         self._tasks: deque[_Task] = deque()
         self._task_credit = 0.0
         self.max_batch_prompts = max_batch_prompts
@@ -379,6 +388,14 @@ class Batcher:
             self._launched.put(None)
 
     def _launch(self, batch: list[tuple[_Job, int, int]]) -> None:
+        launched = self._start(batch)
+        if launched is None:
+            self._slots.release()
+        else:
+            self._launched.put(launched)
+
+    def _start(self, batch: list[tuple[_Job, int, int]]) -> _Launched | None:
+        """Hand one batch to the model; None (the batch failed) when that raised."""
         prompts = [p for job, start, end in batch for p in job.prompts[start:end]]
         started = time.monotonic()
         for job, _, _ in batch:
@@ -387,10 +404,41 @@ class Batcher:
         try:
             handle = self._encode(prompts)
         except Exception as exc:
-            self._slots.release()
             self._fail_batch(batch, prompts, exc)
-            return
-        self._launched.put(_Launched(batch, prompts, handle, started))
+            return None
+        return _Launched(batch, prompts, handle, started)
+
+    def _between_task_steps(self, task: _Task) -> bool:
+        """The `should_stop` a running task calls between its steps: first lets queued prompt batches run
+        when the task has had its share (see the module docstring), then says whether the task should end."""
+        now = time.monotonic()
+        if self._queue and now - task.slice_started >= self.task_slice_s and not self._closed:
+            self._run_batches_for(task, (now - task.slice_started) * (1 - self.task_share) / self.task_share)
+        return task.should_stop()
+
+    def _run_batches_for(self, task: _Task, seconds: float) -> None:
+        """On the worker thread, inside a running task: run queued prompt batches one at a time (launch, wait,
+        answer) for about `seconds`. The task holds one pipeline slot; taking the others first waits until
+        every batch launched before the task is answered, so a job's rows are never written by two threads."""
+        began = time.monotonic()
+        others = self.pipeline_depth - 1
+        for _ in range(others):
+            self._slots.acquire()
+        try:
+            while time.monotonic() - began < seconds:
+                with self._cond:
+                    if not self._queue or self._closed:
+                        break
+                    batch = self._take_batch()
+                if batch and (launched := self._start(batch)) is not None:
+                    self._answer(launched)
+        except Exception:  # never let a batch's trouble break the task that lent its time
+            log.exception("batcher: running prompt batches inside a task failed")
+        finally:
+            for _ in range(others):
+                self._slots.release()
+            task.slice_started = time.monotonic()
+            task.yielded_seconds += task.slice_started - began
 
     def _run_task(self, task: _Task) -> None:
         now = time.monotonic()
@@ -403,14 +451,14 @@ class Batcher:
                 except Exception:
                     log.exception("drop callback failed")
             return
-        task.started_at = now
+        task.started_at = task.slice_started = now
         try:
-            value = task.run(task.should_stop)
+            value = task.run(lambda: self._between_task_steps(task))
         except Exception as exc:  # the task's own error goes to its caller; the worker carries on
-            task.run_seconds = time.monotonic() - now
+            task.run_seconds = time.monotonic() - now - task.yielded_seconds
             self._fail(task, exc)
             return
-        task.run_seconds = time.monotonic() - now
+        task.run_seconds = time.monotonic() - now - task.yielded_seconds  # its own model time
         self._resolve(task, value)
 
     def _answer_loop(self) -> None:

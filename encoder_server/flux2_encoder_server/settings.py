@@ -219,8 +219,9 @@ class Settings:
     )
     upsample_share: float = _setting(
         0.25,
-        "while prompts and upsampling requests both wait, the fraction of the model thread's turns that go to "
-        "upsampling (one generate call per request; the rest run encode batches), so neither starves the other",
+        "while prompts and upsampling requests both wait, the fraction of the model thread's time that goes to "
+        "upsampling (of the turns, and inside a generation, which lets queued encode batches run between "
+        "tokens), so neither starves the other",
     )
     upsample_max_queued_requests: int = _setting(
         16, "upsampling requests waiting for the model before new ones get RESOURCE_EXHAUSTED"
