@@ -158,11 +158,13 @@ def serve(
     pipeline_depth: int = 2,
     max_batch: int | None = None,
     threads_per_process: int | None = None,
+    frontends: int = 0,
 ) -> None:
-    """Real gRPC server in this process; clients in `ceil(N / threads_per_process)` processes; one prompt
-    per request. Every model batch the server runs is timed by the FakeEngine around `engine` (launch,
-    answer, host time spent launching): a batch that takes longer served than alone means the device
-    waited for the host (e.g. the GIL)."""
+    """Real gRPC server in this process (with `frontends` > 0: this process is the model process and the
+    gRPC front-ends are that many processes of their own, `--frontends`); clients in
+    `ceil(N / threads_per_process)` processes; one prompt per request. Every model batch the server runs is
+    timed by the FakeEngine around `engine` (launch, answer, host time spent launching): a batch that takes
+    longer served than alone means the device waited for the host (e.g. the GIL)."""
     from flux2_encoder_server.testing import FakeEngine, ServerThread, local_settings
 
     per_proc = threads_per_process or args.threads_per_process
@@ -175,6 +177,7 @@ def serve(
         max_queued_requests=1024,
         chunk_bytes=chunk_bytes,
         cache_bytes=0,  # every request must reach the model (the pool repeats prompts)
+        **({"frontends": frontends} if frontends else {}),
     )
     previous_switch = sys.getswitchinterval()
     if switch_interval_s is not None:
@@ -265,6 +268,7 @@ def serve(
                 ),
                 "latency_median_s": lat[len(lat) // 2] if lat else None,
                 "latency_p90_s": lat[int(len(lat) * 0.9)] if lat else None,
+                "latency_p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
                 "model_batch_sizes": dict(sorted(timed.batch_sizes.items())),
                 "prompts_with_more_than_one_hash": sum(len(h) > 1 for h in per_prompt.values()),
                 "distinct_prompts": len(per_prompt),
@@ -279,7 +283,8 @@ def serve(
             if args.keep_model_rows:
                 row["model_rows"] = model_row_report(model_rows, per_prompt, pool)
                 model_rows.clear()
-            results[f"{clients}_clients"] = row
+            results[f"{clients}_clients"] = row  # the last run of this client count
+            results.setdefault("runs", []).append(row)
             log(key, row)
     finally:
         server.stop()
@@ -301,7 +306,42 @@ def serve(
     results["pipeline_depth"] = pipeline_depth
     results["max_batch_prompts"] = max_batch or args.max_batch
     results["cuda_graph_sizes"] = list(getattr(engine, "cuda_graph_sizes", ()))
+    results["frontends"] = frontends
+    results["by_clients"] = medians_by_clients(results["runs"])
     report[key] = results
+
+
+def medians_by_clients(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Median and range over the runs of each client count (never the best run)."""
+
+    def spread(values: list[float]) -> dict[str, float | int]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+    out: dict[int, dict[str, Any]] = {}
+    for clients in sorted({r["clients"] for r in runs}):
+        same = [r for r in runs if r["clients"] == clients]
+        out[clients] = {"prompts_per_s": spread([r["prompts_per_s"] for r in same])}
+        out[clients]["completions_per_s"] = spread([r["completions_per_s"] for r in same])
+        for key in ("latency_median_s", "latency_p99_s"):
+            values = [r[key] for r in same if r[key] is not None]
+            if values:
+                out[clients][key] = spread(values)
+        out[clients]["errors"] = sum(r["errors"] for r in same)
+    return out
+
+
+def frontends_ab(report: Report, engine: Any, pool: list[str], args: argparse.Namespace, key: str) -> None:
+    """Issue 15: the engine alone at --max-batch (median of --reps) against the server with each
+    --frontends-list value (0: today's single process), every --client-counts run --served-runs times;
+    medians and ranges in `by_clients`, every response's sha256 checked against the engine's."""
+    bench_engine(report, engine, pool, argparse.Namespace(**{**vars(args), "batches": [args.max_batch]}), key)
+    for n in args.frontends_list:
+        patterns = [(c, args.served_seconds) for c in args.client_counts for _ in range(args.served_runs)]
+        serve(report, engine, pool, args, f"{key}_served_frontends{n}", patterns, frontends=n)
+        engine_rate = report[key][0]["prompts_per_s"]
+        for clients, row in report[f"{key}_served_frontends{n}"]["by_clients"].items():
+            row["vs_engine"] = round(row["prompts_per_s"]["median"] / engine_rate, 3)
+            log(key, f"frontends={n}", f"{clients} clients", row)
 
 
 def model_row_report(
@@ -524,6 +564,10 @@ def main() -> None:
         help="served rows of the pipeline section: PRECISION/PATH/DEPTH/MAXBATCH/CLIENTS/TPP",
     )
     parser.add_argument("--threads-per-process", type=int, default=8, help="client threads per load process")
+    parser.add_argument("--frontends-list", type=int, nargs="+", default=[0, 4], help="frontends section: --frontends")
+    parser.add_argument("--client-counts", type=int, nargs="+", default=[1, 8, 32, 64], help="frontends section")
+    parser.add_argument("--served-runs", type=int, default=3, help="frontends section: runs per client count")
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], help="frontends section")
     args = parser.parse_args()
     report = Report(Path(args.out), "encoder_throughput")
     sections = set(args.sections.split(","))
@@ -613,6 +657,20 @@ def main() -> None:
             patterns = [(args.clients, args.served_seconds), (1, 4.0), (5, 4.0)]
             serve(report, repro, pool, args, "served_eager_reproducible", patterns)
             serve(report, dynamic, pool, args, "served_eager_dynamic", [(args.clients, 8.0), (1, 4.0)])
+    if "frontends" in sections:
+        with report.section("frontends"):
+            for precision in args.precisions:
+                engine = repro
+                if precision != "bf16" or args.serve_compiled:
+                    engine = EncoderEngine.from_model(
+                        full, tok, precision=precision, compile=args.serve_compiled, batching_mode="reproducible"
+                    )
+                    engine.encode(pool[:2])
+                frontends_ab(report, engine, pool, args, f"frontends_{precision}")
+                if engine is not repro:
+                    with contextlib.suppress(AttributeError):
+                        engine.uncompile()  # the shared bf16 layers get their eager forward back
+                    del engine
     embeds_for_dit: dict[str, torch.Tensor] = {}
     if "tiers" in sections:
         with report.section("tiers"):
