@@ -341,3 +341,53 @@ def test_pipeline_depth_one_runs_one_batch_at_a_time():
     assert [torch.equal(r.embeds, alone([p])) for r, p in zip(results, "ab", strict=True)] == [True, True]
     with pytest.raises(ValueError, match="pipeline_depth must be at least 1"):
         Batcher(fake.launch, pipeline_depth=0)
+
+
+def test_requests_are_tokenized_ahead_on_their_own_thread_while_a_batch_runs():
+    """With prepare/launch_prepared (the engine's tokenize_rows/launch_rows) each request is tokenized as it
+    queues, on the batcher's tokenizer thread, while the batch before it is still on the device; the worker
+    only stacks the rows and launches; every caller gets its own rows."""
+    import asyncio
+    import threading
+
+    from flux2_encoder_server.batcher import Batcher
+
+    fake = FakeEngine(hold_results=True)
+    launched = fake.launched
+    prepared: list[tuple[str, str]] = []
+
+    def prepare(prompts: list[str]) -> list[object]:
+        prepared.extend((p, threading.current_thread().name) for p in prompts)
+        return list(prompts)  # the fake's "model inputs" are the prompts themselves
+
+    batcher = Batcher(
+        None,  # type: ignore[arg-type]  # never called: every batch goes through launch_prepared
+        max_batch_prompts=1,
+        max_wait_s=0.0,
+        pipeline_depth=2,
+        prepare=prepare,
+        launch_prepared=lambda rows: fake.launch([str(r) for r in rows]),
+    )
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        await asyncio.to_thread(wait_until, lambda: len(launched) == 1, 30, "the first launch")
+        later = [asyncio.ensure_future(batcher.submit([p])) for p in ("b", "c")]
+        # Both are tokenized while the first batch is still held on the "device".
+        await asyncio.to_thread(wait_until, lambda: len(prepared) == 3, 30, "b and c tokenized")
+        assert not first.done()
+        for i in range(3):
+            await asyncio.to_thread(wait_until, lambda: len(launched) > i, 30, f"launch {i + 1}")  # noqa: B023
+            launched[i].release()
+        return [await job for job in (first, *later)]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        fake.release_all()
+        batcher.close()
+        batcher.join(5)
+    assert prepared == [(p, "encoder-tokenizer") for p in "abc"]
+    assert [torch.equal(r.embeds, alone([p])) for r, p in zip(results, "abc", strict=True)] == [True] * 3
+    with pytest.raises(ValueError, match="go together"):
+        Batcher(fake.launch, prepare=prepare)

@@ -23,6 +23,11 @@ token), and there, once it has run `task_slice_s` while prompts wait, the worker
 for `(1 - task_share) / task_share` times that long before the task goes on. Without it one 512-token
 generation held the model for ~12 s and encoding fell to a tenth of its rate (H200, docs/benchmarks.md).
 
+Tokenizing ahead: with `prepare` and `launch_prepared` (the engine's `tokenize_rows` / `launch_rows`), a
+third thread turns each queued request's prompts into model inputs as it arrives, in queue order, so the
+worker finds batch n+1 already tokenized while batch n runs and only stacks rows and launches. Every prompt
+is padded to max_length on its own (diffusers' recipe), so a row does not depend on the batch it ends up in.
+
 The worker threads must outlive any single failure: everything it does per batch is guarded, and
 results are handed to the callers' event loops with `call_soon_threadsafe` (a loop that has gone away
 is ignored).
@@ -69,6 +74,9 @@ class _Job:
     failed: bool = False
     started_at: float | None = None  # when its first batch went to the model
     encode_seconds: float = 0.0  # model time of the batches it was in
+    #: Model inputs for its prompts, one per prompt (`prepare`), once `prepared_event` is set.
+    prepared: list[object] | None = None
+    prepared_event: threading.Event = field(default_factory=threading.Event)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -150,10 +158,17 @@ class Batcher:
         max_queued_tasks: int = 16,
         task_share: float = 0.25,
         task_slice_s: float = 0.1,
+        prepare: Callable[[list[str]], list[object]] | None = None,
+        launch_prepared: Callable[[list[object]], torch.Tensor | PendingBatch] | None = None,
     ):
         if not 0 < task_share <= 1:
             raise ValueError(f"task_share must be in (0, 1], got {task_share}")
+        if (prepare is None) != (launch_prepared is None):
+            raise ValueError("prepare and launch_prepared go together")
         self._encode = encode
+        self._prepare = prepare
+        self._launch_prepared = launch_prepared
+        self._to_prepare: SimpleQueue[_Job | None] = SimpleQueue()
         self.max_queued_tasks = max_queued_tasks
         self.task_share = task_share
         self.task_slice_s = task_slice_s
@@ -175,13 +190,18 @@ class Batcher:
         self._last_finished = 0.0
         self._thread = threading.Thread(target=self._run, name="encoder-worker", daemon=True)
         self._answerer = threading.Thread(target=self._answer_loop, name="encoder-answerer", daemon=True)
+        self._preparer: threading.Thread | None = None
+        if prepare is not None:
+            self._preparer = threading.Thread(target=self._prepare_loop, name="encoder-tokenizer", daemon=True)
+            self._preparer.start()
         self._thread.start()
         self._answerer.start()
 
     @property
     def alive(self) -> bool:
         """Both worker threads run (a closed batcher's threads end on purpose and count as alive)."""
-        return self._closed or (self._thread.is_alive() and self._answerer.is_alive())
+        preparing = self._preparer is None or self._preparer.is_alive()
+        return self._closed or (self._thread.is_alive() and self._answerer.is_alive() and preparing)
 
     @property
     def queued(self) -> int:
@@ -256,6 +276,8 @@ class Batcher:
                     f"queue full: {len(self._queue)} requests waiting (max_queued_requests={self.max_queued_requests})"
                 )
             self._queue.append(job)
+            if self._prepare is not None:
+                self._to_prepare.put(job)
             self._cond.notify()
         try:
             done, _ = await asyncio.wait({job.future}, timeout=timeout)
@@ -283,6 +305,7 @@ class Batcher:
             tasks = list(self._tasks)
             self._tasks.clear()
             self._cond.notify_all()
+        self._to_prepare.put(None)
         for job in pending:
             self._fail(job, Unavailable("server is shutting down"))
         for task in tasks:
@@ -402,11 +425,36 @@ class Batcher:
             if job.started_at is None:
                 job.started_at = started
         try:
-            handle = self._encode(prompts)
+            if self._launch_prepared is not None:
+                handle = self._launch_prepared([x for job, a, b in batch for x in self._prepared(job)[a:b]])
+            else:
+                handle = self._encode(prompts)
         except Exception as exc:
             self._fail_batch(batch, prompts, exc)
             return None
         return _Launched(batch, prompts, handle, started)
+
+    # -- tokenizer thread ---------------------------------------------------------------------------
+    def _prepare_loop(self) -> None:
+        while (job := self._to_prepare.get()) is not None:
+            try:
+                if not job.cancelled.is_set():
+                    job.prepared = self._prepare(job.prompts)  # type: ignore[misc]
+            except Exception:  # the worker tokenizes it again and fails its batch with the error
+                log.exception("batcher: tokenizing ahead failed")
+            finally:
+                job.prepared_event.set()
+
+    def _prepared(self, job: _Job) -> list[object]:
+        """The job's model inputs: from the tokenizer thread (which runs in queue order, so this waits at
+        most for the jobs queued before it), else made here."""
+        assert self._prepare is not None
+        while not job.prepared_event.wait(0.1):
+            if self._preparer is None or not self._preparer.is_alive():
+                break
+        if job.prepared is None:
+            job.prepared = self._prepare(job.prompts)
+        return job.prepared
 
     def _between_task_steps(self, task: _Task) -> bool:
         """The `should_stop` a running task calls between its steps: first lets queued prompt batches run

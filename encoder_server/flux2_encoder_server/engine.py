@@ -117,6 +117,10 @@ class EncoderEngine:
             raise ValueError(f"batching_mode {fingerprint.batching_mode!r} is not one of {BATCHING_MODES}")
         self.family = family
         self.tokenizer = tokenizer
+        #: Held around every use of the tokenizer: a fast tokenizer's Rust object refuses concurrent calls
+        #: that set padding/truncation ("Already borrowed"), and the batcher's tokenizer thread, the worker
+        #: (self-test, upsampling) and direct `encode` calls may all use it.
+        self.tokenizer_lock = threading.Lock()
         self.decoder = decoder
         self.fingerprint = fingerprint
         self.device = device
@@ -308,7 +312,7 @@ class EncoderEngine:
             from .upsample import Upsampler
 
             processor = Upsampler.load_processor(model, tokenizer_subfolder, revision=revision, token=token)
-            engine.upsampler = Upsampler(full_model, tokenizer, processor)
+            engine.upsampler = Upsampler(full_model, tokenizer, processor, tokenizer_lock=engine.tokenizer_lock)
         return engine
 
     @classmethod
@@ -352,7 +356,20 @@ class EncoderEngine:
         return cls(fam, tokenizer, decoder, fingerprint, param.device, param.dtype, compile=compile)
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.family.tokenize(self.tokenizer, prompts)
+        with self.tokenizer_lock:
+            return self.family.tokenize(self.tokenizer, prompts)
+
+    def tokenize_rows(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids, attention_mask) per prompt, for `launch_rows`: the batcher's tokenizer thread makes
+        them while the previous batch runs. Each prompt is padded to max_length on its own, so a row is the
+        same whatever it is tokenized or batched with."""
+        inputs = self.tokenize(prompts)
+        return list(zip(inputs["input_ids"], inputs["attention_mask"], strict=True))
+
+    @torch.inference_mode()
+    def launch_rows(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> PendingEmbeds:
+        """`launch` for prompts already tokenized with `tokenize_rows`."""
+        return self.forward_async(torch.stack([ids for ids, _ in rows]), torch.stack([mask for _, mask in rows]))
 
     def capture_cuda_graphs(self, batch_sizes: Sequence[int]) -> tuple[int, ...]:
         """Capture the forward as CUDA graphs for these batch sizes (GPU only); returns the sizes.

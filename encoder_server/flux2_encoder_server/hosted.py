@@ -78,6 +78,10 @@ class HostedModel:
             on_drop=lambda reason: self.metrics.dropped.labels(reason, self.name).inc(),
             max_queued_tasks=s.upsample_max_queued_requests,
             task_share=s.upsample_share,
+            # Tokenize each request as it queues, off the model thread (engines that can; a test's fake runs
+            # `launch` with prompts).
+            prepare=getattr(engine, "tokenize_rows", None),
+            launch_prepared=getattr(engine, "launch_rows", None),
         )
         self.upsampler = getattr(engine, "upsampler", None)
         self._upsample_limits = UpsampleLimits(

@@ -29,6 +29,7 @@ import io
 import logging
 import math
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -317,9 +318,11 @@ class Upsampler:
     the output head, the vision tower) and its tokenizer, and the vision processor when one loads. Shares
     its decoder layers with the encoder engine: one copy of the weights serves both."""
 
-    def __init__(self, model: Any, tokenizer: Any, processor: Any = None):
+    def __init__(self, model: Any, tokenizer: Any, processor: Any = None, tokenizer_lock: Any = None):
         self.model = model
         self.tokenizer = tokenizer
+        #: The engine's lock around its (shared) tokenizer; see `EncoderEngine.tokenizer_lock`.
+        self._tokenizer_lock = tokenizer_lock if tokenizer_lock is not None else threading.Lock()
         #: The model folder's processor (PixtralProcessor for FLUX.2-dev); None: text-to-image mode only.
         self.processor = processor
 
@@ -354,16 +357,17 @@ class Upsampler:
         # The processor renders and tokenizes both modes, as diffusers' call does; a server without one
         # serves text-to-image mode with the tokenizer the processor would wrap.
         template = self.processor if self.processor is not None else self.tokenizer
-        inputs = template.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=INPUT_MAX_LENGTH,
-        )
+        with self._tokenizer_lock:
+            inputs = template.apply_chat_template(
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                padding="max_length",
+                truncation=True,
+                max_length=INPUT_MAX_LENGTH,
+            )
         device = self.model.device
         inputs["input_ids"] = inputs["input_ids"].to(device)
         inputs["attention_mask"] = inputs["attention_mask"].to(device)
@@ -387,7 +391,8 @@ class Upsampler:
                 **sampling,
             )
         new = generated[:, inputs["input_ids"].shape[1] :].cpu()
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        with self._tokenizer_lock:
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)
         return Upsampled(prompts=list(texts), seed=job.seed, new_tokens=self._new_token_counts(new))
 
     def _new_token_counts(self, new: Any) -> list[int]:
