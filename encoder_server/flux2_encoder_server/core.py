@@ -307,6 +307,12 @@ class RequestScope:
         self.bytes_sent += nbytes
         self.core.metrics.sent_bytes.labels(self.frontend, self.model).inc(nbytes)
 
+    def end(self, status: str, error: str | None) -> None:
+        """Close the scope with a status another process reported (a front-end process, through
+        `frontends.FrontendSupervisor`): the admission is released, the request counted and logged."""
+        self.status, self.error = status, error
+        self._finish(None)
+
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
             self.status, self.error = exc.code, str(exc)

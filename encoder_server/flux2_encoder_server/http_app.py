@@ -578,11 +578,13 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # the front-end processes of one server (`--frontends`) share the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
     except OSError:
@@ -602,8 +604,10 @@ class HttpFrontEnd:
         *,
         head_timeout_s: float = 30.0,
         on_head_timeout: Callable[[], None] = lambda: None,
+        reuse_port: bool = False,
     ):
         self.app = app
+        self.reuse_port = reuse_port
         self.host = host
         self.requested_port = port
         self.protocol = head_deadline_protocol(head_timeout_s, on_head_timeout)
@@ -612,7 +616,7 @@ class HttpFrontEnd:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        sock = _bind(self.host, self.requested_port)  # bound here so port 0 can be reported at once
+        sock = _bind(self.host, self.requested_port, self.reuse_port)  # bound here so port 0 can be reported at once
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app, http=self.protocol, lifespan="off", log_config=None, timeout_graceful_shutdown=None
