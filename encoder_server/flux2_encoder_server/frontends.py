@@ -299,6 +299,7 @@ class FrontendSupervisor:
             model=str(opened.get("model") or ""),
         )
         opened.pop("token", None)
+        scope.process = conn.index
         try:
             try:
                 await scope.__aenter__()
