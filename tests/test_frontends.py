@@ -25,7 +25,7 @@ import pytest
 import torch
 from flux2_client.demo import wait_serving
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
-from flux2_encoder_server.ipc import ResponseRing
+from flux2_encoder_server.ipc import ResponseRing, RingTooSmall
 from flux2_encoder_server.testing import FakeEngine
 from flux2split_proto import codec
 from flux2split_proto.v1 import encoder_pb2 as pb
@@ -192,6 +192,12 @@ def test_errors_keep_their_status_through_a_frontend(shared: Server):
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.Encode(request, metadata=metadata, timeout=10))
             assert caught.value.code() == code and caught.value.details().startswith(message), caught.value
+        with pytest.raises(grpc.RpcError) as caught:  # upsampling crosses to the model process too
+            stub.Upsample(pb.UpsampleRequest(prompts=["x"]), metadata=AUTH, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            caught.value.details() == "upsampling: this server does not upsample prompts (start it with --upsampling)"
+        )
         with pytest.raises(grpc.RpcError) as caught:
             stub.Info(pb.InfoRequest(), timeout=10)  # front-end authenticates from the tokens' digests
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -386,6 +392,11 @@ def test_sigterm_drains_model_and_frontend_processes(tmp_path: Path):
 
 
 # -- the ring's allocator -----------------------------------------------------------------------------------
+
+
+def test_ring_larger_than_the_memory_is_refused_in_one_line():
+    with pytest.raises(RingTooSmall, match=r"--max-inflight-bytes"):
+        ResponseRing(1 << 60)
 
 
 def test_ring_allocator_first_fit_merges_and_waits():

@@ -155,7 +155,14 @@ class FrontendSupervisor:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start every front-end and wait until each has bound its ports."""
+        """Start every front-end and wait until each has bound its ports (on failure, stop those started)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> None:
         self._server = await asyncio.start_unix_server(self._accept, path=self.socket_path)
         os.chmod(self.socket_path, 0o600)
         for index in range(self.settings.frontends):

@@ -70,6 +70,28 @@ class RingTooSmall(RuntimeError):
     """The host cannot reserve the response ring (memory, or memfd/fallocate unsupported)."""
 
 
+def available_memory() -> int | None:
+    """Bytes this process may still take: the host's MemAvailable, less where the cgroup (v2) limit is
+    tighter; None when neither can be read."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as fh:
+                found.append(int(limit) - int(fh.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def _view(buffer: mmap.mmap, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     count = itemsize
@@ -89,6 +111,14 @@ class ResponseRing:
 
     def __init__(self, size: int):
         self.size = max(ALIGN, -(-size // ALIGN) * ALIGN)
+        available = available_memory()
+        if available is not None and self.size > available:
+            # Checked first: memfd pages are reserved one by one, so fallocate on a host without the memory
+            # would not fail cleanly but push the host (or the container's cgroup) into the OOM killer.
+            raise RingTooSmall(
+                f"the response ring needs {self.size} bytes of memory (--max-inflight-bytes) but only "
+                f"{available} are available; lower --max-inflight-bytes or give the server more memory"
+            )
         try:
             self.fd = os.memfd_create("flux2-response-ring", 0)  # no MFD_CLOEXEC needed: pass_fds decides
         except (AttributeError, OSError) as exc:
