@@ -189,7 +189,7 @@ class FrontendSupervisor:
             proc = self._procs[index]
             assert proc is not None
             started = time.monotonic()
-            code = await asyncio.to_thread(proc.wait)
+            code = await _exited(proc)
             if self._stopping:
                 return
             self.restarts += 1
@@ -210,11 +210,11 @@ class FrontendSupervisor:
             if proc is None:
                 continue
             try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), grace + 5.0)
+                await asyncio.wait_for(_exited(proc), grace + 5.0)
             except TimeoutError:
                 log.warning("front-end process %d did not stop; killing it", index)
                 proc.kill()
-                await asyncio.to_thread(proc.wait)
+                await _exited(proc)
         for task in self._monitors:
             task.cancel()
         if self._server is not None:
@@ -409,6 +409,31 @@ class FrontendSupervisor:
             metrics.dropped.labels("send_timeout", scope.model).inc()
         status = str(done.get("status") or "INTERNAL")
         scope.end(status, None if status == "OK" else str(done.get("error") or ""))
+
+
+async def _exited(proc: subprocess.Popen) -> int:
+    """Wait for `proc` to exit without holding a thread (a pidfd on the event loop; polling where there is
+    none): the default executor's few threads are for the ring copies and the core's file reads."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
+        while proc.poll() is None:
+            await asyncio.sleep(0.1)
+        return proc.returncode
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return proc.wait()
 
 
 def _upsample_spec(spec: dict[str, Any], images: list[bytes]) -> UpsampleSpec:
