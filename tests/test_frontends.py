@@ -24,7 +24,6 @@ import httpx
 import pytest
 import torch
 from flux2_client.demo import wait_serving
-from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
 from flux2_encoder_server.ipc import ResponseRing, RingTooSmall
 from flux2_encoder_server.testing import FakeEngine
 from flux2split_proto import codec
@@ -124,12 +123,28 @@ def shared(tmp_path_factory: pytest.TempPathFactory):
         f"test:{TOKEN}",
         "--chunk-bytes",
         str(64 << 10),
+        "--grace-period-s",
+        "60",
     )
     yield server
     server.close()
 
 
 ALONE = FakeEngine(distinct_rows=None)
+
+
+def _channel(target: str) -> grpc.Channel:
+    """A channel with a TCP connection of its own: gRPC shares one connection between the channels of a
+    process by default, and SO_REUSEPORT spreads connections, not calls, over the front-end processes."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _encode(channel: grpc.Channel, prompts: list[str], request_id: str = "", token: str | None = TOKEN) -> torch.Tensor:
+    """One Encode, assembled and checked (sha256, length) by the client's codec."""
+    stub = pb_grpc.TextEncoderStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    stream = stub.Encode(pb.EncodeRequest(prompts=prompts, request_id=request_id), metadata=metadata, timeout=60)
+    return codec.assemble(stream)[1]
 
 
 def _http_predict(base: str, prompts: list[str], token: str | None = TOKEN, path: str = "/predict") -> httpx.Response:
@@ -144,11 +159,10 @@ def test_answers_through_frontends_are_the_engines_rows(shared: Server):
     failures: list[str] = []
 
     def grpc_client(worker: int) -> None:
-        with RemoteTextEncoder(shared.target, token=TOKEN, timeout=30) as enc:
+        with _channel(shared.target) as channel:
             for i in range(4):
                 prompts = [f"grpc {worker} {i}", f"shared {i}"]
-                out = enc.encode(prompts).prompt_embeds  # the client checks the payload's sha256
-                if not torch.equal(out, ALONE.encode(prompts)):
+                if not torch.equal(_encode(channel, prompts), ALONE.encode(prompts)):
                     failures.append(f"grpc {prompts}")
 
     def http_client(worker: int) -> None:
@@ -168,7 +182,7 @@ def test_answers_through_frontends_are_the_engines_rows(shared: Server):
         t.join(60)
     assert not failures
     served_by = {line.get("frontend_process") for line in shared.access_lines() if line["status"] == "OK"}
-    assert served_by <= {0, 1}
+    assert served_by == {0, 1}  # 12 connections spread by the kernel (all on one: p = 2**-11)
     shared.wait_metric("response_ring_used_bytes", 0)
 
 
@@ -242,7 +256,7 @@ def test_cancelled_requests_leave_no_ring_bytes_behind(shared: Server):
     rss_before = shared.rss_bytes()
 
     def grpc_worker(worker: int, count: int) -> None:
-        with grpc.insecure_channel(shared.target) as channel:
+        with _channel(shared.target) as channel:
             stub = pb_grpc.TextEncoderStub(channel)
             for i in range(count):
                 call = stub.Encode(pb.EncodeRequest(prompts=[f"cancel {worker} {i}"]), metadata=AUTH, timeout=30)
@@ -285,19 +299,20 @@ def test_killed_frontend_costs_only_its_own_requests(shared: Server):
     stop = threading.Event()
 
     def client(worker: int) -> None:
-        with RemoteTextEncoder(shared.target, token=TOKEN, timeout=30) as enc:
-            i = 0
-            while not stop.is_set():
-                prompts, rid = [f"kill {worker} {i}"], f"kill-{worker}-{i}"
-                started = time.monotonic()
-                try:
-                    result: object = enc.encode(prompts, request_id=rid).prompt_embeds
-                    assert torch.equal(result, ALONE.encode(prompts))  # type: ignore[arg-type]
-                except (RemoteEncoderError, codec.WireError) as exc:
-                    result = exc
-                with lock:
-                    outcomes.append((rid, started, result))
-                i += 1
+        i = 0
+        while not stop.is_set():
+            with _channel(shared.target) as channel:  # a new connection every 10 requests: both processes get some
+                for _ in range(10):
+                    prompts, rid = [f"kill {worker} {i}"], f"kill-{worker}-{i}"
+                    started = time.monotonic()
+                    try:
+                        result: object = _encode(channel, prompts, rid)
+                        assert torch.equal(result, ALONE.encode(prompts))  # type: ignore[arg-type]
+                    except (grpc.RpcError, codec.WireError) as exc:
+                        result = exc
+                    with lock:
+                        outcomes.append((rid, started, result))
+                    i += 1
 
     def successes() -> int:
         with lock:
@@ -306,9 +321,17 @@ def test_killed_frontend_costs_only_its_own_requests(shared: Server):
     threads = [threading.Thread(target=client, args=(w,)) for w in range(6)]
     for t in threads:
         t.start()
+
+    def served_by(process: int) -> int:
+        return sum(
+            line.get("frontend_process") == process
+            for line in shared.access_lines()
+            if line["request_id"].startswith("kill-")
+        )
+
     try:
-        while successes() < 20:
-            time.sleep(0.01)
+        while successes() < 20 or not served_by(0) or not served_by(1):
+            time.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
         shared.wait_metric("frontend_restarts_total", restarts + 1)
         shared.wait_metric("frontend_processes", 2)
@@ -323,7 +346,8 @@ def test_killed_frontend_costs_only_its_own_requests(shared: Server):
     assert shared.frontend_pids()[0] != victim
     by_id = {line["request_id"]: line for line in shared.access_lines() if line["request_id"].startswith("kill-")}
     failed = [(rid, start, error) for rid, start, error in outcomes if isinstance(error, Exception)]
-    print(f"\n{len(outcomes)} requests, {len(failed)} failed with the killed front-end")
+    per_process = [sum(line["frontend_process"] == p for line in by_id.values()) for p in (0, 1)]
+    print(f"\n{len(outcomes)} requests (by process {per_process}), {len(failed)} failed with the killed front-end")
     for rid, start, error in failed:
         line = by_id.get(rid)
         # Only requests on the killed process fail (the model process logs them CANCELLED, process 0), or
@@ -333,62 +357,6 @@ def test_killed_frontend_costs_only_its_own_requests(shared: Server):
     assert all(line["status"] == "OK" for line in by_id.values() if line["frontend_process"] == 1)
     shared.wait_metric("response_ring_used_bytes", 0)
     shared.wait_metric("inflight_bytes", 0)
-
-
-# -- 3. SIGTERM drains every process -----------------------------------------------------------------------
-
-
-def test_sigterm_drains_model_and_frontend_processes(tmp_path: Path):
-    server = Server(tmp_path / "server.log", 50.0, "--grace-period-s", "60")
-    frontends = list(server.frontend_pids().values())
-    outcomes: list[tuple[float, float, list[str], object, str]] = []
-    lock = threading.Lock()
-
-    def client(worker: int) -> None:
-        with RemoteTextEncoder(server.target, timeout=60) as enc:
-            for i in range(6):
-                prompts, rid = [f"worker {worker} request {i}"], f"w{worker}-r{i}"
-                started = time.monotonic()
-                try:
-                    result: object = enc.encode(prompts, request_id=rid).prompt_embeds
-                except Exception as exc:
-                    result = exc
-                with lock:
-                    outcomes.append((started, time.monotonic(), prompts, result, rid))
-                if isinstance(result, Exception):
-                    return
-
-    workers = [threading.Thread(target=client, args=(w,)) for w in range(4)]
-    try:
-        for w in workers:
-            w.start()
-        while sum(not isinstance(o[3], Exception) for o in outcomes) < 2:
-            assert server.proc.poll() is None
-            time.sleep(0.01)
-        signalled = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        for w in workers:
-            w.join(60)
-        assert server.proc.wait(60) == 0
-    finally:
-        server.close()
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in frontends):
-        assert time.monotonic() < deadline, "front-end processes outlived the server"
-        time.sleep(0.05)
-    seen = {line["request_id"] for line in server.access_lines()}
-    successes = [o for o in outcomes if not isinstance(o[3], Exception)]
-    for _, _, prompts, tensor, _ in successes:
-        assert torch.equal(tensor, ALONE.encode(prompts))  # type: ignore[arg-type]
-    errors = [o for o in outcomes if isinstance(o[3], Exception)]
-    assert errors, "requests sent after SIGTERM must be refused"
-    for start, _, _, error, rid in errors:
-        allowed = {grpc.StatusCode.UNAVAILABLE}
-        if start > signalled or rid not in seen:
-            allowed.add(grpc.StatusCode.CANCELLED)
-        assert isinstance(error, RemoteEncoderError) and error.code in allowed, error
-    assert any(start < signalled < end for start, end, _, _, _ in successes)
-    assert sum(line["status"] == "OK" for line in server.access_lines()) == len(successes)
 
 
 # -- the ring's allocator -----------------------------------------------------------------------------------
@@ -423,3 +391,64 @@ def test_ring_allocator_first_fit_merges_and_waits():
         return got, await ring.alloc_waiting(4096, 0.05)
 
     assert asyncio.run(waiting()) == (64, None)
+
+
+# -- 3. SIGTERM drains every process -----------------------------------------------------------------------
+
+
+def test_sigterm_drains_model_and_frontend_processes(shared: Server):
+    """Last in this file: it stops the shared server."""
+    server = shared
+    frontends = list(server.frontend_pids().values())
+    outcomes: list[tuple[float, float, list[str], object, str]] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        with _channel(server.target) as channel:
+            for i in range(40):
+                prompts, rid = [f"worker {worker} request {i}"], f"w{worker}-r{i}"
+                started = time.monotonic()
+                try:
+                    result: object = _encode(channel, prompts, rid)
+                except Exception as exc:
+                    result = exc
+                with lock:
+                    outcomes.append((started, time.monotonic(), prompts, result, rid))
+                if isinstance(result, Exception):
+                    return
+
+    workers = [threading.Thread(target=client, args=(w,)) for w in range(6)]
+    try:
+        for w in workers:
+            w.start()
+        while sum(not isinstance(o[3], Exception) for o in outcomes) < 8:
+            assert server.proc.poll() is None
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.join(60)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.close()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in frontends):
+        assert time.monotonic() < deadline, "front-end processes outlived the server"
+        time.sleep(0.05)
+    access = [line for line in server.access_lines() if re.fullmatch(r"w\d+-r\d+", line["request_id"])]
+    seen = {line["request_id"] for line in access}
+    successes = [o for o in outcomes if not isinstance(o[3], Exception)]
+    for _, _, prompts, tensor, _ in successes:
+        assert torch.equal(tensor, ALONE.encode(prompts))  # type: ignore[arg-type]
+    errors = [o for o in outcomes if isinstance(o[3], Exception)]
+    assert errors, "requests sent after SIGTERM must be refused"
+    for start, _, _, error, rid in errors:
+        allowed = {grpc.StatusCode.UNAVAILABLE}
+        if start > signalled or rid not in seen:
+            allowed.add(grpc.StatusCode.CANCELLED)
+        assert isinstance(error, grpc.RpcError) and error.code() in allowed, error
+    assert any(start < signalled < end for start, end, _, _, _ in successes)
+    assert sum(line["status"] == "OK" for line in access) == len(successes)
+    processes = sorted({line["frontend_process"] for line in access if line["status"] == "OK"})
+    print(f"\nSIGTERM: {len(successes)} answered OK (through front-end processes {processes}), {len(errors)} refused")
+    assert any("draining" in line for line in server.log_path.read_text().splitlines())

@@ -84,7 +84,18 @@ async def run(socket_path: str, ring_fd: int, index: int) -> int:
         log.error("front-end %d cannot listen: %s", index, exc)
         return 2
     write_frame(writer, {"t": "ready"})
-    grace = 0.0
+
+    async def stop_serving(grace: float) -> None:
+        # Draining: the model process has let admitted requests finish; requests still open here (one
+        # that arrived during the drain, waiting for its UNAVAILABLE) get `grace`, their replies still read.
+        await health.refresh()
+        stops = [server.stop(grace)]
+        if http is not None:
+            stops.append(http.stop(grace))
+        await asyncio.gather(*stops)
+        writer.close()
+
+    stopping: asyncio.Task | None = None
     try:
         while True:
             message, _ = await read_frame(reader)
@@ -93,21 +104,14 @@ async def run(socket_path: str, ring_fd: int, index: int) -> int:
                 core.apply_state(message)
                 await health.refresh()
             elif kind == "stop":
-                grace = float(message["grace"])
-                break
+                stopping = stopping or asyncio.create_task(stop_serving(float(message["grace"])))
             else:  # a reply to a request
                 core.on_reply(message)
     except (asyncio.IncompleteReadError, ConnectionError):
-        log.warning("front-end %d: the model process closed the connection; stopping", index)
-        core.disconnected()  # health NOT_SERVING, requests waiting on it fail UNAVAILABLE
-    # Draining: the model process has let admitted requests finish; what is still being sent gets `grace`.
-    await health.refresh()
-    stops = [server.stop(grace)]
-    if http is not None:
-        stops.append(http.stop(grace))
-    await asyncio.gather(*stops)
-    core.disconnected()
-    writer.close()
+        if stopping is None:
+            log.warning("front-end %d: the model process closed the connection; stopping", index)
+    core.disconnected()  # health NOT_SERVING; requests still waiting on the model process fail UNAVAILABLE
+    await (stopping or stop_serving(0.0))
     return 0
 
 
