@@ -456,3 +456,49 @@ def test_sigterm_drains_model_and_frontend_processes(shared: Server):
     processes = sorted({line["frontend_process"] for line in access if line["status"] == "OK"})
     print(f"\nSIGTERM: {len(successes)} answered OK (through front-end processes {processes}), {len(errors)} refused")
     assert any("draining" in line for line in server.log_path.read_text().splitlines())
+
+
+def test_remote_core_errors_keep_their_class_and_an_unreachable_model_process_is_not_serving():
+    import asyncio
+
+    from flux2_encoder_server.errors import RateLimited, Unavailable
+    from flux2_encoder_server.frontends import error_message
+    from flux2_encoder_server.remote_core import RemoteCore, service_error
+    from flux2_encoder_server.security import TokenAuthenticator
+    from flux2_encoder_server.settings import Settings
+
+    limited = service_error(error_message(7, RateLimited("slow down", "rate_limit_prompts_per_s", retry_after_s=2.5)))
+    assert type(limited) is RateLimited and (str(limited), limited.limit, limited.retry_after_s) == (
+        "slow down",
+        "rate_limit_prompts_per_s",
+        2.5,
+    )
+
+    class Writer:
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        def is_closing(self) -> bool:
+            return False
+
+        def write(self, data: bytes) -> None:
+            self.frames.append(data)
+
+    state = {"default_model": "default", "ready": True, "live": True, "models": {}}
+    state["models"] = {
+        "default": {"is_default": True, "fingerprint": None, "embedding_dim": 0, "upsample_limits": None, "ready": True}
+    }
+
+    async def scenario() -> None:
+        core = RemoteCore(Settings(), Writer(), None, TokenAuthenticator({}), state)  # type: ignore[arg-type]
+        assert core.ready and core.model_ready("default")
+        opening = asyncio.ensure_future(core.request("grpc").__aenter__())
+        await asyncio.sleep(0)
+        core.disconnected()  # the model process is gone: waiting requests fail, health NOT_SERVING
+        with pytest.raises(Unavailable):
+            await opening
+        assert not core.ready and not core.live and not core.model_ready("default")
+        with pytest.raises(Unavailable):
+            await core.request("http").__aenter__()
+
+    asyncio.run(scenario())
