@@ -56,6 +56,7 @@ class _Health(HealthServicer):
         await report_health(self, self.core, self.reported)
 
     async def Check(self, request: Any, context: Any) -> Any:
+        await self.core.refresh_state()  # the model process's state at the moment of the call
         await self.refresh()
         return await super().Check(request, context)
 
@@ -78,7 +79,7 @@ async def run(socket_path: str, ring_fd: int, index: int) -> int:
         bind_grpc(server, settings, server_credentials(settings))
         await server.start()
         if settings.http_port is not None:
-            http = http_front_end(core, settings, lambda: core.ready, reuse_port=True)
+            http = http_front_end(core, settings, core.serving_now, reuse_port=True)
             await http.start()
     except (PortInUseError, OSError) as exc:
         log.error("front-end %d cannot listen: %s", index, exc)
@@ -100,7 +101,9 @@ async def run(socket_path: str, ring_fd: int, index: int) -> int:
         while True:
             message, _ = await read_frame(reader)
             kind = message["t"]
-            if kind == "state":
+            if kind == "state" and "id" in message:  # the answer to a health probe's question
+                core.on_reply(message)
+            elif kind == "state":  # pushed by the model process when its state changed
                 core.apply_state(message)
                 await health.refresh()
             elif kind == "stop":

@@ -293,6 +293,8 @@ class FrontendSupervisor:
                 request.inbox.put_nowait((message, attachments))
         elif kind == "done":
             conn.deliver_done(int(message["id"]), message)
+        elif kind == "state?":  # a health probe: the state at the moment of the call
+            conn.send({"t": "state", "id": message["id"], **core_state(self.core)})
         elif kind == "metric" and message.get("name") in RELAYED_COUNTERS:
             counter = getattr(self.core.metrics, message["name"])
             counter.labels(*[str(v) for v in message["labels"]]).inc(float(message.get("value", 1)))

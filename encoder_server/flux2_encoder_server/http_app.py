@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import inspect
 import io
 import json
 import logging
@@ -251,8 +252,9 @@ def service_error_response(exc: ServiceError, *, close: bool = False) -> JSONRes
     return error_response(status, exc.code, str(exc), headers)
 
 
-def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
-    """The ASGI app over `core`; `is_serving` is the server's readiness (loaded, warmed up, not draining)."""
+def create_app(core: EncoderCore, is_serving: Callable[[], bool | Awaitable[bool]]) -> Starlette:
+    """The ASGI app over `core`; `is_serving` is the server's readiness (loaded, warmed up, not draining),
+    or a coroutine function answering it (a front-end process asks the model process at each probe)."""
     settings = core.settings
     max_body = settings.http_max_body_bytes
 
@@ -352,13 +354,17 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
     predict_app = capped(predict)
     upsample_app = capped(upsample)
 
+    async def serving_now() -> bool:
+        serving = is_serving()
+        return await serving if inspect.isawaitable(serving) else serving
+
     def serving_json(serving: bool) -> Response:
         if serving:
             return JSONResponse({"status": "SERVING"})
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503, headers={"Retry-After": "1"})
 
     async def health(request: Request) -> Response:
-        return serving_json(is_serving())
+        return serving_json(await serving_now())
 
     async def model_health(request: Request) -> Response:
         """Readiness of one model (needs no token, like /health); 404 for a model not hosted."""
@@ -366,7 +372,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             hosted = core.model(request.path_params["name"])
         except ServiceError as exc:
             return service_error_response(exc)
-        return serving_json(is_serving() and core.model_ready(hosted.name))
+        return serving_json(await serving_now() and core.model_ready(hosted.name))
 
     def model_json(hosted: HostedModel) -> dict[str, Any]:
         assert hosted.fingerprint is not None

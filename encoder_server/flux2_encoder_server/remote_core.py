@@ -141,6 +141,22 @@ class RemoteCore:
                 future.set_exception(Unavailable("the model process is not reachable; retry shortly"))
         self._waiting.clear()
 
+    async def serving_now(self, timeout: float = 2.0) -> bool:
+        """Readiness at the moment of the call: the model process's state, asked now (health probes).
+        False when it does not answer within `timeout`."""
+        await self.refresh_state(timeout)
+        return self.ready
+
+    async def refresh_state(self, timeout: float = 2.0) -> None:
+        """Ask the model process for its state now; unreachable (gone, or no answer in `timeout`) reads as
+        NOT_SERVING until the next state arrives."""
+        try:
+            reply = await asyncio.wait_for(self._call({"t": "state?", "id": next(self._ids)}), timeout)
+        except (TimeoutError, ServiceError):
+            self._ready = self._live = False
+            return
+        self.apply_state(reply)
+
     def on_reply(self, message: dict[str, Any]) -> None:
         future = self._waiting.pop(int(message["id"]), None)
         if future is not None and not future.done():

@@ -144,7 +144,7 @@ def bind_grpc(server: grpc.aio.Server, settings: Settings, credentials: grpc.Ser
 
 
 def http_front_end(
-    core: Any, settings: Settings, is_serving: Callable[[], bool], *, reuse_port: bool = False
+    core: Any, settings: Settings, is_serving: Callable[[], bool | Awaitable[bool]], *, reuse_port: bool = False
 ) -> HttpFrontEnd:
     """The HTTP /predict front-end over `core` (not yet started)."""
     dropped = core.metrics.dropped.labels("http_header_timeout", NO_MODEL)
