@@ -502,3 +502,17 @@ def test_remote_core_errors_keep_their_class_and_an_unreachable_model_process_is
             await core.request("http").__aenter__()
 
     asyncio.run(scenario())
+
+
+def test_a_port_held_by_another_program_is_one_line_naming_the_flag():
+    from flux2_encoder_server.server import PortInUseError, reserve_ports
+    from flux2_encoder_server.settings import Settings
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        with pytest.raises(PortInUseError, match=rf"^cannot listen on 127\.0\.0\.1:{taken} \(--http-port\): "):
+            reserve_ports(Settings(host="127.0.0.1", port=0, http_port=taken, frontends=2))
+    grpc_port, http_port = reserve_ports(Settings(host="127.0.0.1", port=0, http_port=0, frontends=2))
+    assert grpc_port != http_port and 0 not in (grpc_port, http_port)
