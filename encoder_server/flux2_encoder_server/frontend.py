@@ -62,9 +62,13 @@ class _Health(HealthServicer):
 
 
 async def run(socket_path: str, ring_fd: int, index: int) -> int:
-    reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 20)
-    write_frame(writer, {"t": "hello", "index": index})
-    setup, _ = await read_frame(reader)
+    try:
+        reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 20)
+        write_frame(writer, {"t": "hello", "index": index})
+        setup, _ = await read_frame(reader)
+    except (OSError, asyncio.IncompleteReadError) as exc:  # the model process is gone (or going)
+        print(f"flux2-encoder-server front-end {index}: the model process is not reachable ({exc})", file=sys.stderr)
+        return 1
     settings = Settings(**{**setup["settings"], "port": int(setup["port"]), "http_port": setup["http_port"]})
     configure_logging(settings.log_level, settings.log_format)
     for handler in logging.getLogger().handlers:
