@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing is not None:  # the heavy deps live in the `server` extra
         print(f"flux2-encoder-server needs {missing!r}: pip install 'flux2-split[server]'", file=sys.stderr)
         return 1
+    from .frontends import FrontendStartError
+    from .ipc import RingTooSmall
     from .logs import configure_logging
     from .server import PortInUseError, serve
     from .settings import Settings
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except PortInUseError as exc:  # an operator's mistake: one line, no traceback
+    except (PortInUseError, RingTooSmall, FrontendStartError) as exc:  # one line, no traceback
         print(f"flux2-encoder-server: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -175,6 +175,8 @@ class RequestScope:
         self.error: str | None = None
         #: "encode" or "upsample": what the scope did (its metrics and access-log line say which).
         self.kind = "encode"
+        #: With `--frontends`: the index of the front-end process that carried the request (access log).
+        self.process: int | None = None
         self._bearer_token = bearer_token
         self._held = contextlib.ExitStack()  # what the request holds (its admission) until it ends
         self._admission: Admission | None = None
@@ -307,6 +309,12 @@ class RequestScope:
         self.bytes_sent += nbytes
         self.core.metrics.sent_bytes.labels(self.frontend, self.model).inc(nbytes)
 
+    def end(self, status: str, error: str | None) -> None:
+        """Close the scope with a status another process reported (a front-end process, through
+        `frontends.FrontendSupervisor`): the admission is released, the request counted and logged."""
+        self.status, self.error = status, error
+        self._finish(None)
+
     def _finish(self, exc: BaseException | None) -> None:
         if isinstance(exc, ServiceError):
             self.status, self.error = exc.code, str(exc)
@@ -334,6 +342,8 @@ class RequestScope:
             **{f"{name}_s": round(seconds, 6) for name, seconds in self.stages.items()},
             "total_s": round(total, 6),
         }
+        if self.process is not None:
+            fields["frontend_process"] = self.process
         if self.error is not None:
             fields["error"] = self.error
         access_log.info("request", extra={"fields": fields})

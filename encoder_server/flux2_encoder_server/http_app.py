@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import inspect
 import io
 import json
 import logging
@@ -251,8 +252,9 @@ def service_error_response(exc: ServiceError, *, close: bool = False) -> JSONRes
     return error_response(status, exc.code, str(exc), headers)
 
 
-def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
-    """The ASGI app over `core`; `is_serving` is the server's readiness (loaded, warmed up, not draining)."""
+def create_app(core: EncoderCore, is_serving: Callable[[], bool | Awaitable[bool]]) -> Starlette:
+    """The ASGI app over `core`; `is_serving` is the server's readiness (loaded, warmed up, not draining),
+    or a coroutine function answering it (a front-end process asks the model process at each probe)."""
     settings = core.settings
     max_body = settings.http_max_body_bytes
 
@@ -352,13 +354,17 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
     predict_app = capped(predict)
     upsample_app = capped(upsample)
 
+    async def serving_now() -> bool:
+        serving = is_serving()
+        return await serving if inspect.isawaitable(serving) else serving
+
     def serving_json(serving: bool) -> Response:
         if serving:
             return JSONResponse({"status": "SERVING"})
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503, headers={"Retry-After": "1"})
 
     async def health(request: Request) -> Response:
-        return serving_json(is_serving())
+        return serving_json(await serving_now())
 
     async def model_health(request: Request) -> Response:
         """Readiness of one model (needs no token, like /health); 404 for a model not hosted."""
@@ -366,7 +372,7 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool]) -> Starlette:
             hosted = core.model(request.path_params["name"])
         except ServiceError as exc:
             return service_error_response(exc)
-        return serving_json(is_serving() and core.model_ready(hosted.name))
+        return serving_json(await serving_now() and core.model_ready(hosted.name))
 
     def model_json(hosted: HostedModel) -> dict[str, Any]:
         assert hosted.fingerprint is not None
@@ -578,11 +584,13 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # the front-end processes of one server (`--frontends`) share the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
     except OSError:
@@ -602,8 +610,10 @@ class HttpFrontEnd:
         *,
         head_timeout_s: float = 30.0,
         on_head_timeout: Callable[[], None] = lambda: None,
+        reuse_port: bool = False,
     ):
         self.app = app
+        self.reuse_port = reuse_port
         self.host = host
         self.requested_port = port
         self.protocol = head_deadline_protocol(head_timeout_s, on_head_timeout)
@@ -612,7 +622,7 @@ class HttpFrontEnd:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        sock = _bind(self.host, self.requested_port)  # bound here so port 0 can be reported at once
+        sock = _bind(self.host, self.requested_port, self.reuse_port)  # bound here so port 0 can be reported at once
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app, http=self.protocol, lifespan="off", log_config=None, timeout_graceful_shutdown=None

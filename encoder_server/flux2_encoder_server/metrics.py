@@ -148,6 +148,21 @@ class Metrics:
             registry=r,
         )
 
+        # -- front-end processes (--frontends N) ------------------------------------------------------------
+        self.frontend_processes = Gauge(
+            _PREFIX + "frontend_processes",
+            "Front-end processes alive and connected to the model process (--frontends; 0 in single-process mode)",
+            registry=r,
+        )
+        self.frontend_restarts = Counter(
+            _PREFIX + "frontend_restarts", "Front-end processes restarted after they exited", registry=r
+        )
+        self.response_ring_used_bytes = Gauge(
+            _PREFIX + "response_ring_used_bytes",
+            "Bytes of the shared response ring holding answers the front-ends are still sending (--frontends)",
+            registry=r,
+        )
+
         # -- prompt upsampling (--upsampling) --------------------------------------------------------------
         self.upsample_requests = Counter(
             _PREFIX + "upsample_requests",

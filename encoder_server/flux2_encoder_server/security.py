@@ -79,6 +79,18 @@ class TokenAuthenticator:
             tokens.update(inline)
         return cls(tokens)
 
+    @classmethod
+    def from_digests(cls, digests: Iterable[tuple[bytes, str]]) -> TokenAuthenticator:
+        """An authenticator that knows only the tokens' sha256 digests and labels (a front-end process's:
+        the tokens themselves stay in the model process)."""
+        authenticator = cls({})
+        authenticator._digests = [(digest, Principal(label)) for digest, label in digests]
+        return authenticator
+
+    @property
+    def digests(self) -> list[tuple[bytes, Principal]]:
+        return list(self._digests)
+
     @property
     def enabled(self) -> bool:
         return bool(self._digests)

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import grpc
 from flux2split_proto import SERVICE_NAME
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from .core import EncoderCore, Engine
 from .cuda_graphs import graph_batch_sizes
 from .engine import EncoderEngine
+from .frontends import FrontendSupervisor
 from .grpc_service import (
     BearerAuthInterceptor,
     TextEncoderService,
@@ -69,6 +71,120 @@ class _EngineHealthServicer(HealthServicer):
     async def Check(self, request: Any, context: Any) -> Any:
         await self._refresh()
         return await super().Check(request, context)
+
+
+class HealthState(Protocol):
+    """What health reports: `EncoderCore`, or a front-end process's `RemoteCore`."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def live(self) -> bool: ...
+
+    @property
+    def models(self) -> Mapping[str, object]: ...
+
+    def model_ready(self, name: str) -> bool: ...
+
+
+async def report_health(health: HealthServicer, core: HealthState, reported: dict[str, int]) -> None:
+    """Set readiness under "" and the TextEncoder's name (every model), each model's under
+    `model_health_service(name)`, liveness under LIVENESS_SERVICE; `reported` holds what was set last
+    (watchers are notified only on a change)."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    ready = serving if core.ready else not_serving
+    wanted = {"": ready, SERVICE_NAME: ready, LIVENESS_SERVICE: serving if core.live else not_serving}
+    for name in core.models:
+        wanted[model_health_service(name)] = serving if core.model_ready(name) else not_serving
+    for name, status in wanted.items():
+        if reported.get(name) != status:
+            reported[name] = status
+            await health.set(name, status)
+
+
+def grpc_server(core: Any, settings: Settings, health: HealthServicer, *, reuse_port: bool = False) -> grpc.aio.Server:
+    """The gRPC server of one process: TextEncoder over `core` (an `EncoderCore`, or a front-end process's
+    `RemoteCore`), health, reflection, the auth guard. Not yet bound."""
+    s = settings
+    # Requests are small; allow the largest one the limits admit (UTF-8: up to 4 bytes a character).
+    max_request = max(4 << 20, s.max_prompts_per_request * (s.max_prompt_chars * 4 + 16) + (64 << 10))
+    if s.upsampling:  # an upsampling request also carries its reference images
+        max_request += s.upsample_max_images * (s.upsample_max_image_bytes + 16)
+    server = grpc.aio.server(
+        interceptors=[BearerAuthInterceptor(core)],
+        options=[
+            ("grpc.max_receive_message_length", max_request),
+            # gRPC sets SO_REUSEPORT by default: a second server on the same port would start and take
+            # a share of new connections (one without tokens beside one with them, say). Refuse instead,
+            # except between the front-end processes of one server (`--frontends`), which share the port
+            # on purpose after the model process has checked that no other program holds it.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ],
+    )
+    add_text_encoder_service(TextEncoderService(core), server)
+    add_health_service(health, server)
+    if s.reflection:
+        add_reflection_service(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+    return server
+
+
+def bind_grpc(server: grpc.aio.Server, settings: Settings, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind `server` to --host/--port; a port held elsewhere is PortInUseError. Returns the port."""
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise PortInUseError(f"cannot listen on {address}: the port is in use (or the address is not local)") from exc
+
+
+def http_front_end(
+    core: Any, settings: Settings, is_serving: Callable[[], bool | Awaitable[bool]], *, reuse_port: bool = False
+) -> HttpFrontEnd:
+    """The HTTP /predict front-end over `core` (not yet started)."""
+    dropped = core.metrics.dropped.labels("http_header_timeout", NO_MODEL)
+    return HttpFrontEnd(
+        create_app(core, is_serving),
+        settings.host,
+        settings.http_port or 0,
+        head_timeout_s=settings.http_read_timeout_s,
+        on_head_timeout=dropped.inc,
+        reuse_port=reuse_port,
+    )
+
+
+def reserve_ports(settings: Settings) -> tuple[int, int | None]:
+    """`--frontends` mode: check --port and --http-port with a plain bind (another program holding one is
+    PortInUseError naming the flag, as in single-process mode) and resolve port 0 to a free port, which
+    every front-end process then binds with SO_REUSEPORT."""
+    s = settings
+    held: list[socket.socket] = []
+    try:
+        ports: list[int | None] = []
+        for port, flag in ((s.port, "--port"), (s.http_port, "--http-port")):
+            if port is None:
+                ports.append(None)
+                continue
+            infos = socket.getaddrinfo(s.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            held.append(sock)  # held until both are checked: port 0 twice must give two ports
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise PortInUseError(f"cannot listen on {s.host}:{port} ({flag}): {exc.strerror}") from None
+            ports.append(int(sock.getsockname()[1]))
+    finally:
+        for sock in held:
+            sock.close()
+    assert ports[0] is not None
+    return ports[0], ports[1]
 
 
 def load_engine(settings: Settings) -> EncoderEngine:
@@ -131,49 +247,59 @@ class EncoderServer:
         self._reported_problem: str | None = None
         self._server: grpc.aio.Server | None = None
         self._http: HttpFrontEnd | None = None
+        self._frontends: FrontendSupervisor | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
         s = self.settings
-        # Requests are small; allow the largest one the limits admit (UTF-8: up to 4 bytes a character).
-        max_request = max(4 << 20, s.max_prompts_per_request * (s.max_prompt_chars * 4 + 16) + (64 << 10))
-        if s.upsampling:  # an upsampling request also carries its reference images
-            max_request += s.upsample_max_images * (s.upsample_max_image_bytes + 16)
-        server = grpc.aio.server(
-            interceptors=[BearerAuthInterceptor(self.core)],
-            options=[
-                ("grpc.max_receive_message_length", max_request),
-                # gRPC sets SO_REUSEPORT by default: a second server on the same port would start and take
-                # a share of new connections (one without tokens beside one with them, say). Refuse instead.
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        add_text_encoder_service(TextEncoderService(self.core), server)
-        add_health_service(self._health, server)
-        if s.reflection:
-            add_reflection_service(
-                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-                server,
-            )
         await self._refresh_health()
+        if s.frontends:
+            return await self._start_frontends()
+        server = grpc_server(self.core, s, self._health)
         credentials = server_credentials(s)
-        address = f"{s.host}:{s.port}"
-        try:
-            if credentials is None:
-                self.port = server.add_insecure_port(address)
-            else:
-                self.port = server.add_secure_port(address, credentials)
-        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
-            raise PortInUseError(
-                f"cannot listen on {address}: the port is in use (or the address is not local)"
-            ) from exc
+        self.port = bind_grpc(server, s, credentials)
         await server.start()
         self._server = server
+        self._start_metrics()
+        self._log_listening(credentials)
+        if s.http_port is not None:
+            self._http = http_front_end(self.core, s, lambda: self.serving())
+            try:
+                self.http_port = await self._http.start()
+            except OSError as exc:
+                await server.stop(0)
+                raise PortInUseError(f"cannot listen on {s.host}:{s.http_port} (--http-port): {exc.strerror}") from exc
+            log.info("HTTP /predict listening on %s:%d", self.settings.host, self.http_port)
+        return self.port
+
+    async def _start_frontends(self) -> int:
+        """`--frontends N`: this process keeps the models and the core; N front-end processes serve gRPC and
+        HTTP on the same ports (SO_REUSEPORT) over it (`frontends.FrontendSupervisor`)."""
+        s = self.settings
+        self.port, self.http_port = reserve_ports(s)
+        self._frontends = FrontendSupervisor(self.core, s, self.port, self.http_port)
+        await self._frontends.start()
+        self._start_metrics()
+        self._log_listening(server_credentials(s))
+        log.info(
+            "%d front-end processes serve gRPC%s over a %d byte response ring%s",
+            s.frontends,
+            f" and HTTP on port {self.http_port}" if self.http_port is not None else "",
+            self._frontends.ring.size,
+            " (registered with CUDA)" if self._frontends.ring_registered else "",
+        )
+        return self.port
+
+    def _start_metrics(self) -> None:
+        s = self.settings
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
+
+    def _log_listening(self, credentials: grpc.ServerCredentials | None) -> None:
+        s = self.settings
         if not self.core.authenticator.enabled:
             log.warning("no bearer tokens configured: authentication is OFF, anyone who reaches the port may encode")
         log.info(
@@ -183,22 +309,6 @@ class EncoderServer:
             "plaintext" if credentials is None else ("mutual TLS" if s.tls_client_ca else "TLS"),
             "on for " + ", ".join(self.core.authenticator.labels) if self.core.authenticator.enabled else "off",
         )
-        if s.http_port is not None:
-            dropped = self.metrics.dropped.labels("http_header_timeout", NO_MODEL)
-            self._http = HttpFrontEnd(
-                create_app(self.core, self.serving),
-                s.host,
-                s.http_port,
-                head_timeout_s=s.http_read_timeout_s,
-                on_head_timeout=dropped.inc,
-            )
-            try:
-                self.http_port = await self._http.start()
-            except OSError as exc:
-                await server.stop(0)
-                raise PortInUseError(f"cannot listen on {s.host}:{s.http_port} (--http-port): {exc.strerror}") from exc
-            log.info("HTTP /predict listening on %s:%d", self.settings.host, self.http_port)
-        return self.port
 
     def serving(self) -> bool:
         """Readiness, as both health endpoints report it: loaded, warmed up, not draining, engine working."""
@@ -258,6 +368,8 @@ class EncoderServer:
             )
         remaining = max(0.0, deadline - time.monotonic())
         fronts = []
+        if self._frontends is not None:
+            fronts.append(self._frontends.stop(remaining))
         if self._server is not None:
             fronts.append(self._server.stop(remaining))
         if self._http is not None:
@@ -278,19 +390,10 @@ class EncoderServer:
         await self._stopped.wait()
 
     async def _refresh_health(self) -> None:
-        """Report the core's state: readiness under "" and the TextEncoder's name (every model), each model's
-        under `model_health_service(name)`, liveness under LIVENESS_SERVICE (watchers are notified only on a
-        change)."""
-        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        core = self.core
-        ready = serving if core.ready else not_serving
-        wanted = {"": ready, SERVICE_NAME: ready, LIVENESS_SERVICE: serving if core.live else not_serving}
-        for name in core.models:
-            wanted[model_health_service(name)] = serving if core.model_ready(name) else not_serving
-        for name, status in wanted.items():
-            if self._reported.get(name) != status:
-                self._reported[name] = status
-                await self._health.set(name, status)
+        """Report the core's state (`report_health`), to the front-end processes too when there are some."""
+        await report_health(self._health, self.core, self._reported)
+        if self._frontends is not None:
+            self._frontends.publish_state()
         problem = self.core.engine_problem
         if problem is not None and self._reported_problem != problem:
             log.error("health NOT_SERVING: %s", problem)

@@ -203,6 +203,12 @@ class Settings:
         "stops reading cannot hold --max-inflight-bytes",
     )
     chunk_bytes: int = _setting(1 << 20, "payload bytes per streamed chunk (must stay under the client's 4 MiB limit)")
+    frontends: int = _setting(
+        0,
+        "front-end processes serving gRPC and HTTP (same ports, SO_REUSEPORT) while this process keeps the models, "
+        "so that streaming answers never competes with the model thread for the GIL; answers travel through a "
+        "shared memory ring of max_inflight_bytes; 0: one process does everything",
+    )
     gil_switch_interval_ms: float = _setting(
         1.0,
         "Python's thread switch interval (sys.setswitchinterval) set by `serve` for the server process: the "
@@ -393,7 +399,7 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("cache_bytes", "cache_dir_bytes", "max_concurrent_requests_per_token"):
+        for name in ("cache_bytes", "cache_dir_bytes", "max_concurrent_requests_per_token", "frontends"):
             if getattr(self, name) < 0:
                 out.append(f"--{name.replace('_', '-')} must not be negative")
         if not 1024 <= self.chunk_bytes <= 3 << 20:
