@@ -35,7 +35,10 @@ def main() -> None:
 
     def worker(thread_index: int) -> None:
         k = thread_index * 7  # threads walk the pool from different places
-        with RemoteTextEncoder(args.target, timeout=300) as enc:
+        # A connection per client thread: channels of one process otherwise share one, and a `--frontends`
+        # server's kernel spreads connections (not calls) over its front-end processes.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with RemoteTextEncoder(args.target, timeout=300, channel_options=options) as enc:
             while time.time() < args.start_at:
                 time.sleep(0.005)
             while time.time() < args.stop_at:

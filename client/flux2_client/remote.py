@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from flux2split_proto import codec, shared
@@ -43,6 +44,9 @@ class RemoteTextEncoder:
         root_certificates: PEM CA bundle that signs the server's certificate.
         client_certificate, client_private_key: PEM chain and key for mutual TLS.
         server_name_override: name to check the server certificate against instead of the target host.
+        channel_options: extra gRPC channel arguments, e.g. `[("grpc.use_local_subchannel_pool", 1)]` for a
+            connection of this client's own (channels of one process otherwise share one per target, so
+            many clients in one process all reach one front-end process of a `--frontends` server).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class RemoteTextEncoder:
         client_certificate: bytes | None = None,
         client_private_key: bytes | None = None,
         server_name_override: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ):
         self.target = target
         self.model = model or None
@@ -70,10 +75,12 @@ class RemoteTextEncoder:
             raise ValueError("client_certificate and client_private_key go together (mutual TLS)")
         if tls or root_certificates or client_certificate:
             credentials = grpc.ssl_channel_credentials(root_certificates, client_private_key, client_certificate)
-            options = [("grpc.ssl_target_name_override", server_name_override)] if server_name_override else []
+            options = list(channel_options)
+            if server_name_override:
+                options.append(("grpc.ssl_target_name_override", server_name_override))
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=list(channel_options))
         self._stub = pb_grpc.TextEncoderStub(self._channel)
 
     def __repr__(self) -> str:
