@@ -335,8 +335,11 @@ def frontends_ab(report: Report, engine: Any, pool: list[str], args: argparse.Na
     --frontends-list value (0: today's single process), every --client-counts run --served-runs times;
     medians and ranges in `by_clients`, every response's sha256 checked against the engine's."""
     bench_engine(report, engine, pool, argparse.Namespace(**{**vars(args), "batches": [args.max_batch]}), key)
-    for n in args.frontends_list:
-        patterns = [(c, args.served_seconds) for c in args.client_counts for _ in range(args.served_runs)]
+    for spec in args.frontends_list:
+        head, _, counts = spec.partition(":")  # "4" (every --client-counts) or "0:32" (only these counts)
+        n = int(head)
+        client_counts = [int(c) for c in counts.split(",")] if counts else args.client_counts
+        patterns = [(c, args.served_seconds) for c in client_counts for _ in range(args.served_runs)]
         serve(report, engine, pool, args, f"{key}_served_frontends{n}", patterns, frontends=n)
         engine_rate = report[key][0]["prompts_per_s"]
         for clients, row in report[f"{key}_served_frontends{n}"]["by_clients"].items():
@@ -564,7 +567,12 @@ def main() -> None:
         help="served rows of the pipeline section: PRECISION/PATH/DEPTH/MAXBATCH/CLIENTS/TPP",
     )
     parser.add_argument("--threads-per-process", type=int, default=8, help="client threads per load process")
-    parser.add_argument("--frontends-list", type=int, nargs="+", default=[0, 4], help="frontends section: --frontends")
+    parser.add_argument(
+        "--frontends-list",
+        nargs="+",
+        default=["0", "4"],
+        help="frontends section: --frontends values, each N or N:CLIENTS,CLIENTS (then only those client counts)",
+    )
     parser.add_argument("--client-counts", type=int, nargs="+", default=[1, 8, 32, 64], help="frontends section")
     parser.add_argument("--served-runs", type=int, default=3, help="frontends section: runs per client count")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], help="frontends section")
