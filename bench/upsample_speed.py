@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     full = build_encoder(args.tiny, args.device)
     tokenizer = build_tiny_tokenizer(model_max_length=2048)
     engine = EncoderEngine.from_model(full, tokenizer, weights_id="random-mistral-small-3.1")
-    upsampler = Upsampler(full, tokenizer)
+    upsampler = Upsampler(full, tokenizer, tokenizer_lock=engine.tokenizer_lock)
     if args.device.startswith("cuda"):
         report["weights_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
 
