@@ -56,6 +56,7 @@ def _load(target: str, seconds: float, clients: int, upsamplers: int, new_tokens
 
     stop = time.monotonic() + seconds
     done = {"prompts": 0, "upsamples": 0, "tokens": 0}
+    ended = {"encode": 0.0, "upsample": 0.0}  # when the last request of each kind ended
     lock = threading.Lock()
     pool = prompts(256, seed=1)
 
@@ -67,6 +68,7 @@ def _load(target: str, seconds: float, clients: int, upsamplers: int, new_tokens
                 i += clients
                 with lock:
                     done["prompts"] += 1
+                    ended["encode"] = max(ended["encode"], time.monotonic())
 
     def upsample_loop(k: int) -> None:
         options = UpsampleOptions(temperature=0.15, max_new_tokens=new_tokens)
@@ -78,6 +80,7 @@ def _load(target: str, seconds: float, clients: int, upsamplers: int, new_tokens
                 with lock:
                     done["upsamples"] += 1
                     done["tokens"] += sum(result.new_tokens)
+                    ended["upsample"] = max(ended["upsample"], time.monotonic())
 
     threads = [threading.Thread(target=encode_loop, args=(k,)) for k in range(clients)]
     threads += [threading.Thread(target=upsample_loop, args=(k,)) for k in range(upsamplers)]
@@ -87,11 +90,18 @@ def _load(target: str, seconds: float, clients: int, upsamplers: int, new_tokens
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started  # includes the requests in flight when time ran out
+    # Each rate over its own kind's time, from the start to its last answer (a long upsampling request
+    # still running when the encode clients stop must not dilute the encode rate, nor the reverse).
+    encode_s = max(ended["encode"] - started, 1e-9)
+    upsample_s = max(ended["upsample"] - started, 1e-9)
     return {
         "seconds": round(elapsed, 2),
-        "encode_prompts_per_s": round(done["prompts"] / elapsed, 2),
+        "encode_seconds": round(encode_s, 2) if done["prompts"] else None,
+        "encode_prompts": done["prompts"],
+        "encode_prompts_per_s": round(done["prompts"] / encode_s, 2) if done["prompts"] else 0.0,
+        "upsample_seconds": round(upsample_s, 2) if done["upsamples"] else None,
         "upsample_requests": done["upsamples"],
-        "upsample_tokens_per_s": round(done["tokens"] / elapsed, 2),
+        "upsample_tokens_per_s": round(done["tokens"] / upsample_s, 2) if done["upsamples"] else 0.0,
     }
 
 
