@@ -265,6 +265,7 @@ NON_DEFAULT: dict[str, object] = {
     "upsample_max_images": 4,
     "upsample_max_image_bytes": 1000000,
     "upsample_max_image_pixels": 1000000,
+    "frontends": 3,
 }
 
 
