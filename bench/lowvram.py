@@ -26,9 +26,13 @@ folder with `load_nf4_transformer` (memory-mapped safetensors); the folder is wr
 build, `save_pretrained`) if it does not hold one. Without it the DiT is the seeded build in anonymous
 host memory.
 
-Caps: for `leaf` and `resident` the cap is the allocator's (set_per_process_memory_fraction), as the
-anchors in docs/design.md#dit-step-times were measured; for `plan` it is the planner's budget for everything on the card
-(allocator cap = budget minus the CUDA overhead estimate), which is stricter.
+Caps: for `plan` the cap is the planner's budget for everything on the card (allocator cap = budget minus the
+CUDA overhead estimate). For `leaf` and `resident`, `--recipe-cap total` (the default since issue 15) gives the
+recipe the same card total: allocator cap = cap minus what the card already holds once the CUDA context is up
+(measured in that process); `--recipe-cap allocator` caps only the allocator, as the anchors in
+docs/design.md#dit-step-times were measured. `leaf` rows take a fourth field of recipe options joined by `+`:
+`es` (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the planner's allocator setting) and `lcmu`
+(diffusers' `enable_group_offload(low_cpu_mem_usage=True)`), e.g. `leaf:8:0:es+lcmu`.
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ def worker(
     checkpoint: str | None = None,
     family: str = "dev",
     repeats: int = 3,
+    recipe_cap: str = "total",
 ) -> dict:
     """One configuration in this process (which must not have touched CUDA yet)."""
     import statistics
@@ -188,13 +193,23 @@ def worker(
     result: dict[str, Any] = {"mode": mode, "cap_gib": cap, "refs": refs, "card": torch.cuda.get_device_name(device)}
     result["family"] = family
     result.update(load_mode=load_mode if mode == "plan" else None, dit_source="checkpoint" if checkpoint else "build")
+    result["recipe_options"] = load_mode if mode == "leaf" else None
     overhead = int(overhead_gib * GiB) if overhead_gib is not None else DEFAULT_CUDA_OVERHEAD
+    torch.cuda.init()
+    context = card_used(index)  # the CUDA context, before any allocation
     if cap:
-        alloc_cap = cap * GiB if mode != "plan" else cap * GiB - overhead
+        if mode == "plan":
+            alloc_cap = cap * GiB - overhead
+        elif recipe_cap == "total":  # the same card total as the planner, CUDA context included
+            alloc_cap = cap * GiB - context
+        else:
+            alloc_cap = cap * GiB
         torch.cuda.set_per_process_memory_fraction(alloc_cap / total, device)  # before any allocation
         result["allocator_cap_gib"] = alloc_cap / GiB
+        result["recipe_cap"] = recipe_cap if mode != "plan" else None
     torch.empty(1, device=device)
     result["context_bytes"] = card_used(index)
+    result["context_before_alloc_bytes"] = context
 
     result["host_start"] = _host()
 
@@ -231,7 +246,7 @@ def worker(
     if mode == "resident":
         transformer.to(device)
     elif mode == "leaf":
-        apply_leaf_level_offloading(transformer, device)
+        apply_leaf_level_offloading(transformer, device, low_cpu_mem_usage="lcmu" in load_mode.split("+"))
     elif mode == "plan":
         workload = Workload(1024, 1024, reference_sizes=((1024, 1024),) * refs)
         plan = plan_for(transformer, vae, workload, device, vram=int(cap * GiB) if cap else None, overhead=overhead)
@@ -380,12 +395,13 @@ def run_config(
     checkpoint: Path | None = None,
     family: str = "dev",
     repeats: int = 3,
+    recipe_cap: str = "total",
 ) -> dict:
     """Run one configuration in a fresh process (`python -m bench.lowvram --worker`) and return its
     result; the process's other output (the plan) is in result["log"]."""
     env = dict(os.environ)
     # The recipe runs as the anchors did (default allocator); the planner asks for expandable segments.
-    if mode == "plan":
+    if mode == "plan" or (mode == "leaf" and "es" in load_mode.split("+")):
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     else:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
@@ -393,7 +409,7 @@ def run_config(
     cmd += ["--steps", str(steps)]
     if overhead_gib is not None:
         cmd += ["--overhead", str(overhead_gib)]
-    cmd += ["--load-mode", load_mode, "--family", family, "--repeats", str(repeats)]
+    cmd += ["--load-mode", load_mode, "--family", family, "--repeats", str(repeats), "--recipe-cap", recipe_cap]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
     t0 = time.perf_counter()
@@ -416,7 +432,8 @@ def table(results: list[dict]) -> str:
     )
     rows = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        load = f"{r.get('dit_source', 'build')}/{r['load_mode']}" if r.get("load_mode") else r.get("dit_source", "")
+        options = r.get("load_mode") or r.get("recipe_options")
+        load = f"{r.get('dit_source', 'build')}/{options}" if options else r.get("dit_source", "")
         first = f"| {r['mode']} | {r['cap_gib']} | {r['refs']} | {load} |"
         if not r.get("ok"):
             rows.append(f"{first} {r.get('error', '')[:80]} | | | | | | |")
@@ -433,7 +450,9 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--configs", default=DEFAULT_CONFIGS, help="comma list of mode:cap_GiB:refs[:load_mode] (load_mode: plan rows)"
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="comma list of mode:cap_GiB:refs[:options] (plan: load mode stream|copy; leaf: es, lcmu, es+lcmu)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -444,6 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--family", choices=sorted(DIT_CONFIGS), default="dev", help="which DiT (default FLUX.2-dev)")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per row (median reported)")
+    parser.add_argument(
+        "--recipe-cap",
+        choices=("total", "allocator"),
+        default="total",
+        help="leaf/resident caps: the whole card total as the planner's (default) or the allocator only",
+    )
     parser.add_argument("--out", type=Path, default=Path("lowvram.json"))
     parser.add_argument("--budget-s", type=float, default=480, help="stop starting new configs after this")
     parser.add_argument("--overhead", type=float, default=None, help="planner's CUDA overhead estimate, GiB")
@@ -465,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint,
             family=args.family,
             repeats=args.repeats,
+            recipe_cap=args.recipe_cap,
         )
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -476,13 +502,22 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for spec in args.configs.split(","):
         mode, cap, refs, *rest = spec.split(":")
-        load_mode = rest[0] if rest else "stream"
+        load_mode = rest[0] if rest else ("stream" if mode == "plan" else "")
         if time.perf_counter() - start > args.budget_s:
             results.append({"mode": mode, "cap_gib": float(cap), "refs": int(refs), "ok": False, "error": "skipped"})
             continue
         steps = args.steps if int(refs) == 0 else max(3, args.steps - 2)
         res = run_config(
-            mode, float(cap), int(refs), steps, args.overhead, load_mode, args.checkpoint, args.family, args.repeats
+            mode,
+            float(cap),
+            int(refs),
+            steps,
+            args.overhead,
+            load_mode,
+            args.checkpoint,
+            args.family,
+            args.repeats,
+            args.recipe_cap,
         )
         if res["log"]:
             print(res["log"][-4000:])

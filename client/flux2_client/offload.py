@@ -181,8 +181,12 @@ def plan_for(
     return plan_memory(spec_from_module(transformer, vae), workload, Budget(vram=vram, **kwargs), num_slots=num_slots)
 
 
-def apply_leaf_level_offloading(transformer: torch.nn.Module, device: torch.device | str) -> None:
-    """diffusers' group offloading at leaf level (with a side stream on CUDA) for an NF4 DiT.
+def apply_leaf_level_offloading(
+    transformer: torch.nn.Module, device: torch.device | str, *, low_cpu_mem_usage: bool = False
+) -> None:
+    """diffusers' group offloading at leaf level (with a side stream on CUDA) for an NF4 DiT;
+    `low_cpu_mem_usage` is diffusers' own option (pin each group's host copy when it is used instead of
+    all of them up front).
 
     bitsandbytes keeps NF4 scales in a QuantState beside each weight. Group offloading moves parameters,
     not that state, so it must already be on the execution device or the first forward reads host memory
@@ -197,4 +201,5 @@ def apply_leaf_level_offloading(transformer: torch.nn.Module, device: torch.devi
         offload_device=torch.device("cpu"),
         offload_type="leaf_level",
         use_stream=device.type == "cuda",
+        low_cpu_mem_usage=low_cpu_mem_usage,
     )
