@@ -1,9 +1,10 @@
 """Load generator for the served-path benchmark: one process, `--threads` concurrent gRPC clients.
 
 Each thread loops until `--stop-at` (a time.time() value): it sends one Encode request with one prompt
-from the pool and records when it started and ended, which prompt it was and the sha256 the server sent
-for the payload. The record goes to stdout as one JSON document. Several such processes together make
-the N concurrent clients (one Python process cannot receive 32 x 15.7 MB streams fast enough alone).
+from the pool and records when it started and ended, which prompt it was, the sha256 the server sent for
+the payload, the batching mode and the thread's index. The records go to stdout as one JSON document.
+Several such processes together make the N concurrent clients (one Python process cannot receive 32 x
+15.7 MB streams fast enough alone).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main() -> None:
 
     with open(args.prompts) as fh:
         pool: list[str] = json.load(fh)
-    records: list[tuple[float, float, int, str, int]] = []
+    records: list[tuple[float, float, int, str, int, int]] = []
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -53,7 +54,8 @@ def main() -> None:
                     continue
                 ended = time.time()
                 with lock:
-                    records.append((started, ended, idx, result.header.sha256.hex(), int(result.header.batching_mode)))
+                    mode = int(result.header.batching_mode)
+                    records.append((started, ended, idx, result.header.sha256.hex(), mode, thread_index))
 
     threads = [threading.Thread(target=worker, args=(args.first_thread + i,)) for i in range(args.threads)]
     for t in threads:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -252,6 +253,19 @@ def serve(
                 per_prompt[r[2]].add(r[3])
                 hashes_all[r[2]].add(r[3])
             spans = model_seconds()
+            # Time a client spent between the end of one of its requests and the start of its next (a closed
+            # loop's "think time": all of it is client-side work), and the device's idle gaps between batches.
+            by_thread: dict[int, list[tuple[float, float]]] = defaultdict(list)
+            for r in records:
+                by_thread[r[5]].append((r[0], r[1]))
+            gaps = [b[0] - a[1] for runs in by_thread.values() for a, b in itertools.pairwise(sorted(runs))]
+            done_batches = sorted(
+                (r for r in timed.records if r.finished_at is not None), key=lambda r: r.finished_at or 0.0
+            )
+            idle = [
+                max(0.0, later.launched_at - earlier.finished_at)  # type: ignore[operator]
+                for earlier, later in itertools.pairwise(done_batches)
+            ]
             served_prompts = sum(len(r.prompts) for r in timed.records if r.finished_at is not None)
             row = {
                 "clients": clients,
@@ -279,6 +293,10 @@ def serve(
                 "launch_ms_per_batch": round(1000 * statistics.mean(r.launch_seconds for r in timed.records), 1)
                 if timed.records
                 else None,
+                "client_gap_ms_median": round(1000 * statistics.median(gaps), 1) if gaps else None,
+                # A batch launched after the one before it finished: the device waited that long for work.
+                "device_idle_ms_between_batches_median": round(1000 * statistics.median(idle), 1) if idle else None,
+                "batches_launched_after_the_previous_finished": sum(g > 0 for g in idle),
             }
             if args.keep_model_rows:
                 row["model_rows"] = model_row_report(model_rows, per_prompt, pool)
