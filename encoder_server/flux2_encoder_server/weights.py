@@ -194,6 +194,26 @@ def load_decoder(
     return decoder, LoadReport("transformers", time.monotonic() - started, None, 0, ())
 
 
+def _transformers_model(
+    model: str,
+    family: EncoderFamily,
+    config: Any,
+    *,
+    subfolder: str,
+    revision: str | None,
+    token: str | bool | None,
+    dtype: torch.dtype,
+    device_map: str,
+) -> Any:
+    """The family's whole transformers model class (`family.model_class`) from the checkpoint."""
+    import transformers
+
+    model_cls = getattr(transformers, family.model_class)
+    return model_cls.from_pretrained(
+        model, subfolder=subfolder, revision=revision, token=token, config=config, dtype=dtype, device_map=device_map
+    )
+
+
 def _load_with_transformers(
     model: str,
     family: EncoderFamily,
@@ -207,15 +227,13 @@ def _load_with_transformers(
 ) -> Any:
     """The whole text encoder through transformers (vision tower and head included), then pruned; other
     precisions load it on the CPU and quantize one layer at a time on its way to `device`."""
-    import transformers
-
-    model_cls = getattr(transformers, family.model_class)
-    full = model_cls.from_pretrained(
+    full = _transformers_model(
         model,
+        family,
+        config,
         subfolder=subfolder,
         revision=revision,
         token=token,
-        config=config,
         dtype=dtype,
         device_map=str(device) if precision == "bf16" else "cpu",
     )
@@ -247,12 +265,9 @@ def load_full_model(
     """The whole text encoder through transformers, every tensor of the checkpoint on `device`: what prompt
     upsampling generates with (all decoder layers, the final norm, the output head and the vision tower).
     The engine reads its hidden states from the same layers (`engine.pruned_decoder_view`)."""
-    import transformers
-
     started = time.monotonic()
-    model_cls = getattr(transformers, family.model_class)
-    full = model_cls.from_pretrained(
-        model, subfolder=subfolder, revision=revision, token=token, config=config, dtype=dtype, device_map=str(device)
+    full = _transformers_model(
+        model, family, config, subfolder=subfolder, revision=revision, token=token, dtype=dtype, device_map=str(device)
     )
     full.eval().requires_grad_(False)
     return full, LoadReport("transformers", time.monotonic() - started, None, 0, ())
