@@ -7,6 +7,7 @@ test_server_operations.py, over a FakeEngine): one shared by the tests that can 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -47,16 +48,41 @@ asyncio.run(serve(settings, lambda _s: FakeEngine(device_ms_per_prompt=ms, disti
 """
 
 
-class Server:
-    """A `--frontends 2` server process and where it listens."""
+#: The same, with a stand-in upsampler on the engine ("<prompt> (upsampled <seed>)"), as `--upsampling` attaches
+#: the real one: what crosses the front-end is the subject, not the text (tests/test_upsample.py has that).
+_SERVE_FAKE_UPSAMPLING = _SERVE_FAKE.replace(
+    "asyncio.run(serve(settings, lambda _s: FakeEngine(device_ms_per_prompt=ms, distinct_rows=None)))",
+    """from flux2_encoder_server.upsample import Upsampled
+class EchoUpsampler:
+    supports_images = False
+    def generate(self, job, should_stop=lambda: False):
+        texts = [f"{p} (upsampled {job.seed})" for p in job.prompts]
+        return Upsampled(texts, job.seed, [1] * len(texts))
+def engine(_s):
+    fake = FakeEngine(device_ms_per_prompt=ms, distinct_rows=None)
+    fake.upsampler = EchoUpsampler()
+    return fake
+asyncio.run(serve(settings, engine))""",
+)
 
-    def __init__(self, log_path: Path, device_ms: float, *flags: str):
+
+class Server:
+    """A `--frontends 2` server process and where it listens (with `root_certificates`: a TLS server)."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        device_ms: float,
+        *flags: str,
+        script: str = _SERVE_FAKE,
+        root_certificates: bytes | None = None,
+    ):
         self.log_path = log_path
         args = ["--model", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--http-port", "0"]
         args += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--no-warmup", "--cache-bytes", "0"]
         args += ["--log-format", "json", "--frontends", "2", "--max-inflight-bytes", str(64 << 20), *flags]
         with log_path.open("w") as log:
-            cmd = [sys.executable, "-c", _SERVE_FAKE, str(device_ms), *args]
+            cmd = [sys.executable, "-c", script, str(device_ms), *args]
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         assert self.proc.stdout is not None
         lines = [self.proc.stdout.readline() for _ in range(3)]
@@ -70,7 +96,23 @@ class Server:
         self.target = found["grpc"].group(1)
         self.metrics_url = found["metrics"].group(1)
         self.http = f"http://{http.group(1)}"
-        wait_serving(self.target, self.proc, timeout=60)
+        if root_certificates is None:
+            wait_serving(self.target, self.proc, timeout=60)
+        else:
+            self._wait_serving_tls(grpc.ssl_channel_credentials(root_certificates))
+
+    def _wait_serving_tls(self, credentials: grpc.ChannelCredentials, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.secure_channel(self.target, credentials) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log_path.read_text()
+                with contextlib.suppress(grpc.RpcError):
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                time.sleep(0.2)
+        raise TimeoutError(f"TLS server at {self.target} not SERVING after {timeout:.0f}s")
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.metrics_url, timeout=10).text
@@ -184,6 +226,40 @@ def test_answers_through_frontends_are_the_engines_rows(shared: Server):
     served_by = {line.get("frontend_process") for line in shared.access_lines() if line["status"] == "OK"}
     assert served_by == {0, 1}  # 12 connections spread by the kernel (all on one: p = 2**-11)
     shared.wait_metric("response_ring_used_bytes", 0)
+
+
+# -- TLS and upsampling through the front-ends ----------------------------------------------------------------
+
+
+def test_tls_and_upsampling_through_frontends(tmp_path: Path, certs: dict[str, Path]):
+    """Each front-end process serves TLS with the server's own certificate (a plaintext client is refused),
+    and an Upsample call, and Encode's upsample option (rewritten prompt and its rows through the ring), pass
+    through a front-end unchanged."""
+    from flux2_client.encoder import RemoteEncoderError, UpsampleOptions
+    from flux2_client.remote import RemoteTextEncoder
+
+    ca = certs["ca"].read_bytes()
+    tls = ["--tls-cert", str(certs["server_cert"]), "--tls-key", str(certs["server_key"]), "--upsampling"]
+    server = Server(tmp_path / "tls.log", 0.0, *tls, script=_SERVE_FAKE_UPSAMPLING, root_certificates=ca)
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    try:
+        for i in range(12):  # 12 connections: both front-end processes serve TLS (all on one: p = 2**-11)
+            with RemoteTextEncoder(server.target, root_certificates=ca, channel_options=own_connection) as enc:
+                assert torch.equal(enc.encode([f"over TLS {i}"]).prompt_embeds, ALONE.encode([f"over TLS {i}"]))
+        with RemoteTextEncoder(server.target, root_certificates=ca, channel_options=own_connection) as enc:
+            options = UpsampleOptions(seed=7, max_new_tokens=8)
+            assert list(enc.upsample(["a fox"], options).prompts) == ["a fox (upsampled 7)"]
+            both = enc.encode(["a fox"], upsample=options)
+            assert both.upsampled_prompts == ("a fox (upsampled 7)",)
+            assert torch.equal(both.prompt_embeds, ALONE.encode(["a fox (upsampled 7)"]))
+        with RemoteTextEncoder(server.target, timeout=5) as plaintext, pytest.raises(RemoteEncoderError):
+            plaintext.encode("plaintext to a TLS port")
+        served_by = {line.get("frontend_process") for line in server.access_lines() if line["status"] == "OK"}
+        assert served_by == {0, 1}
+        server.wait_metric("response_ring_used_bytes", 0)
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
 
 
 # -- 5. bad input, unknown model, auth ----------------------------------------------------------------------

@@ -4,8 +4,6 @@ time): what is tested is who gets in, not the model's bytes."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -250,74 +248,6 @@ def test_per_token_concurrency_limit():
 
 
 # -- TLS ------------------------------------------------------------------------------------------------
-
-
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def build(subject, issuer, public_key, signing_key, *, ca=False, san=None, usage=None):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        if usage:
-            builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-        return builder.sign(signing_key, hashes.SHA256())
-
-    def pem_key(key) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = build(name("flux2-split test CA"), name("flux2-split test CA"), ca_key.public_key(), ca_key, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = build(
-        name("localhost"),
-        ca.subject,
-        server_key.public_key(),
-        ca_key,
-        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        usage=[ExtendedKeyUsageOID.SERVER_AUTH],
-    )
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = build(
-        name("trainer-7"), ca.subject, client_key.public_key(), ca_key, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]
-    )
-    files = {
-        "ca": ca.public_bytes(serialization.Encoding.PEM),
-        "server_cert": server.public_bytes(serialization.Encoding.PEM),
-        "server_key": pem_key(server_key),
-        "client_cert": client.public_bytes(serialization.Encoding.PEM),
-        "client_key": pem_key(client_key),
-    }
-    paths = {}
-    for key, data in files.items():
-        paths[key] = folder / f"{key}.pem"
-        paths[key].write_bytes(data)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> dict[str, Path]:
-    return _certificates(tmp_path_factory.mktemp("certs"))
 
 
 def test_tls(certs):
