@@ -290,6 +290,8 @@ def serve(
                 # Served model calls: ms per prompt inside the batch (compare with the engine rows).
                 "model_ms_per_prompt_served": round(1000 * sum(spans) / max(1, served_prompts), 2),
                 "model_busy_fraction": round(sum(spans) / seconds, 3),
+                # Host time in the engine's launch: the forward's kernel launches (since issue 15 the prompts are
+                # tokenized before, on the batcher's tokenizer thread; earlier runs counted tokenizing here too).
                 "launch_ms_per_batch": round(1000 * statistics.mean(r.launch_seconds for r in timed.records), 1)
                 if timed.records
                 else None,

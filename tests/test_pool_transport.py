@@ -218,10 +218,7 @@ def test_pool_info_is_the_same_over_grpc_and_http(grpc_and_http_server, rows_eng
     assert a.batching_mode == b.batching_mode == pb.BATCHING_MODE_REPRODUCIBLE
 
 
-def test_pool_speaks_mutual_tls_to_an_https_predict_url(scripted_http, tmp_path):
-    from test_server_security import _certificates  # the one test CA
-
-    certs = _certificates(tmp_path)
+def test_pool_speaks_mutual_tls_to_an_https_predict_url(scripted_http, certs):
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(certs["server_cert"], certs["server_key"])
     tls.load_verify_locations(certs["ca"])

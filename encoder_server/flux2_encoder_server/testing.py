@@ -245,6 +245,14 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._device_free_at = 0.0
         self._scratch = torch.zeros(8)
+        #: Present when the inner engine tokenizes ahead (`EncoderEngine.tokenize_rows` / `launch_rows`): the
+        #: server then serves this stand-in as it serves that engine, tokenizing on the batcher's tokenizer
+        #: thread. Each row travels with its prompt, so poison, gate and records work on prompts as before.
+        self.tokenize_rows: Callable[[list[str]], list[object]] | None = None
+        self.launch_rows: Callable[[list[object]], FakeBatch] | None = None
+        if inner is not None and hasattr(inner, "tokenize_rows") and hasattr(inner, "launch_rows"):
+            self.tokenize_rows = self._tokenize_rows
+            self.launch_rows = self._launch_rows
         if inner is None:
             self._fingerprint = make_fingerprint(
                 FAMILIES["mistral3"],
@@ -279,7 +287,16 @@ class FakeEngine:
         return inner_sizes if isinstance(inner_sizes, Counter) else self._own_batch_sizes
 
     def launch(self, prompts: list[str]) -> FakeBatch:
-        prompts = list(prompts)
+        return self._launch(list(prompts))
+
+    def _tokenize_rows(self, prompts: list[str]) -> list[object]:
+        return list(zip(prompts, self.inner.tokenize_rows(prompts), strict=True))  # type: ignore[union-attr]
+
+    def _launch_rows(self, items: list[object]) -> FakeBatch:
+        pairs: list[tuple[str, object]] = items  # type: ignore[assignment]
+        return self._launch([p for p, _ in pairs], inner_rows=[row for _, row in pairs])
+
+    def _launch(self, prompts: list[str], inner_rows: list[object] | None = None) -> FakeBatch:
         with self._lock:
             self.batches.append(prompts)
         self.entered.set()
@@ -294,7 +311,7 @@ class FakeEngine:
         started = time.perf_counter()
         for _ in range(self.launch_ops):
             self._scratch.add_(1.0)  # torch releases the GIL in each op, as in a kernel launch
-        rows = self._start(prompts, skip=poisoned)
+        rows = self._start(prompts, skip=poisoned, inner_rows=inner_rows)
         launched = time.perf_counter()
         record = BatchRecord(prompts, started, launched - started)
         with self._lock:
@@ -309,13 +326,13 @@ class FakeEngine:
         """launch + result, for callers outside the batcher."""
         return self.launch(prompts).result()
 
-    def _start(self, prompts: list[str], *, skip: bool) -> Callable[[], torch.Tensor]:
+    def _start(self, prompts: list[str], *, skip: bool, inner_rows: list[object] | None) -> Callable[[], torch.Tensor]:
         if skip:
             return lambda: torch.empty(0)
         if self.tokenize is not None:
             self.tokenize(prompts)
         if self.inner is not None:
-            handle = self.inner.launch(prompts)
+            handle = self.inner.launch(prompts) if inner_rows is None else self.inner.launch_rows(inner_rows)  # type: ignore[attr-defined]
             return handle.result
         # A row per prompt, the same for the same prompt whatever it is batched with; gathered into a
         # new tensor, as a real engine's output is new memory.
