@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -91,11 +92,11 @@ class Server:
             key: re.search(pattern, text)
             for key, pattern in (("grpc", r"listening on (\S+)\n"), ("metrics", r"metrics on (\S+)\n"))
         }
-        http = re.search(r"HTTP /predict on (\S+)\n", text)
+        http = re.search(r"HTTPS? /predict on (\S+)\n", text)
         assert found["grpc"] and found["metrics"] and http, text + log_path.read_text()
         self.target = found["grpc"].group(1)
         self.metrics_url = found["metrics"].group(1)
-        self.http = f"http://{http.group(1)}"
+        self.http = f"{'https' if http.group(0).startswith('HTTPS') else 'http'}://{http.group(1)}"
         if root_certificates is None:
             wait_serving(self.target, self.proc, timeout=60)
         else:
@@ -254,6 +255,11 @@ def test_tls_and_upsampling_through_frontends(tmp_path: Path, certs: dict[str, P
             assert torch.equal(both.prompt_embeds, ALONE.encode(["a fox (upsampled 7)"]))
         with RemoteTextEncoder(server.target, timeout=5) as plaintext, pytest.raises(RemoteEncoderError):
             plaintext.encode("plaintext to a TLS port")
+        assert server.http.startswith("https://")  # /predict is HTTPS with the same certificate
+        verify = ssl.create_default_context(cafile=str(certs["ca"]))
+        answer = httpx.post(server.http + "/predict", json={"prompt": ["https"]}, verify=verify, timeout=30)
+        assert answer.status_code == 200
+        assert torch.equal(torch.load(io.BytesIO(answer.content)), ALONE.encode(["https"]))
         served_by = {line.get("frontend_process") for line in server.access_lines() if line["status"] == "OK"}
         assert served_by == {0, 1}
         server.wait_metric("response_ring_used_bytes", 0)

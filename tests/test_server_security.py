@@ -4,11 +4,14 @@ time): what is tested is who gets in, not the model's bytes."""
 
 from __future__ import annotations
 
+import io
 import logging
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import torch
 from flux2_client.remote import RemoteEncoderError, RemoteTextEncoder
@@ -255,6 +258,7 @@ def test_tls(certs):
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),
         auth_tokens=f"alice:{ALICE}",
+        http_port=0,
     )
     thread = ServerThread(settings, lambda _s: FakeEngine()).start()
     ca = certs["ca"].read_bytes()
@@ -264,6 +268,16 @@ def test_tls(certs):
         assert _health(thread.target, grpc.ssl_channel_credentials(ca)) == health_pb2.HealthCheckResponse.SERVING
         with RemoteTextEncoder(thread.target, token=ALICE, timeout=5) as plaintext, pytest.raises(RemoteEncoderError):
             plaintext.encode("plaintext to a TLS port")
+        # /predict is HTTPS with the same certificate: the bearer token never crosses in the clear.
+        assert thread.http_url.startswith("https://")
+        verify = ssl.create_default_context(cafile=str(certs["ca"]))
+        headers = {"authorization": f"Bearer {ALICE}"}
+        url = thread.http_url + "/predict"
+        answer = httpx.post(url, json={"prompt": ["over HTTPS"]}, headers=headers, verify=verify, timeout=30)
+        assert answer.status_code == 200
+        assert torch.equal(torch.load(io.BytesIO(answer.content)), alone(["over HTTPS"]))
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port: no answer in the clear
+            httpx.post(url.replace("https://", "http://"), json={"prompt": ["x"]}, headers=headers, timeout=5)
     finally:
         thread.stop()
 
@@ -273,6 +287,7 @@ def test_mutual_tls(certs):
         tls_cert=str(certs["server_cert"]),
         tls_key=str(certs["server_key"]),
         tls_client_ca=str(certs["ca"]),
+        http_port=0,
     )
     thread = ServerThread(settings, lambda _s: FakeEngine()).start()
     ca = certs["ca"].read_bytes()
@@ -288,5 +303,15 @@ def test_mutual_tls(certs):
             with pytest.raises(RemoteEncoderError) as err:
                 no_cert.encode("no client certificate")
             assert err.value.code == grpc.StatusCode.UNAVAILABLE  # the handshake is refused
+        # HTTPS /predict asks for a client certificate too.
+        url = thread.http_url + "/predict"
+        with_cert = ssl.create_default_context(cafile=str(certs["ca"]))
+        with_cert.load_cert_chain(certs["client_cert"], certs["client_key"])
+        answer = httpx.post(url, json={"prompt": ["over mTLS"]}, verify=with_cert, timeout=30)
+        assert answer.status_code == 200
+        assert torch.equal(torch.load(io.BytesIO(answer.content)), alone(["over mTLS"]))
+        with pytest.raises(httpx.HTTPError):
+            no_cert_context = ssl.create_default_context(cafile=str(certs["ca"]))
+            httpx.post(url, json={"prompt": ["x"]}, verify=no_cert_context, timeout=5)
     finally:
         thread.stop()

@@ -611,9 +611,12 @@ class HttpFrontEnd:
         head_timeout_s: float = 30.0,
         on_head_timeout: Callable[[], None] = lambda: None,
         reuse_port: bool = False,
+        tls: dict[str, Any] | None = None,
     ):
         self.app = app
         self.reuse_port = reuse_port
+        #: uvicorn's ssl_* options (HTTPS with the gRPC port's certificate), None for plain HTTP.
+        self.tls = tls or {}
         self.host = host
         self.requested_port = port
         self.protocol = head_deadline_protocol(head_timeout_s, on_head_timeout)
@@ -625,7 +628,7 @@ class HttpFrontEnd:
         sock = _bind(self.host, self.requested_port, self.reuse_port)  # bound here so port 0 can be reported at once
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, http=self.protocol, lifespan="off", log_config=None, timeout_graceful_shutdown=None
+            self.app, http=self.protocol, lifespan="off", log_config=None, timeout_graceful_shutdown=None, **self.tls
         )
         server = _EmbeddedUvicorn(config)
         self._server = server

@@ -146,7 +146,9 @@ def bind_grpc(server: grpc.aio.Server, settings: Settings, credentials: grpc.Ser
 def http_front_end(
     core: Any, settings: Settings, is_serving: Callable[[], bool | Awaitable[bool]], *, reuse_port: bool = False
 ) -> HttpFrontEnd:
-    """The HTTP /predict front-end over `core` (not yet started)."""
+    """The HTTP /predict front-end over `core` (not yet started); HTTPS with the gRPC port's certificate (and
+    client-certificate rule) when --tls-cert / --tls-key are set: a bearer token never crosses in the clear on
+    one port of a server that protects the other."""
     dropped = core.metrics.dropped.labels("http_header_timeout", NO_MODEL)
     return HttpFrontEnd(
         create_app(core, is_serving),
@@ -155,7 +157,20 @@ def http_front_end(
         head_timeout_s=settings.http_read_timeout_s,
         on_head_timeout=dropped.inc,
         reuse_port=reuse_port,
+        tls=http_tls(settings),
     )
+
+
+def http_tls(settings: Settings) -> dict[str, Any] | None:
+    """uvicorn's ssl_* options for --tls-cert / --tls-key / --tls-client-ca (None without TLS)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    import ssl
+
+    options: dict[str, Any] = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    if settings.tls_client_ca:
+        options.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
 
 
 def reserve_ports(settings: Settings) -> tuple[int, int | None]:
@@ -430,7 +445,8 @@ async def serve(settings: Settings, engine_factory: EngineFactory = load_engine)
             f"flux2-encoder-server metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics", flush=True
         )
     if server.http_port is not None:
-        print(f"flux2-encoder-server HTTP /predict on {settings.host}:{server.http_port}", flush=True)
+        scheme = "HTTPS" if http_tls(settings) else "HTTP"
+        print(f"flux2-encoder-server {scheme} /predict on {settings.host}:{server.http_port}", flush=True)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
 

@@ -102,7 +102,8 @@ class ServerThread:
         port = self.run(self.server.start())
         self.target = f"127.0.0.1:{port}"
         if self.server.http_port is not None:
-            self.http_url = f"http://127.0.0.1:{self.server.http_port}"
+            scheme = "https" if self.server.settings.tls_cert else "http"
+            self.http_url = f"{scheme}://127.0.0.1:{self.server.http_port}"
         if load:
             self.run(self.server.load())
         return self
