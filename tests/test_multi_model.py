@@ -339,3 +339,25 @@ def test_upsampling_is_a_property_of_the_model_that_has_it():
         assert m.value("flux2_encoder_upsample_requests_total", {"model": "", "code": "NOT_FOUND"}) == 2
         assert m.value("flux2_encoder_upsample_prompts_total", {"model": "a"}) == 4
         assert m.value("flux2_encoder_upsample_prompts_total", {"model": "b"}) == 0
+
+
+def test_upsampling_flag_beside_a_klein_model_turns_upsampling_on_where_it_can(tiny, tiny_klein):
+    """`--upsampling` on a server hosting FLUX.2-dev's encoder and a Klein one: the FLUX.2-dev engine loads the
+    whole model and upsamples, the Klein engine loads for encoding only (it used to refuse the whole start);
+    alone, a Klein model with --upsampling is still one clear error; and a server where no hosted model can
+    upsample refuses to start with --upsampling."""
+    from flux2_encoder_server.server import load_engine
+
+    settings = Settings(model=f"dev={tiny.pipeline},klein={tiny_klein.distilled}", upsampling=True, device="cpu")
+    engines = {spec.name: load_engine(settings.for_model(spec)) for spec in settings.models}
+    assert engines["dev"].upsampler is not None and engines["klein"].upsampler is None
+    assert engines["klein"].encode(["a fox"]).shape[-1] == engines["klein"].embedding_dim
+    with pytest.raises(ValueError, match=r"--upsampling needs a FLUX\.2-dev"):
+        load_engine(Settings(model=str(tiny_klein.distilled), upsampling=True, device="cpu"))
+    fakes = local_settings("a=/models/a,b=/models/b", upsampling=True)
+    thread = ServerThread(fakes, lambda _s: FakeEngine())
+    try:
+        with pytest.raises(ValueError, match="none of the hosted models can upsample"):
+            thread.start()
+    finally:
+        thread.stop()

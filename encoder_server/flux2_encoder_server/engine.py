@@ -225,6 +225,7 @@ class EncoderEngine:
         token: str | bool | None = None,
         loader: str = "pruned",
         upsampling: bool = False,
+        upsampling_if_supported: bool = False,
     ) -> EncoderEngine:
         """Load from a hub repo id (black-forest-labs/FLUX.2-dev) or a local folder of the same layout.
 
@@ -236,6 +237,8 @@ class EncoderEngine:
         `upsampling`: load the whole text encoder instead (every layer, the output head, the vision tower)
         and attach an `Upsampler` over it (`engine.upsampler`); the engine runs the first layers of that
         same model, so encoding gives the same bytes and the weights are held once. bf16 only, no compile.
+        With `upsampling_if_supported` a model that cannot upsample (another family, precision or compile) loads
+        for encoding only instead of raising (a server hosting FLUX.2-dev beside a FLUX.2 [klein] model).
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -255,8 +258,12 @@ class EncoderEngine:
                 f"{model} has {text_config.num_hidden_layers} decoder layers; FLUX.2 reads layer {deepest}"
             )
         full_model = None
+        can_upsample = precision == "bf16" and not compile and fam.name == "mistral3"
+        if upsampling and not can_upsample and upsampling_if_supported:
+            log.info("%s: prompt upsampling is off for this model (it needs a FLUX.2-dev text encoder in bf16)", model)
+            upsampling = False
         if upsampling:
-            if precision != "bf16" or compile or fam.name != "mistral3":
+            if not can_upsample:
                 raise ValueError(
                     "--upsampling needs a FLUX.2-dev (mistral3) text encoder, --precision bf16 and no --compile "
                     "(generation shares the decoder layers with encoding; only bf16 eager layers can be shared)"

@@ -216,6 +216,9 @@ def load_engine(settings: Settings) -> EncoderEngine:
         batching_mode=settings.batching_mode,
         compile=settings.compile,
         upsampling=settings.upsampling,
+        # One server-wide flag: with several models it turns upsampling on for those that can (FLUX.2-dev's
+        # Mistral); `EncoderServer.load` refuses when none can.
+        upsampling_if_supported=settings.hosted_beside_others,
     )
     if settings.cuda_graphs:
         sizes = engine.capture_cuda_graphs(graph_batch_sizes(settings.max_batch_prompts, engine.min_batch))
@@ -346,6 +349,11 @@ class EncoderServer:
             fp = engine.fingerprint
             log.info("model %s: %s (digest %s) loaded", spec.name, fp.weights_id, fp.digest[:16])
             self._report_load(spec.name, engine, time.monotonic() - started)
+        if self.settings.upsampling and all(getattr(e, "upsampler", None) is None for e in self.engines.values()):
+            raise ValueError(
+                "--upsampling: none of the hosted models can upsample (it needs a FLUX.2-dev text encoder, "
+                "--precision bf16 and no --compile)"
+            )
         self._watcher = asyncio.get_running_loop().create_task(self._watch_engine())
         await self._refresh_health()
         log.info("SERVING %s", ", ".join(f"{name} ({e.fingerprint.weights_id})" for name, e in self.engines.items()))

@@ -20,7 +20,7 @@ import hmac
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .security import parse_token_lines
 
@@ -298,6 +298,10 @@ class Settings:
         choices=("auto", "json", "text"),
     )
 
+    #: Set by `for_model` on the settings of one model of several (server-wide flags such as --upsampling
+    #: then apply to the models that can take them); not a setting.
+    hosted_beside_others: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         # Normalised once, here: code that builds Settings directly may pass a secret as a plain str.
         for f in dataclasses.fields(self):
@@ -330,10 +334,12 @@ class Settings:
 
     def for_model(self, spec: ModelSpec) -> Settings:
         """These settings with `spec` as the only model: what the engine factory loads it with (the settings
-        themselves when they name that one model only)."""
+        themselves when they name that one model only). `hosted_beside_others` says the server hosts more."""
         if self.model == spec.source:
             return self
-        return dataclasses.replace(self, model=spec.source, default_model=None)
+        one = dataclasses.replace(self, model=spec.source, default_model=None)
+        object.__setattr__(one, "hosted_beside_others", True)
+        return one
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
