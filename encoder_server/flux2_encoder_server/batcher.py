@@ -20,8 +20,8 @@ so a burst of tasks cannot starve encoding, nor a flood of prompts the tasks. A 
 batches already launched (the device runs them in order) and is answered from the worker thread itself.
 A running task also shares its own time: it calls `should_stop()` between its steps (each generated
 token), and there, once it has run `task_slice_s` while prompts wait, the worker runs queued prompt batches
-for `(1 - task_share) / task_share` times that long before the task goes on. Without it one 512-token
-generation held the model for ~12 s and encoding fell to a tenth of its rate (H200, docs/benchmarks.md).
+for `(1 - task_share) / task_share` times that long before the task goes on. Without it one 256-token
+generation held the model for ~12 s and encoding fell to about a third of its rate (H200, docs/benchmarks.md).
 
 Tokenizing ahead: with `prepare` and `launch_prepared` (the engine's `tokenize_rows` / `launch_rows`), a
 third thread turns each queued request's prompts into model inputs as it arrives, in queue order, so the
