@@ -155,6 +155,27 @@ class Admission:
         self._core._release(self)
 
 
+class SendDeadline:
+    """`send_timeout_s` from the first write of an answer to its last: the deadline both request scopes
+    (`RequestScope`, and `remote_core.RemoteScope` in a front-end process) put on a transport's writes."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._deadline: float | None = None
+
+    async def write(self, write: Awaitable[T]) -> T:
+        """Await one write (which blocks while the client does not read); past the deadline it is cancelled
+        and SendTimeout raised."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.timeout_s
+        try:
+            # A deadline already past still lets a write that completes at once through.
+            return await asyncio.wait_for(write, max(self._deadline - now, 0.001))
+        except TimeoutError:
+            raise SendTimeout(f"the answer was not read within send_timeout_s={self.timeout_s:g}") from None
+
+
 class RequestScope:
     """One request through a front-end; see the module docstring."""
 
@@ -181,7 +202,7 @@ class RequestScope:
         self._held = contextlib.ExitStack()  # what the request holds (its admission) until it ends
         self._admission: Admission | None = None
         self._started = time.monotonic()
-        self._send_deadline: float | None = None
+        self._send_deadline = SendDeadline(core.settings.send_timeout_s)
 
     def __repr__(self) -> str:  # never the bearer token
         return (
@@ -293,17 +314,11 @@ class RequestScope:
         """Await one write of the answer (a front-end's transport write, which blocks while the client does
         not read) within the send deadline: `send_timeout_s` from the first write to the last. Past it the
         write is cancelled, the drop counted, and SendTimeout raised; the front-end then ends the call."""
-        now = time.monotonic()
-        if self._send_deadline is None:
-            self._send_deadline = now + self.core.settings.send_timeout_s
         try:
-            # A deadline already past still lets a write that completes at once through.
-            return await asyncio.wait_for(write, max(self._send_deadline - now, 0.001))
-        except TimeoutError:
+            return await self._send_deadline.write(write)
+        except SendTimeout:
             self.core.metrics.dropped.labels("send_timeout", self.model).inc()
-            raise SendTimeout(
-                f"the answer was not read within send_timeout_s={self.core.settings.send_timeout_s:g}"
-            ) from None
+            raise
 
     def add_bytes_sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes

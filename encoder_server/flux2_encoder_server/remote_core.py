@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import errors
-from .core import EncodeResult, clean_request_id
+from .core import EncodeResult, SendDeadline, clean_request_id
 from .errors import (
     ClientGone,
     ModelNotFound,
@@ -232,7 +232,7 @@ class RemoteScope:
         self._bearer_token = bearer_token
         self._opened = False
         self._ran = False
-        self._send_deadline: float | None = None
+        self._send_deadline = SendDeadline(core.settings.send_timeout_s)
         self._send_timed_out = False
 
     def __repr__(self) -> str:  # never the bearer token
@@ -340,17 +340,13 @@ class RemoteScope:
             self.stages[name] = self.stages.get(name, 0.0) + time.monotonic() - started
 
     async def send(self, write: Awaitable[T]) -> T:
-        """As `RequestScope.send`: one write of the answer within the send deadline."""
-        now = time.monotonic()
-        if self._send_deadline is None:
-            self._send_deadline = now + self.core.settings.send_timeout_s
+        """As `RequestScope.send`: one write of the answer within the send deadline (the model process counts
+        the drop when the scope ends)."""
         try:
-            return await asyncio.wait_for(write, max(self._send_deadline - now, 0.001))
-        except TimeoutError:
+            return await self._send_deadline.write(write)
+        except SendTimeout:
             self._send_timed_out = True
-            raise SendTimeout(
-                f"the answer was not read within send_timeout_s={self.core.settings.send_timeout_s:g}"
-            ) from None
+            raise
 
     def add_bytes_sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
