@@ -7,7 +7,6 @@ test_server_operations.py, over a FakeEngine): one shared by the tests that can 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -97,23 +96,8 @@ class Server:
         self.target = found["grpc"].group(1)
         self.metrics_url = found["metrics"].group(1)
         self.http = f"{'https' if http.group(0).startswith('HTTPS') else 'http'}://{http.group(1)}"
-        if root_certificates is None:
-            wait_serving(self.target, self.proc, timeout=60)
-        else:
-            self._wait_serving_tls(grpc.ssl_channel_credentials(root_certificates))
-
-    def _wait_serving_tls(self, credentials: grpc.ChannelCredentials, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.secure_channel(self.target, credentials) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, self.log_path.read_text()
-                with contextlib.suppress(grpc.RpcError):
-                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                time.sleep(0.2)
-        raise TimeoutError(f"TLS server at {self.target} not SERVING after {timeout:.0f}s")
+        credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates is not None else None
+        wait_serving(self.target, self.proc, timeout=60, credentials=credentials)
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.metrics_url, timeout=10).text

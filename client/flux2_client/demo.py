@@ -52,10 +52,13 @@ def start_server(model: str, extra_args: list[str], log_path: Path) -> tuple[sub
     return proc, f"127.0.0.1:{match.group(2)}"
 
 
-def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
-    """Poll grpc.health.v1 until SERVING (the model is loaded and warmed up)."""
+def wait_serving(
+    target: str, proc: subprocess.Popen, timeout: float = 600.0, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Poll grpc.health.v1 until SERVING (the model is loaded and warmed up); `credentials`: a TLS server."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel_cm = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel_cm as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
