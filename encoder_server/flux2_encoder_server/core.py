@@ -388,6 +388,7 @@ class EncoderCore:
         self._lock = threading.Lock()
         self._inflight_bytes = 0
         self._inflight_requests = 0
+        self._admitted_requests = 0
         self.metrics.track(self.metrics.inflight_bytes, lambda: self._inflight_bytes)
         self.metrics.track(self.metrics.inflight_requests, lambda: self._inflight_requests)
         memory = self.cache.memory
@@ -510,6 +511,12 @@ class EncoderCore:
         return self._inflight_requests
 
     @property
+    def admitted_requests(self) -> int:
+        """Requests holding an admission now: unlike `inflight_requests`, not those that entered a request
+        scope and have not been admitted yet (an HTTP request while its body arrives), which a drain refuses."""
+        return self._admitted_requests
+
+    @property
     def inflight_bytes(self) -> int:
         return self._inflight_bytes
 
@@ -626,6 +633,7 @@ class EncoderCore:
                 self.metrics.rejected.labels(exc.limit, hosted.name).inc()
                 raise
             self._inflight_bytes += nbytes
+            self._admitted_requests += 1
         return Admission(self, principal, nbytes)
 
     def _serving_fingerprint(self, hosted: HostedModel) -> Fingerprint:
@@ -694,6 +702,7 @@ class EncoderCore:
     def _release(self, admission: Admission) -> None:
         with self._lock:
             self._inflight_bytes -= admission.nbytes
+            self._admitted_requests -= 1
         self.limiter.release(admission.principal)
 
     def _enter(self) -> None:
