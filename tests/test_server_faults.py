@@ -391,3 +391,35 @@ def test_requests_are_tokenized_ahead_on_their_own_thread_while_a_batch_runs():
     assert [torch.equal(r.embeds, alone([p])) for r, p in zip(results, "abc", strict=True)] == [True] * 3
     with pytest.raises(ValueError, match="go together"):
         Batcher(fake.launch, prepare=prepare)
+
+
+@pytest.mark.parametrize("launch_lead_s", [0.05, None])
+def test_a_batch_fills_while_the_device_is_busy_instead_of_going_alone(launch_lead_s):
+    """Depth 2, 50 ms of imitated device time per prompt. While a batch of 4 runs (200 ms), one request
+    arrives, then three more 60 ms later. Filling (the default lead, 50 ms) launches the four together once
+    the device is about to finish; without it (None) the first went alone 5 ms after it arrived and the
+    three followed it (the fragmentation a closed loop of clients showed on an H200)."""
+    import asyncio
+
+    from flux2_encoder_server.batcher import Batcher
+
+    fake = FakeEngine(device_ms_per_prompt=50)
+    batcher = Batcher(fake.launch, max_batch_prompts=8, max_wait_s=0.005, launch_lead_s=launch_lead_s)
+
+    async def scenario():
+        await batcher.submit(["warm"])  # the device's time per prompt, measured
+        first = [asyncio.ensure_future(batcher.submit([p])) for p in "abcd"]
+        await asyncio.to_thread(wait_until, lambda: len(fake.batches) == 2, 30, "the batch of four")
+        late = [asyncio.ensure_future(batcher.submit(["e"]))]
+        await asyncio.sleep(0.06)
+        late += [asyncio.ensure_future(batcher.submit([p])) for p in "fgh"]
+        return await asyncio.gather(*first, *late)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        batcher.close()
+        batcher.join(5)
+    assert [r.embeds.shape[0] for r in results] == [1] * 8
+    sizes = [len(b) for b in fake.batches[1:]]
+    assert sizes == ([4, 4] if launch_lead_s is not None else [4, 1, 3]), fake.batches

@@ -225,6 +225,7 @@ NON_DEFAULT: dict[str, object] = {
     "http_max_body_bytes": 5000,
     "max_batch_prompts": 7,
     "max_wait_ms": 2.5,
+    "launch_lead_ms": 20.0,
     "pipeline_depth": 1,
     "max_prompts_per_request": 9,
     "max_prompt_chars": 99,

@@ -23,6 +23,15 @@ token), and there, once it has run `task_slice_s` while prompts wait, the worker
 for `(1 - task_share) / task_share` times that long before the task goes on. Without it one 256-token
 generation held the model for ~12 s and encoding fell to about a third of its rate (H200, docs/benchmarks.md).
 
+Filling while the device is busy: when a pipeline slot frees while an earlier batch still holds the device,
+the next batch need not go now; it keeps filling (up to `max_batch_prompts`) until the device is expected to
+finish the batches already launched within `launch_lead_s`, then goes. The device's time per prompt is the
+fastest of the last answered batches (an optimistic estimate launches early rather than leave the device
+idle). Without it, a closed loop of clients (each sends again once answered) broke into ever smaller
+batches: the first answered client's next request went alone 5 ms after it arrived, the others queued
+behind it, and small batches cost the device up to twice the time per prompt (H200, docs/benchmarks.md).
+With nothing launched, a batch waits at most `max_wait` as before, so a lone request's latency is unchanged.
+
 Tokenizing ahead: with `prepare` and `launch_prepared` (the engine's `tokenize_rows` / `launch_rows`), a
 third thread turns each queued request's prompts into model inputs as it arrives, in queue order, so the
 worker finds batch n+1 already tokenized while batch n runs and only stacks rows and launches. Every prompt
@@ -160,6 +169,7 @@ class Batcher:
         task_slice_s: float = 0.1,
         prepare: Callable[[list[str]], list[object]] | None = None,
         launch_prepared: Callable[[list[object]], torch.Tensor | PendingBatch] | None = None,
+        launch_lead_s: float | None = 0.05,
     ):
         if not 0 < task_share <= 1:
             raise ValueError(f"task_share must be in (0, 1], got {task_share}")
@@ -188,6 +198,11 @@ class Batcher:
         self._slots = threading.Semaphore(pipeline_depth)
         self._launched: SimpleQueue[_Launched | None] = SimpleQueue()
         self._last_finished = 0.0
+        # Filling while the device is busy (None: off): batches launched and not yet answered, as
+        # (launched at, prompts), and the device's recent seconds per prompt.
+        self.launch_lead_s = launch_lead_s
+        self._in_flight: deque[tuple[float, int]] = deque()
+        self._recent_s_per_prompt: deque[float] = deque(maxlen=8)
         self._thread = threading.Thread(target=self._run, name="encoder-worker", daemon=True)
         self._answerer = threading.Thread(target=self._answer_loop, name="encoder-answerer", daemon=True)
         self._preparer: threading.Thread | None = None
@@ -349,7 +364,8 @@ class Batcher:
         first_arrival = self._queue[0].enqueued_at
         while True:
             waiting = sum(len(j.prompts) - j.next_row for j in self._queue)
-            remaining = first_arrival + self.max_wait_s - time.monotonic()
+            go_at = max(first_arrival + self.max_wait_s, self._device_free_at() - (self.launch_lead_s or 0.0))
+            remaining = go_at - time.monotonic()
             if waiting >= self.max_batch_prompts or remaining <= 0 or self._closed:
                 break
             self._cond.wait(remaining)
@@ -369,6 +385,17 @@ class Batcher:
             if job.next_row == len(job.prompts):
                 self._queue.popleft()
         return batch
+
+    def _device_free_at(self) -> float:
+        """When the device is expected to finish the batches launched and not yet answered (a time.monotonic()
+        value; 0.0 when none are, or with filling off or no estimate yet). Under the lock."""
+        if self.launch_lead_s is None or not self._in_flight or not self._recent_s_per_prompt:
+            return 0.0
+        per_prompt = min(self._recent_s_per_prompt)
+        free_at = self._last_finished
+        for launched_at, prompts in self._in_flight:
+            free_at = max(free_at, launched_at) + per_prompt * prompts
+        return free_at
 
     def _drop(self, job: _Job, now: float) -> None:
         if job.cancelled.is_set():
@@ -415,6 +442,8 @@ class Batcher:
         if launched is None:
             self._slots.release()
         else:
+            with self._cond:
+                self._in_flight.append((launched.started, len(launched.prompts)))
             self._launched.put(launched)
 
     def _start(self, batch: list[tuple[_Job, int, int]]) -> _Launched | None:
@@ -516,6 +545,10 @@ class Batcher:
             except Exception:  # never let the answerer die either
                 log.exception("batcher: answering a batch failed")
             finally:
+                with self._cond:
+                    if self._in_flight:
+                        self._in_flight.popleft()  # answered in launch order
+                    self._cond.notify_all()  # a batch filling while the device was busy may go now
                 self._slots.release()
 
     def _answer(self, launched: _Launched) -> None:
@@ -533,6 +566,9 @@ class Batcher:
         # still running on the device when it was launched.
         started = max(launched.started, self._last_finished)
         self._last_finished = finished
+        if prompts:
+            with self._cond:  # the worker reads them under the lock
+                self._recent_s_per_prompt.append((finished - started) / len(prompts))
         if self._on_batch:
             stats = BatchStats(
                 prompts=len(prompts),

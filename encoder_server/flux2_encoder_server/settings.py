@@ -184,6 +184,12 @@ class Settings:
         "model batches launched on the device and not yet answered: at 2 the next batch is formed and launched "
         "while one runs, so the GPU does not idle between batches; 1 runs one batch at a time",
     )
+    launch_lead_ms: float = _setting(
+        50.0,
+        "while launched batches still hold the device, the next batch keeps filling until the device is "
+        "expected to finish them within this many ms, then goes (bigger batches, the device never idle); "
+        "0 launches it once --max-wait-ms has passed",
+    )
     # -- limits and backpressure (a full limit answers RESOURCE_EXHAUSTED at once) ---------------------
     max_prompts_per_request: int = _setting(64, "most prompts one Encode request may carry")
     max_prompt_chars: int = _setting(20000, "most characters in one prompt (longer prompts are refused)")
@@ -414,6 +420,8 @@ class Settings:
             out.append("--gil-switch-interval-ms must be between 0 (leave Python's value) and 100")
         if self.max_wait_ms < 0 or self.grace_period_s < 0 or self.rate_limit_prompts_per_s < 0:
             out.append("--max-wait-ms, --grace-period-s and --rate-limit-prompts-per-s must not be negative")
+        if self.launch_lead_ms < 0:
+            out.append("--launch-lead-ms must not be negative")
         if self.self_test_interval_s < 0:
             out.append("--self-test-interval-s must not be negative")
         for name in ("default_timeout_s", "send_timeout_s", "http_read_timeout_s"):
