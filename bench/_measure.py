@@ -98,3 +98,15 @@ def process_cpu_s() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def system_cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all the machine's cores since boot, from /proc/stat ((0, 0) elsewhere):
+    two readings give how many cores were busy in between, whoever used them."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)

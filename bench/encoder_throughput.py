@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -49,8 +50,9 @@ from typing import Any
 
 import torch
 
-from ._measure import GIB, Report, compare, log, measure, process_cpu_s, row_sha, sync
+from ._measure import GIB, Report, compare, log, measure, process_cpu_s, row_sha, sync, system_cpu_jiffies
 from ._models import ENCODERS, build_dit, build_encoder, build_qwen3_encoder, prompts
+from ._timeline import AccessLogStages, DeviceTimeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,6 +176,7 @@ def serve(
         device=args.device,
         max_batch_prompts=max_batch or args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        launch_lead_ms=args.launch_lead_ms,
         pipeline_depth=pipeline_depth,
         max_queued_requests=1024,
         chunk_bytes=chunk_bytes,
@@ -194,7 +197,8 @@ def serve(
             if sha not in seen and len(seen) < 3:
                 seen[sha] = row.clone()
 
-    timed = FakeEngine(engine, on_rows=keep_rows if args.keep_model_rows else None)
+    timeline = DeviceTimeline(engine) if str(args.device).startswith("cuda") else None
+    timed = FakeEngine(timeline or engine, on_rows=keep_rows if args.keep_model_rows else None)
 
     def model_seconds() -> list[float]:
         # A pipelined batch's model time starts when the one before it finished, not when it was launched.
@@ -215,6 +219,15 @@ def serve(
         (record,) = timed.records
         assert record.finished_at is not None
         alone.append(record.finished_at - record.launched_at)
+    # Device ms per prompt alone at the batch sizes served batches come in (for the starved-batch ratio).
+    alone_device: dict[int, float] = {}
+    if timeline is not None:
+        for size in (8, 16, 32):
+            timeline.reset()
+            for _ in range(2):
+                timed.encode(pool[:size])
+            device_ms = timeline.report({})["device_ms_per_prompt"]
+            alone_device[size] = device_ms
     pool_file = Path(tempfile.mkdtemp()) / "pool.json"
     pool_file.write_text(json.dumps(pool))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -223,6 +236,9 @@ def serve(
     try:
         for clients, seconds in patterns:
             timed.reset_counts()
+            if timeline is not None:
+                timeline.reset()
+            stages = AccessLogStages().__enter__()
             start_at = time.time() + args.client_startup_s
             stop_at = start_at + seconds
             procs = []
@@ -235,14 +251,41 @@ def serve(
             records, errors = [], 0
             while time.time() < start_at:
                 time.sleep(0.01)
-            t0, cpu0 = time.time(), process_cpu_s()
+            t0, cpu0, sys0 = time.time(), process_cpu_s(), system_cpu_jiffies()
+            # The machine's and this (the model) process's CPU over the load, read when the load stops.
+            at_stop: dict[str, Any] = {}
+
+            def read_at_stop(into: dict[str, Any] = at_stop) -> None:
+                into.update(system=system_cpu_jiffies(), model=process_cpu_s(), t=time.time())
+
+            reader = threading.Timer(max(0.0, stop_at - time.time()), read_at_stop)
+            reader.start()
+            client_cpu_s = 0.0
+            ready_late_s = 0.0  # a client whose warm-up ended after the load began started late
             for p in procs:
                 data = json.loads(p.communicate(timeout=seconds + args.client_startup_s + 300)[0])
                 records += data["records"]
                 errors += data["error_count"]
+                client_cpu_s += data.get("cpu_s", 0.0)
+                if data.get("last_ready_at") is not None:
+                    ready_late_s = max(ready_late_s, data["last_ready_at"] - start_at)
                 if data["errors"]:
                     log("client errors", data["errors"][:3])
             cpu_used = process_cpu_s() - cpu0
+            reader.join()
+            stages.__exit__()
+            load_s = max(1e-9, at_stop["t"] - t0)
+            ticks = max(1, at_stop["system"][1] - sys0[1])
+            cpu_fields = {
+                # Cores in use on average during the load: the whole machine, the model process (the server in
+                # this process, front-ends excluded), and the load clients' processes (all their threads).
+                "machine_busy_cores": round((at_stop["system"][0] - sys0[0]) / ticks * (os.cpu_count() or 1), 2),
+                "machine_cores": os.cpu_count(),
+                "model_process_cores": round((at_stop["model"] - cpu0) / load_s, 2),
+                "client_processes_cores": round(client_cpu_s / load_s, 2),
+                "client_processes": len(procs),
+                "clients_ready_late_s": round(ready_late_s, 2),
+            }
             # Steady state: requests that started after the first second and ended before stop_at.
             lo = start_at + min(2.0, seconds / 4)
             window = [r for r in records if r[0] >= lo and r[1] <= stop_at]
@@ -299,6 +342,9 @@ def serve(
                 # A batch launched after the one before it finished: the device waited that long for work.
                 "device_idle_ms_between_batches_median": round(1000 * statistics.median(idle), 1) if idle else None,
                 "batches_launched_after_the_previous_finished": sum(g > 0 for g in idle),
+                **cpu_fields,
+                **stages.medians(),
+                **(timeline.report(alone_device) if timeline is not None else {}),
             }
             if args.keep_model_rows:
                 row["model_rows"] = model_row_report(model_rows, per_prompt, pool)
@@ -322,11 +368,13 @@ def serve(
     results["switch_interval_s"] = switch_interval_s or previous_switch
     results["chunk_bytes"] = chunk_bytes
     results["model_ms_per_prompt_alone_b16"] = round(1000 * statistics.median(alone) / 16, 2)
+    results["device_ms_per_prompt_alone"] = alone_device
     results["threads_per_process"] = per_proc
     results["pipeline_depth"] = pipeline_depth
     results["max_batch_prompts"] = max_batch or args.max_batch
     results["cuda_graph_sizes"] = list(getattr(engine, "cuda_graph_sizes", ()))
     results["frontends"] = frontends
+    results["launch_lead_ms"] = args.launch_lead_ms
     results["by_clients"] = medians_by_clients(results["runs"])
     report[key] = results
 
@@ -354,16 +402,20 @@ def frontends_ab(report: Report, engine: Any, pool: list[str], args: argparse.Na
     """Issue 15: the engine alone at --max-batch (median of --reps) against the server with each
     --frontends-list value (0: today's single process), every --client-counts run --served-runs times;
     medians and ranges in `by_clients`, every response's sha256 checked against the engine's."""
-    bench_engine(report, engine, pool, argparse.Namespace(**{**vars(args), "batches": [args.max_batch]}), key)
+    # The engine at half the batch too: a closed loop of N clients with two batches in flight runs batches of
+    # about N / 2, whose rate is the served path's ceiling.
+    batches = sorted({max(1, args.max_batch // 2), args.max_batch})
+    bench_engine(report, engine, pool, argparse.Namespace(**{**vars(args), "batches": batches}), key)
     for spec in args.frontends_list:
         head, _, counts = spec.partition(":")  # "4" (every --client-counts) or "0:32" (only these counts)
         n = int(head)
         client_counts = [int(c) for c in counts.split(",")] if counts else args.client_counts
         patterns = [(c, args.served_seconds) for c in client_counts for _ in range(args.served_runs)]
         serve(report, engine, pool, args, f"{key}_served_frontends{n}", patterns, frontends=n)
-        engine_rate = report[key][0]["prompts_per_s"]
+        engine_rate = next(r["prompts_per_s"] for r in report[key] if r["batch"] == args.max_batch)
         for clients, row in report[f"{key}_served_frontends{n}"]["by_clients"].items():
             row["vs_engine"] = round(row["prompts_per_s"]["median"] / engine_rate, 3)
+            row["completions_vs_engine"] = round(row["completions_per_s"]["median"] / engine_rate, 3)
             log(key, f"frontends={n}", f"{clients} clients", row)
 
 
@@ -575,6 +627,7 @@ def main() -> None:
     parser.add_argument("--client-startup-s", type=float, default=8.0)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--launch-lead-ms", type=float, default=50.0, help="the server's --launch-lead-ms (0: off)")
     parser.add_argument("--tiers", nargs="+", default=["bf16", "fp8", "int8", "nf4"])
     parser.add_argument("--tier-batch", type=int, default=16)
     parser.add_argument("--serve-compiled", action="store_true", help="serve the torch.compile'd engine")
@@ -596,7 +649,12 @@ def main() -> None:
     parser.add_argument("--client-counts", type=int, nargs="+", default=[1, 8, 32, 64], help="frontends section")
     parser.add_argument("--served-runs", type=int, default=3, help="frontends section: runs per client count")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], help="frontends section")
+    parser.add_argument(
+        "--model-threads", type=int, default=None, help="torch.set_num_threads in this (the model) process"
+    )
     args = parser.parse_args()
+    if args.model_threads:
+        torch.set_num_threads(args.model_threads)
     report = Report(Path(args.out), "encoder_throughput")
     sections = set(args.sections.split(","))
 
@@ -605,7 +663,8 @@ def main() -> None:
     from flux2_encoder_server import EncoderEngine
     from flux2_encoder_server.precision import module_bytes
 
-    env = {"torch": torch.__version__, "argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    env = {"torch": torch.__version__, "argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}  # fmt: skip
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
@@ -693,7 +752,9 @@ def main() -> None:
                     engine = EncoderEngine.from_model(
                         full, tok, precision=precision, compile=args.serve_compiled, batching_mode="reproducible"
                     )
-                    engine.encode(pool[:2])
+                    # Every batch size the server may run, compiled before anything is timed.
+                    for size in range(1, args.max_batch + 1):
+                        engine.encode(pool[:size])
                 frontends_ab(report, engine, pool, args, f"frontends_{precision}")
                 if engine is not repro:
                     with contextlib.suppress(AttributeError):
