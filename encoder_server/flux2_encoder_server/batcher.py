@@ -27,10 +27,12 @@ Filling while the device is busy: when a pipeline slot frees while an earlier ba
 the next batch need not go now; it keeps filling (up to `max_batch_prompts`) until the device is expected to
 finish the batches already launched within `launch_lead_s`, then goes. The device's time per prompt is the
 fastest of the last answered batches (an optimistic estimate launches early rather than leave the device
-idle). Without it, a closed loop of clients (each sends again once answered) broke into ever smaller
-batches: the first answered client's next request went alone 5 ms after it arrived, the others queued
-behind it, and small batches cost the device up to twice the time per prompt (H200, docs/benchmarks.md).
-With nothing launched, a batch waits at most `max_wait` as before, so a lone request's latency is unchanged.
+idle). Without it, in a closed loop of clients (each sends again once answered) the first answered client's
+next request could go alone 5 ms after it arrived with the others queued behind it, and small batches cost
+the device up to twice the time per prompt (61-64 ms at 2 prompts vs 31 at 32 on an H200). Measured on the
+H200 at 32 clients the served rate was the same with and without it (docs/benchmarks.md); at 64 clients it
+ran full batches. With nothing launched, a batch waits at most `max_wait` as before, so a lone request's
+latency is unchanged.
 
 Tokenizing ahead: with `prepare` and `launch_prepared` (the engine's `tokenize_rows` / `launch_rows`), a
 third thread turns each queued request's prompts into model inputs as it arrives, in queue order, so the
