@@ -551,9 +551,8 @@ def test_remote_core_errors_keep_their_class_and_an_unreachable_model_process_is
             self.frames.append(data)
 
     state = {"default_model": "default", "ready": True, "live": True, "models": {}}
-    state["models"] = {
-        "default": {"is_default": True, "fingerprint": None, "embedding_dim": 0, "upsample_limits": None, "ready": True}
-    }
+    model = {"is_default": True, "fingerprint": None, "embedding_dim": 0, "upsample_limits": None, "ready": True}
+    state["models"] = {"default": {**model, "max_batch_prompts": 16, "max_queued_requests": 256}}
 
     async def scenario() -> None:
         core = RemoteCore(Settings(), Writer(), None, TokenAuthenticator({}), state)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ the client picks the hosted model whose width fits its DiT. Embeddings are check
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 
@@ -361,3 +362,56 @@ def test_upsampling_flag_beside_a_klein_model_turns_upsampling_on_where_it_can(t
             thread.start()
     finally:
         thread.stop()
+
+
+def test_each_model_loads_and_batches_with_its_own_model_settings(tiny, tiny_klein):
+    """`--model-setting NAME.SETTING=VALUE`: the Klein engine loads in dynamic batching mode beside a
+    reproducible FLUX.2-dev engine (real tiny models; the mode is in each fingerprint), and a model's own
+    batch and queue limits hold for its batches and show in Info, the other model keeping the server's."""
+    from flux2_encoder_server.server import load_engine
+
+    settings = Settings(
+        model=f"dev={tiny.pipeline},klein={tiny_klein.distilled}",
+        model_setting="klein.batching-mode=dynamic",
+        device="cpu",
+    )
+    engines = {spec.name: load_engine(settings.for_model(spec)) for spec in settings.models}
+    assert engines["dev"].fingerprint.batching_mode == "reproducible"
+    assert engines["klein"].fingerprint.batching_mode == "dynamic"
+
+    fakes = {"a": FakeEngine(width=64), "b": FakeEngine(width=96)}
+    own = "b.max_batch_prompts=2,b.max_queued_requests=7"
+    served = local_settings("a=/models/a,b=/models/b", cache_bytes=0, max_wait_ms=200, model_setting=own)
+    with (
+        ServerThread(served, lambda s: fakes[s.model.rsplit("/", 1)[1]]) as thread,
+        RemoteTextEncoder(thread.target, model="a") as a,
+        RemoteTextEncoder(thread.target, model="b") as b,
+    ):
+        limits = {m.name: m.limits for m in a.info().models}
+        a.encode([f"a{i}" for i in range(5)])
+        b.encode([f"b{i}" for i in range(5)])
+    assert (limits["a"].max_batch_prompts, limits["a"].max_queued_requests) == (16, served.max_queued_requests)
+    assert (limits["b"].max_batch_prompts, limits["b"].max_queued_requests) == (2, 7)
+    assert [len(batch) for batch in fakes["a"].batches] == [5]
+    assert [len(batch) for batch in fakes["b"].batches] == [2, 2, 1]
+
+
+def test_a_bad_model_setting_is_one_line_naming_the_entry():
+    base = ["--model", "dev=/a,klein=/b"]
+    cases = {
+        "klein.port=1": "'port' is not a per-model setting",
+        "other.precision=fp8": "no model is named 'other' (served: dev, klein)",
+        "dev.precision=fp4": "dev.precision='fp4': must be one of bf16, fp8, int8, nf4",
+        "dev.max-batch-prompts=0": "--max-batch-prompts must be at least 1 (model dev)",
+        "precision=fp8": "expected NAME.SETTING=VALUE",
+    }
+    for entry, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            settings = Settings(model="dev=/a,klein=/b", model_setting=entry)
+            problems = settings.problems()
+            if problems:
+                raise ValueError("; ".join(problems))
+    own = ["--model-setting", "dev.precision=fp8", "--model-setting", "klein.device=cuda:1"]
+    parsed = Settings.from_cli([*base, *own], {})
+    dev, klein = (parsed.for_model(spec) for spec in parsed.models)
+    assert (dev.precision, dev.device, klein.precision, klein.device) == ("fp8", None, "bf16", "cuda:1")

@@ -210,6 +210,7 @@ def test_cache_is_keyed_by_model_and_bounded_in_bytes():
 NON_DEFAULT: dict[str, object] = {
     "model": "some-org/some-model",
     "default_model": "default",
+    "model_setting": "default.max_batch_prompts=3",
     "revision": "0123abc",
     "text_encoder_subfolder": "te",
     "tokenizer_subfolder": "tok",

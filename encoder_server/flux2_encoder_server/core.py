@@ -380,7 +380,9 @@ class EncoderCore:
         self.cache = EmbeddingCache(settings.cache_bytes, settings.cache_dir, settings.cache_dir_bytes)
         #: Every hosted model by its served name, the default first.
         self.models: dict[str, HostedModel] = {
-            spec.name: HostedModel(spec.name, settings, self.metrics, is_default=spec.name == self.default_model)
+            spec.name: HostedModel(
+                spec.name, settings.for_model(spec), self.metrics, is_default=spec.name == self.default_model
+            )
             for spec in specs
         }
         self.draining = False

@@ -71,6 +71,8 @@ def core_state(core: EncoderCore) -> dict[str, Any]:
             "is_default": hosted.is_default,
             "fingerprint": None if fp is None else dataclasses.asdict(fp),
             "embedding_dim": hosted.embedding_dim,
+            "max_batch_prompts": hosted.max_batch_prompts,
+            "max_queued_requests": hosted.max_queued_requests,
             "upsample_limits": None if limits is None else dataclasses.asdict(limits),
             "ready": core.model_ready(name),
         }

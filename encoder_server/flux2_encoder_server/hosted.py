@@ -42,8 +42,12 @@ class HostedModel:
     def __init__(self, name: str, settings: Settings, metrics: Metrics, *, is_default: bool):
         self.name = name
         self.is_default = is_default
+        #: This model's settings: the server's with its own `--model-setting` values (`Settings.for_model`).
         self.settings = settings
         self.metrics = metrics
+        #: What Info and /info report of its own queue and batches.
+        self.max_batch_prompts = settings.max_batch_prompts
+        self.max_queued_requests = settings.max_queued_requests
         self.fingerprint: Fingerprint | None = None
         self.embedding_dim = 0
         self._batcher: Batcher | None = None

@@ -388,7 +388,8 @@ def create_app(core: EncoderCore, is_serving: Callable[[], bool | Awaitable[bool
             "limits": {
                 "max_prompts_per_request": s.max_prompts_per_request,
                 "max_prompt_chars": s.max_prompt_chars,
-                "max_queued_requests": s.max_queued_requests,
+                "max_queued_requests": hosted.max_queued_requests,
+                "max_batch_prompts": hosted.max_batch_prompts,
                 "http_max_body_bytes": s.http_max_body_bytes,
             },
             **_upsampling_info(hosted),

@@ -66,6 +66,8 @@ class RemoteModel:
     embedding_dim: int
     upsample_limits: UpsampleLimits | None
     ready: bool
+    max_batch_prompts: int
+    max_queued_requests: int
 
 
 class _CounterRelay:
@@ -129,6 +131,8 @@ class RemoteCore:
                 embedding_dim=int(entry["embedding_dim"]),
                 upsample_limits=None if limits is None else UpsampleLimits(**limits),
                 ready=bool(entry["ready"]),
+                max_batch_prompts=int(entry["max_batch_prompts"]),
+                max_queued_requests=int(entry["max_queued_requests"]),
             )
         self.models = models
         self._ready, self._live = bool(state["ready"]), bool(state["live"])

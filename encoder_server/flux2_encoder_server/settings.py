@@ -6,7 +6,9 @@ default. Nothing else in the server reads the environment.
 
 The models a server hosts come from `--model`, repeatable as `--model NAME=REPO_OR_PATH` (in the
 environment: comma-separated, `FLUX2_ENCODER_MODEL=flux2-dev=REPO,klein-4b=REPO`); a single `--model REPO`
-serves one model named `default`. `Settings.models` is that list, parsed once here.
+serves one model named `default`. `Settings.models` is that list, parsed once here. A model's own settings
+(its precision, device, batching, ...; `PER_MODEL_SETTINGS`) can differ from the server's with
+`--model-setting NAME.SETTING=VALUE` (`flux2-dev.precision=fp8`); `Settings.for_model` applies them.
 
 Secret settings (bearer tokens) are held as `SecretStr`: `repr(settings)`, `--help`, logs and error
 messages show a mask, never the value; only `get_secret_value()` gives it, where it is used.
@@ -70,6 +72,47 @@ def parse_model_specs(raw: str) -> tuple[ModelSpec, ...]:
     return tuple(specs)
 
 
+#: The settings a model may have of its own (`--model-setting NAME.SETTING=VALUE`): what its engine is loaded
+#: with and what its own queue and batches follow. The rest (ports, limits of a request, auth, cache, the
+#: in-flight bytes) is the server's.
+PER_MODEL_SETTINGS = (
+    "revision",
+    "text_encoder_subfolder",
+    "tokenizer_subfolder",
+    "device",
+    "precision",
+    "batching_mode",
+    "compile",
+    "cuda_graphs",
+    "max_batch_prompts",
+    "max_wait_ms",
+    "pipeline_depth",
+    "launch_lead_ms",
+    "max_queued_requests",
+)
+
+
+def parse_model_settings(entries: str) -> dict[str, dict[str, str]]:
+    """`--model-setting` as given (comma-separated `NAME.SETTING=VALUE`): {model name: {setting: raw value}}.
+    Raises ValueError naming the bad entry. Values are converted and checked by `Settings`."""
+    out: dict[str, dict[str, str]] = {}
+    for i, entry in enumerate((e.strip() for e in entries.split(",") if e.strip()), 1):
+        target, sep, value = entry.partition("=")
+        name, dot, setting = target.strip().rpartition(".")
+        setting = setting.strip().replace("-", "_")
+        if not sep or not dot or not name:
+            raise ValueError(f"--model-setting entry {i} ({entry[:80]!r}): expected NAME.SETTING=VALUE")
+        if setting not in PER_MODEL_SETTINGS:
+            allowed = ", ".join(n.replace("_", "-") for n in PER_MODEL_SETTINGS)
+            shown = setting.replace("_", "-")
+            raise ValueError(f"--model-setting entry {i}: {shown!r} is not a per-model setting (one of: {allowed})")
+        per_model = out.setdefault(name.strip(), {})
+        if setting in per_model:
+            raise ValueError(f"--model-setting entry {i}: {name.strip()}.{setting.replace('_', '-')} is given twice")
+        per_model[setting] = value.strip()
+    return out
+
+
 class SecretStr:
     """A string that does not print itself: str(), repr() and format() give a mask."""
 
@@ -126,7 +169,16 @@ class Settings:
     default_model: str | None = _setting(
         None, "name of the model that requests naming none get (and HTTP /predict serves); default: the first --model"
     )
-    revision: str | None = _setting(None, "hub revision (branch, tag or commit) of --model (one model only)")
+    model_setting: str = _setting(
+        "",
+        "a setting of one model that differs from the server's, as NAME.SETTING=VALUE (e.g. flux2-dev.precision=fp8, "
+        "klein-4b.max-batch-prompts=32; NAME default for a plain --model); repeat it (comma-separated in the "
+        "environment variable). Per-model settings: " + ", ".join(n.replace("_", "-") for n in PER_MODEL_SETTINGS),
+        repeatable=True,
+    )
+    revision: str | None = _setting(
+        None, "hub revision (branch, tag or commit) of --model (one model; several: --model-setting NAME.revision=)"
+    )
     text_encoder_subfolder: str = _setting("text_encoder", "subfolder of --model with the encoder weights")
     tokenizer_subfolder: str = _setting("tokenizer", "subfolder of --model with the tokenizer")
     device: str | None = _setting(None, "torch device for the encoder; default cuda if available, else cpu")
@@ -320,6 +372,28 @@ class Settings:
         except ValueError as exc:
             specs = str(exc)
         object.__setattr__(self, "_model_specs", specs)
+        try:
+            overrides: dict[str, dict[str, Any]] | str = self._converted_model_settings()
+        except ValueError as exc:
+            overrides = str(exc)
+        object.__setattr__(self, "_model_overrides", overrides)
+
+    def _converted_model_settings(self) -> dict[str, dict[str, Any]]:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        out: dict[str, dict[str, Any]] = {}
+        for name, raw in parse_model_settings(self.model_setting).items():
+            for setting, value in raw.items():
+                f = fields[setting]
+                flag = f"--model-setting {name}.{setting.replace('_', '-')}"
+                try:
+                    converted = _converter(f)(value)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{flag}={value[:40]!r}: {exc}") from None
+                choices = f.metadata.get("choices")
+                if choices and converted not in choices:
+                    raise ValueError(f"{flag}={value[:40]!r}: must be one of {', '.join(choices)}")
+                out.setdefault(name, {})[setting] = converted
+        return out
 
     @property
     def models(self) -> tuple[ModelSpec, ...]:
@@ -341,10 +415,15 @@ class Settings:
     def for_model(self, spec: ModelSpec) -> Settings:
         """These settings with `spec` as the only model: what the engine factory loads it with (the settings
         themselves when they name that one model only). `hosted_beside_others` says the server hosts more."""
-        if self.model == spec.source:
+        if self.model == spec.source and not self.model_setting:
             return self
-        one = dataclasses.replace(self, model=spec.source, default_model=None)
-        object.__setattr__(one, "hosted_beside_others", True)
+        overrides = self._model_overrides  # type: ignore[attr-defined]
+        own = overrides.get(spec.name, {}) if isinstance(overrides, dict) else {}
+        if self.model == spec.source and not own:
+            return self
+        one = dataclasses.replace(self, model=spec.source, default_model=None, model_setting="", **own)
+        if self.model != spec.source:
+            object.__setattr__(one, "hosted_beside_others", True)
         return one
 
     @classmethod
@@ -462,7 +541,25 @@ class Settings:
         if self.default_model is not None and self.default_model not in names:
             out.append(f"--default-model {self.default_model!r} is not one of the --model names: {', '.join(names)}")
         if self.revision is not None and len(specs) > 1:
-            out.append("--revision pins one model; with several --model entries, serve pinned local folders instead")
+            out.append(
+                "--revision pins one model; with several --model entries, pin each with "
+                "--model-setting NAME.revision=REV (or serve pinned local folders)"
+            )
+        overrides = self._model_overrides  # type: ignore[attr-defined]
+        if isinstance(overrides, str):
+            return [*out, overrides]
+        for name in overrides:
+            if name not in names:
+                out.append(f"--model-setting {name}.*: no model is named {name!r} (served: {', '.join(names)})")
+        server_wide: set[str] | None = None
+        for spec in specs:
+            if spec.name in overrides:
+                # The model's own settings obey the same rules as the server's (e.g. --max-batch-prompts >= 1);
+                # what is wrong with the server's own settings is reported once, by the caller.
+                if server_wide is None:
+                    server_wide = set(dataclasses.replace(self, model_setting="").problems())
+                own = [p for p in self.for_model(spec).problems() if p not in server_wide]
+                out.extend(f"{p} (model {spec.name})" for p in own)
         return out
 
     def _token_problems(self) -> list[str]:
