@@ -47,7 +47,21 @@ def _kustomizations() -> list[Path]:
 
 KUSTOMIZATIONS = _kustomizations()
 MODEL_CACHE = K8S / "model-cache"
-FLEETS = [k for k in KUSTOMIZATIONS if k != MODEL_CACHE]  # each renders one encoder Deployment
+# Each fleet renders one encoder Deployment; a fleet whose models differ from k8s/model-cache's has a
+# model-cache kustomization of its own beside it.
+FLEETS = [k for k in KUSTOMIZATIONS if k.name != "model-cache"]
+
+
+def model_cache_of(fleet: Path) -> Path:
+    return fleet / "model-cache" if (fleet / "model-cache").is_dir() else MODEL_CACHE
+
+
+def filled_models(fill: dict) -> dict[str, tuple[str, str]]:
+    """The fill Job's MODELS: {folder: (repo, revision)}."""
+    (models,) = [e["value"] for e in fill["env"] if e["name"] == "MODELS"]
+    lines = [line.split() for line in models.splitlines() if line.strip()]
+    assert all(len(parts) == 3 for parts in lines), models
+    return {folder: (repo, revision) for repo, revision, folder in lines}
 
 
 def ids(path: Path) -> str:
@@ -177,7 +191,7 @@ def test_replicas_read_the_weights_the_model_cache_fills(path):
     docs = render(path)
     deployment, container, settings = server_settings(docs)
     pod = deployment["spec"]["template"]["spec"]
-    cache = render(MODEL_CACHE)
+    cache = render(model_cache_of(path))
     job = one(cache, "Job")
     (fill,) = job["spec"]["template"]["spec"]["containers"]
     claim = one(cache, "PersistentVolumeClaim")
@@ -192,18 +206,55 @@ def test_replicas_read_the_weights_the_model_cache_fills(path):
         (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
         return {"path": mount["mountPath"], "read_only": mount.get("readOnly", False), "volume": volume}
 
-    fill_env = {e["name"]: e["value"] for e in fill["env"] if "value" in e}
     written = claim_mount(job["spec"]["template"]["spec"], fill)
     read = claim_mount(pod, container)
-    assert fill_env["MODEL_DIR"] == settings.model, "the Job fills the folder the server is told to read"
-    assert Path(settings.model).is_relative_to(read["path"]) and read["path"] == written["path"]
+    filled = filled_models(fill)
+    for spec in settings.models:  # the server's own parse of --model: every folder it reads is filled
+        assert spec.source in filled, f"model {spec.name}: the Job does not fill {spec.source}"
+        assert Path(spec.source).is_relative_to(read["path"])
+    assert read["path"] == written["path"]
     assert read["read_only"] and read["volume"]["persistentVolumeClaim"].get("readOnly")
     assert not written["read_only"]
-    # A replica that starts first waits for the Job's marker instead of reading a half-written folder.
+    # A replica that starts first waits for the Job's marker in each folder instead of reading a
+    # half-written one (both scripts run in test_model_cache_scripts_fill_and_wait_for_every_folder).
     (wait,) = pod["initContainers"]
-    marker = re.search(r'-f "\$FLUX2_ENCODER_MODEL/([^"]+)"', wait["args"][0])
+    marker = re.search(r'-f "\$dir/([^"]+)"', wait["args"][0])
     assert marker and marker.group(1) in fill["args"][0]
     assert wait["envFrom"] == container["envFrom"]
+
+
+@needs_kubectl
+def test_model_cache_scripts_fill_and_wait_for_every_folder(tmp_path):
+    """The fill Job's script and the replicas' wait script, run by sh: the Job writes each MODELS folder's
+    marker after its download (a stand-in `hf` on PATH records the calls); the wait returns once every folder
+    of a two-model FLUX2_ENCODER_MODEL has its marker and keeps waiting, naming the folder, while one lacks it."""
+    fleet = K8S / "overlays" / "h100-dev-and-klein"
+    (fill,) = one(render(model_cache_of(fleet)), "Job")["spec"]["template"]["spec"]["containers"]
+    (wait,) = one(render(fleet), "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    folders = {str(tmp_path / "m" / str(i)): (repo, rev) for i, (repo, rev) in enumerate(filled_models(fill).values())}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "hf").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "hf").chmod(0o755)
+    models = "\n".join(f"{repo} {rev} {folder}" for folder, (repo, rev) in folders.items())
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MODELS": models}
+    for folder in folders:
+        Path(folder).mkdir(parents=True)  # `hf download --local-dir` creates it; the stand-in does not
+    subprocess.run(["sh", "-c", fill["args"][0]], env=env, check=True, capture_output=True, timeout=30)
+    assert len(calls.read_text().splitlines()) == len(folders) == 2
+    assert all((Path(folder) / ".flux2-fill-complete").is_file() for folder in folders)
+
+    first, second = folders
+    served = f"flux2-dev={first},klein-4b={second}"
+    done = subprocess.run(["sh", "-c", wait["args"][0]], env={"PATH": "/usr/bin:/bin", "FLUX2_ENCODER_MODEL": served},
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (Path(second) / ".flux2-fill-complete").unlink()
+    with pytest.raises(subprocess.TimeoutExpired) as waiting:
+        subprocess.run(["sh", "-c", wait["args"][0]], env={"PATH": "/usr/bin:/bin", "FLUX2_ENCODER_MODEL": served},
+                       capture_output=True, text=True, timeout=2)  # fmt: skip
+    assert f"waiting for {second}" in (waiting.value.stdout or b"").decode()
 
 
 @needs_kubectl
