@@ -552,11 +552,13 @@ def test_remote_core_errors_keep_their_class_and_an_unreachable_model_process_is
 
     state = {"default_model": "default", "ready": True, "live": True, "models": {}}
     model = {"is_default": True, "fingerprint": None, "embedding_dim": 0, "upsample_limits": None, "ready": True}
-    state["models"] = {"default": {**model, "max_batch_prompts": 16, "max_queued_requests": 256}}
+    state["models"] = {"default": {**model, "max_batch_prompts": 3, "max_queued_requests": 7}}
 
     async def scenario() -> None:
         core = RemoteCore(Settings(), Writer(), None, TokenAuthenticator({}), state)  # type: ignore[arg-type]
         assert core.ready and core.model_ready("default")
+        hosted = core.model("default")  # a model's own limits, as Info and /info report them (--model-setting)
+        assert (hosted.max_batch_prompts, hosted.max_queued_requests) == (3, 7)
         opening = asyncio.ensure_future(core.request("grpc").__aenter__())
         await asyncio.sleep(0)
         core.disconnected()  # the model process is gone: waiting requests fail, health NOT_SERVING
