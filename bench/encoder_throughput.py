@@ -177,6 +177,7 @@ def serve(
         max_batch_prompts=max_batch or args.max_batch,
         max_wait_ms=args.max_wait_ms,
         launch_lead_ms=args.launch_lead_ms,
+        balance_batches=args.balance_batches,
         pipeline_depth=pipeline_depth,
         max_queued_requests=1024,
         chunk_bytes=chunk_bytes,
@@ -375,6 +376,7 @@ def serve(
     results["cuda_graph_sizes"] = list(getattr(engine, "cuda_graph_sizes", ()))
     results["frontends"] = frontends
     results["launch_lead_ms"] = args.launch_lead_ms
+    results["balance_batches"] = args.balance_batches
     results["by_clients"] = medians_by_clients(results["runs"])
     report[key] = results
 
@@ -628,6 +630,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--launch-lead-ms", type=float, default=50.0, help="the server's --launch-lead-ms (0: off)")
+    parser.add_argument("--balance-batches", action="store_true", help="the server's --balance-batches")
     parser.add_argument("--tiers", nargs="+", default=["bf16", "fp8", "int8", "nf4"])
     parser.add_argument("--tier-batch", type=int, default=16)
     parser.add_argument("--serve-compiled", action="store_true", help="serve the torch.compile'd engine")

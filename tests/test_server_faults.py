@@ -423,3 +423,35 @@ def test_a_batch_fills_while_the_device_is_busy_instead_of_going_alone(launch_le
     assert [r.embeds.shape[0] for r in results] == [1] * 8
     sizes = [len(b) for b in fake.batches[1:]]
     assert sizes == ([4, 4] if launch_lead_s is not None else [4, 1, 3]), fake.batches
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_balanced_batches_even_out_a_closed_loop_of_clients(balance):
+    """Eight closed-loop clients (each sends again once answered), six starting first: with two batches in
+    flight they run as groups of 6 and 2 for as long as they run; with `balance_batches` the next batch holds
+    at most half of what is queued and launched, and the groups even out to 4 and 4."""
+    import asyncio
+
+    from flux2_encoder_server.batcher import Batcher
+
+    fake = FakeEngine(device_ms_per_prompt=20)
+    batcher = Batcher(fake.launch, max_batch_prompts=8, max_wait_s=0.005, balance_batches=balance)
+
+    async def client(name: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        for i in range(6):
+            await batcher.submit([f"{name} {i}"])
+
+    async def scenario():
+        await batcher.submit(["warm"])  # the device's time per prompt, measured
+        await asyncio.gather(*(client(f"c{k}", 0.0 if k < 6 else 0.03) for k in range(8)))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.close()
+        batcher.join(5)
+    sizes = [len(b) for b in fake.batches[1:]]
+    assert sizes[:2] == [6, 2], sizes
+    settled = sizes[4:8]
+    assert settled == ([4, 4, 4, 4] if balance else [6, 2, 6, 2]), sizes

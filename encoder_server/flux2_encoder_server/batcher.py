@@ -34,6 +34,13 @@ H200 at 32 clients the served rate was the same with and without it (docs/benchm
 ran full batches. With nothing launched, a batch waits at most `max_wait` as before, so a lone request's
 latency is unchanged.
 
+Balancing (`balance_batches`, off by default): while batches are launched, the next one holds at most
+1/`pipeline_depth` of the prompts queued and launched (rounded up). A closed loop of N clients with two
+batches in flight runs in two groups whose sizes otherwise stay whatever they first were: a Klein 4B encoder
+served 32 clients in groups of 7 and 25 at 14.0 ms of device time per prompt, in groups of 14 and 18 at 11.0
+(same run, H200, docs/benchmarks.md); with the cap the groups even out within a cycle. The cost: under an
+open load that just rose, a batch can be smaller than the queue would allow. Not yet measured on a GPU.
+
 Tokenizing ahead: with `prepare` and `launch_prepared` (the engine's `tokenize_rows` / `launch_rows`), a
 third thread turns each queued request's prompts into model inputs as it arrives, in queue order, so the
 worker finds batch n+1 already tokenized while batch n runs and only stacks rows and launches. Every prompt
@@ -172,6 +179,7 @@ class Batcher:
         prepare: Callable[[list[str]], list[object]] | None = None,
         launch_prepared: Callable[[list[object]], torch.Tensor | PendingBatch] | None = None,
         launch_lead_s: float | None = 0.05,
+        balance_batches: bool = False,
     ):
         if not 0 < task_share <= 1:
             raise ValueError(f"task_share must be in (0, 1], got {task_share}")
@@ -203,6 +211,7 @@ class Batcher:
         # Filling while the device is busy (None: off): batches launched and not yet answered, as
         # (launched at, prompts), and the device's recent seconds per prompt.
         self.launch_lead_s = launch_lead_s
+        self.balance_batches = balance_batches
         self._in_flight: deque[tuple[float, int]] = deque()
         self._recent_s_per_prompt: deque[float] = deque(maxlen=8)
         self._thread = threading.Thread(target=self._run, name="encoder-worker", daemon=True)
@@ -373,6 +382,9 @@ class Batcher:
             self._cond.wait(remaining)
         batch: list[tuple[_Job, int, int]] = []
         room = self.max_batch_prompts
+        if self.balance_batches and self._in_flight:
+            launched = sum(prompts for _, prompts in self._in_flight)
+            room = min(room, -(-(waiting + launched) // self.pipeline_depth))
         now = time.monotonic()
         while self._queue and room > 0:
             job = self._queue[0]

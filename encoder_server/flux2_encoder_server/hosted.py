@@ -79,6 +79,7 @@ class HostedModel:
             max_queued_requests=s.max_queued_requests,
             pipeline_depth=s.pipeline_depth,
             launch_lead_s=s.launch_lead_ms / 1000 if s.launch_lead_ms > 0 else None,
+            balance_batches=s.balance_batches,
             on_batch=self._on_batch,
             on_drop=lambda reason: self.metrics.dropped.labels(reason, self.name).inc(),
             max_queued_tasks=s.upsample_max_queued_requests,
