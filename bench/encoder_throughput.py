@@ -239,42 +239,42 @@ def serve(
             timed.reset_counts()
             if timeline is not None:
                 timeline.reset()
-            stages = AccessLogStages().__enter__()
-            start_at = time.time() + args.client_startup_s
-            stop_at = start_at + seconds
-            procs = []
-            for first in range(0, clients, per_proc):
-                n = min(per_proc, clients - first)
-                cmd = [sys.executable, "-m", "bench._load_clients", "--target", server.target,
-                       "--threads", str(n), "--prompts", str(pool_file), "--start-at", str(start_at),
-                       "--stop-at", str(stop_at), "--first-thread", str(first)]  # fmt: skip
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT))
-            records, errors = [], 0
-            while time.time() < start_at:
-                time.sleep(0.01)
-            t0, cpu0, sys0 = time.time(), process_cpu_s(), system_cpu_jiffies()
-            # The machine's and this (the model) process's CPU over the load, read when the load stops.
-            at_stop: dict[str, Any] = {}
+            # The server's access log records (one per request, with its stage times) while the load runs.
+            with AccessLogStages() as stages:
+                start_at = time.time() + args.client_startup_s
+                stop_at = start_at + seconds
+                procs = []
+                for first in range(0, clients, per_proc):
+                    n = min(per_proc, clients - first)
+                    cmd = [sys.executable, "-m", "bench._load_clients", "--target", server.target,
+                           "--threads", str(n), "--prompts", str(pool_file), "--start-at", str(start_at),
+                           "--stop-at", str(stop_at), "--first-thread", str(first)]  # fmt: skip
+                    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT))
+                records, errors = [], 0
+                while time.time() < start_at:
+                    time.sleep(0.01)
+                t0, cpu0, sys0 = time.time(), process_cpu_s(), system_cpu_jiffies()
+                # The machine's and this (the model) process's CPU over the load, read when the load stops.
+                at_stop: dict[str, Any] = {}
 
-            def read_at_stop(into: dict[str, Any] = at_stop) -> None:
-                into.update(system=system_cpu_jiffies(), model=process_cpu_s(), t=time.time())
+                def read_at_stop(into: dict[str, Any] = at_stop) -> None:
+                    into.update(system=system_cpu_jiffies(), model=process_cpu_s(), t=time.time())
 
-            reader = threading.Timer(max(0.0, stop_at - time.time()), read_at_stop)
-            reader.start()
-            client_cpu_s = 0.0
-            ready_late_s = 0.0  # a client whose warm-up ended after the load began started late
-            for p in procs:
-                data = json.loads(p.communicate(timeout=seconds + args.client_startup_s + 300)[0])
-                records += data["records"]
-                errors += data["error_count"]
-                client_cpu_s += data.get("cpu_s", 0.0)
-                if data.get("last_ready_at") is not None:
-                    ready_late_s = max(ready_late_s, data["last_ready_at"] - start_at)
-                if data["errors"]:
-                    log("client errors", data["errors"][:3])
-            cpu_used = process_cpu_s() - cpu0
-            reader.join()
-            stages.__exit__()
+                reader = threading.Timer(max(0.0, stop_at - time.time()), read_at_stop)
+                reader.start()
+                client_cpu_s = 0.0
+                ready_late_s = 0.0  # a client whose warm-up ended after the load began started late
+                for p in procs:
+                    data = json.loads(p.communicate(timeout=seconds + args.client_startup_s + 300)[0])
+                    records += data["records"]
+                    errors += data["error_count"]
+                    client_cpu_s += data.get("cpu_s", 0.0)
+                    if data.get("last_ready_at") is not None:
+                        ready_late_s = max(ready_late_s, data["last_ready_at"] - start_at)
+                    if data["errors"]:
+                        log("client errors", data["errors"][:3])
+                cpu_used = process_cpu_s() - cpu0
+                reader.join()
             load_s = max(1e-9, at_stop["t"] - t0)
             ticks = max(1, at_stop["system"][1] - sys0[1])
             cpu_fields = {

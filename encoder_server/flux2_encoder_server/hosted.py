@@ -45,9 +45,6 @@ class HostedModel:
         #: This model's settings: the server's with its own `--model-setting` values (`Settings.for_model`).
         self.settings = settings
         self.metrics = metrics
-        #: What Info and /info report of its own queue and batches.
-        self.max_batch_prompts = settings.max_batch_prompts
-        self.max_queued_requests = settings.max_queued_requests
         self.fingerprint: Fingerprint | None = None
         self.embedding_dim = 0
         self._batcher: Batcher | None = None
@@ -60,6 +57,16 @@ class HostedModel:
         self._upsample_limits: UpsampleLimits | None = None
         metrics.queue_depth.labels(name).set_function(lambda: self.queued)
         metrics.upsample_queue_depth.labels(name).set_function(lambda: self.queued_upsamples)
+
+    # What Info and /info report of this model's own queue and batches (a front-end's `RemoteModel` carries
+    # the same two from the model process).
+    @property
+    def max_batch_prompts(self) -> int:
+        return self.settings.max_batch_prompts
+
+    @property
+    def max_queued_requests(self) -> int:
+        return self.settings.max_queued_requests
 
     def __repr__(self) -> str:
         weights = self.fingerprint.weights_id if self.fingerprint is not None else "not loaded"
