@@ -630,7 +630,12 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--launch-lead-ms", type=float, default=50.0, help="the server's --launch-lead-ms (0: off)")
-    parser.add_argument("--balance-batches", action="store_true", help="the server's --balance-batches")
+    parser.add_argument(
+        "--balance-batches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server's --balance-batches (on by default, as the server's; --no-balance-batches: off)",
+    )
     parser.add_argument("--tiers", nargs="+", default=["bf16", "fp8", "int8", "nf4"])
     parser.add_argument("--tier-batch", type=int, default=16)
     parser.add_argument("--serve-compiled", action="store_true", help="serve the torch.compile'd engine")

@@ -404,7 +404,10 @@ def test_a_batch_fills_while_the_device_is_busy_instead_of_going_alone(launch_le
     from flux2_encoder_server.batcher import Batcher
 
     fake = FakeEngine(device_ms_per_prompt=50)
-    batcher = Batcher(fake.launch, max_batch_prompts=8, max_wait_s=0.005, launch_lead_s=launch_lead_s)
+    # Balancing off: this test isolates the lead (balancing would split the late arrivals further).
+    batcher = Batcher(
+        fake.launch, max_batch_prompts=8, max_wait_s=0.005, launch_lead_s=launch_lead_s, balance_batches=False
+    )
 
     async def scenario():
         await batcher.submit(["warm"])  # the device's time per prompt, measured

@@ -227,7 +227,7 @@ NON_DEFAULT: dict[str, object] = {
     "max_batch_prompts": 7,
     "max_wait_ms": 2.5,
     "launch_lead_ms": 20.0,
-    "balance_batches": True,
+    "balance_batches": False,
     "pipeline_depth": 1,
     "max_prompts_per_request": 9,
     "max_prompt_chars": 99,

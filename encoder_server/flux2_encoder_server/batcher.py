@@ -34,12 +34,14 @@ H200 at 32 clients the served rate was the same with and without it (docs/benchm
 ran full batches. With nothing launched, a batch waits at most `max_wait` as before, so a lone request's
 latency is unchanged.
 
-Balancing (`balance_batches`, off by default): while batches are launched, the next one holds at most
+Balancing (`balance_batches`, on by default): while batches are launched, the next one holds at most
 1/`pipeline_depth` of the prompts queued and launched (rounded up). A closed loop of N clients with two
-batches in flight runs in two groups whose sizes otherwise stay whatever they first were: a Klein 4B encoder
-served 32 clients in groups of 7 and 25 at 14.0 ms of device time per prompt, in groups of 14 and 18 at 11.0
-(same run, H200, docs/benchmarks.md); with the cap the groups even out within a cycle. The cost: under an
-open load that just rose, a batch can be smaller than the queue would allow. Not yet measured on a GPU.
+batches in flight runs in two groups whose sizes otherwise stay whatever they first were (2 and 30 at 32
+clients, seen with both FLUX.2-dev's Mistral and Klein's Qwen3 on an H200); small batches cost the device up
+to twice the time per prompt, and each group waits for the other. With the cap the groups even out within a
+cycle: a Klein 4B encoder at 32 clients served 106.7 / 122.7 completions/s (one / four front-end processes)
+with it against 85.3 / 85.7 without, in batches of 16 (docs/benchmarks.md). The cost: under an open load
+that just rose, a batch can be smaller than the queue would allow, for one batch.
 
 Tokenizing ahead: with `prepare` and `launch_prepared` (the engine's `tokenize_rows` / `launch_rows`), a
 third thread turns each queued request's prompts into model inputs as it arrives, in queue order, so the
@@ -179,7 +181,7 @@ class Batcher:
         prepare: Callable[[list[str]], list[object]] | None = None,
         launch_prepared: Callable[[list[object]], torch.Tensor | PendingBatch] | None = None,
         launch_lead_s: float | None = 0.05,
-        balance_batches: bool = False,
+        balance_batches: bool = True,
     ):
         if not 0 < task_share <= 1:
             raise ValueError(f"task_share must be in (0, 1], got {task_share}")
