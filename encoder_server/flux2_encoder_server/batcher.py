@@ -41,7 +41,7 @@ clients, seen with both FLUX.2-dev's Mistral and Klein's Qwen3 on an H200); smal
 to twice the time per prompt, and each group waits for the other. With the cap the groups even out within a
 cycle: a Klein 4B encoder at 32 clients served 106.7 / 122.7 completions/s (one / four front-end processes)
 with it against 85.3 / 85.7 without, in batches of 16 (docs/benchmarks.md). The cost: under an open load
-that just rose, a batch can be smaller than the queue would allow, for one batch.
+that just rose, a batch can be smaller than the queue would allow.
 
 Tokenizing ahead: with `prepare` and `launch_prepared` (the engine's `tokenize_rows` / `launch_rows`), a
 third thread turns each queued request's prompts into model inputs as it arrives, in queue order, so the
