@@ -760,8 +760,8 @@ def main() -> None:
                     engine = EncoderEngine.from_model(
                         full, tok, precision=precision, compile=args.serve_compiled, batching_mode="reproducible"
                     )
-                    # Every batch size the server may run, compiled before anything is timed.
-                    for size in range(1, args.max_batch + 1):
+                    # Compiled: every batch size the server may run, compiled before anything is timed.
+                    for size in range(1, args.max_batch + 1) if args.serve_compiled else (2,):
                         engine.encode(pool[:size])
                 frontends_ab(report, engine, pool, args, f"frontends_{precision}")
                 if engine is not repro:

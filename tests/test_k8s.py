@@ -247,13 +247,12 @@ def test_model_cache_scripts_fill_and_wait_for_every_folder(tmp_path):
 
     first, second = folders
     served = f"flux2-dev={first},klein-4b={second}"
-    done = subprocess.run(["sh", "-c", wait["args"][0]], env={"PATH": "/usr/bin:/bin", "FLUX2_ENCODER_MODEL": served},
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    wait_env = {"PATH": "/usr/bin:/bin", "FLUX2_ENCODER_MODEL": served}
+    done = subprocess.run(["sh", "-c", wait["args"][0]], env=wait_env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     (Path(second) / ".flux2-fill-complete").unlink()
     with pytest.raises(subprocess.TimeoutExpired) as waiting:
-        subprocess.run(["sh", "-c", wait["args"][0]], env={"PATH": "/usr/bin:/bin", "FLUX2_ENCODER_MODEL": served},
-                       capture_output=True, text=True, timeout=2)  # fmt: skip
+        subprocess.run(["sh", "-c", wait["args"][0]], env=wait_env, capture_output=True, text=True, timeout=2)
     assert f"waiting for {second}" in (waiting.value.stdout or b"").decode()
 
 

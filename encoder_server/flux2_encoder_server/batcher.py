@@ -210,8 +210,8 @@ class Batcher:
         self._slots = threading.Semaphore(pipeline_depth)
         self._launched: SimpleQueue[_Launched | None] = SimpleQueue()
         self._last_finished = 0.0
-        # Filling while the device is busy (None: off): batches launched and not yet answered, as
-        # (launched at, prompts), and the device's recent seconds per prompt.
+        # Batches launched and not yet answered, as (launched at, prompts): what filling while the device is
+        # busy (launch_lead_s; None: off) and balancing wait on; and the device's recent seconds per prompt.
         self.launch_lead_s = launch_lead_s
         self.balance_batches = balance_batches
         self._in_flight: deque[tuple[float, int]] = deque()

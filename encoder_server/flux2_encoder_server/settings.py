@@ -421,9 +421,10 @@ class Settings:
 
     def for_model(self, spec: ModelSpec) -> Settings:
         """These settings with `spec` as the only model: what the engine factory loads it with (the settings
-        themselves when they name that one model only). `hosted_beside_others` says the server hosts more."""
+        themselves when they name that one model only and give it no --model-setting of its own).
+        `hosted_beside_others` says the server hosts more."""
         if self.model == spec.source and not self.model_setting:
-            return self
+            return self  # the single-model server's path, and where a running server reads --model-setting
         overrides = self._model_overrides  # type: ignore[attr-defined]
         own = overrides.get(spec.name, {}) if isinstance(overrides, dict) else {}
         if self.model == spec.source and not own:
