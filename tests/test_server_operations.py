@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import threading
 import time
@@ -39,14 +40,25 @@ asyncio.run(serve(settings, lambda _s: FakeEngine(device_ms_per_prompt=50)))
 """
 
 
+def _queue_depth(metrics_url: str) -> float:
+    """The server's `flux2_encoder_queue_depth`: admitted requests waiting for the model."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(r"^flux2_encoder_queue_depth\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    assert found, text
+    return float(found[1])
+
+
 def test_sigterm_mid_load_drains_and_exits(tmp_path):
-    import re
     import subprocess
     import sys
 
     log_path = tmp_path / "server.log"
     flags = ["--model", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--no-warmup"]
     flags += ["--grace-period-s", "60", "--cache-bytes", "0", "--log-format", "json"]
+    flags += ["--metrics-port", "0", "--metrics-host", "127.0.0.1"]
     with log_path.open("w") as log:
         cmd = [sys.executable, "-c", _SERVE_FAKE, *flags]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -54,6 +66,8 @@ def test_sigterm_mid_load_drains_and_exits(tmp_path):
     listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.stdout.readline())
     assert listening, log_path.read_text()
     target = f"127.0.0.1:{listening.group(1)}"
+    metrics_url = re.search(r"metrics on (http://\S+)", proc.stdout.readline())
+    assert metrics_url, log_path.read_text()
     alone = FakeEngine()
     outcomes: list[tuple[float, float, list[str], object, str]] = []  # (start, end, prompts, tensor/error, id)
     lock = threading.Lock()
@@ -81,9 +95,12 @@ def test_sigterm_mid_load_drains_and_exits(tmp_path):
         workers = [threading.Thread(target=client, args=(w,)) for w in range(4)]
         for w in workers:
             w.start()
-        while sum(not isinstance(o[3], Exception) for o in outcomes) < 2:
+        # Signal while a request waits in the server's queue behind a running batch: it was admitted, so the
+        # drain must finish it, and it is still at least one batch (>= 50 ms) from done when the signal lands.
+        # (Signalling on the clients' own counts raced: all four could be between requests at that moment.)
+        while sum(not isinstance(o[3], Exception) for o in outcomes) < 2 or _queue_depth(metrics_url[1]) < 1:
             assert proc.poll() is None
-            time.sleep(0.01)
+            time.sleep(0.005)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for w in workers:
