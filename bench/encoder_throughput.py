@@ -409,16 +409,25 @@ def frontends_ab(report: Report, engine: Any, pool: list[str], args: argparse.Na
     batches = sorted({max(1, args.max_batch // 2), args.max_batch})
     bench_engine(report, engine, pool, argparse.Namespace(**{**vars(args), "batches": batches}), key)
     for spec in args.frontends_list:
-        head, _, counts = spec.partition(":")  # "4" (every --client-counts) or "0:32" (only these counts)
-        n = int(head)
+        # "4" (every --client-counts), "0:32" (only these counts), "2:32:no-balance" / "2:32:balance" (this
+        # row with --balance-batches off / on whatever the flag says, for an A/B on one engine in one run).
+        parts = spec.split(":")
+        n = int(parts[0])
+        counts = parts[1] if len(parts) > 1 else ""
         client_counts = [int(c) for c in counts.split(",")] if counts else args.client_counts
+        row_args = args
+        if len(parts) > 2:
+            if parts[2] not in ("balance", "no-balance"):
+                raise SystemExit(f"--frontends-list {spec!r}: the third part is balance or no-balance")
+            row_args = argparse.Namespace(**{**vars(args), "balance_batches": parts[2] == "balance"})
+        row_key = f"{key}_served_frontends{n}" + ("" if row_args.balance_batches else "_no_balance")
         patterns = [(c, args.served_seconds) for c in client_counts for _ in range(args.served_runs)]
-        serve(report, engine, pool, args, f"{key}_served_frontends{n}", patterns, frontends=n)
+        serve(report, engine, pool, row_args, row_key, patterns, frontends=n)
         engine_rate = next(r["prompts_per_s"] for r in report[key] if r["batch"] == args.max_batch)
-        for clients, row in report[f"{key}_served_frontends{n}"]["by_clients"].items():
+        for clients, row in report[row_key]["by_clients"].items():
             row["vs_engine"] = round(row["prompts_per_s"]["median"] / engine_rate, 3)
             row["completions_vs_engine"] = round(row["completions_per_s"]["median"] / engine_rate, 3)
-            log(key, f"frontends={n}", f"{clients} clients", row)
+            log(key, f"frontends={n}", f"balance={row_args.balance_batches}", f"{clients} clients", row)
 
 
 def model_row_report(
@@ -652,7 +661,8 @@ def main() -> None:
         "--frontends-list",
         nargs="+",
         default=["0", "4"],
-        help="frontends section: --frontends values, each N or N:CLIENTS,CLIENTS (then only those client counts)",
+        help="frontends section: --frontends values, each N or N:CLIENTS,CLIENTS (then only those client counts),"
+        " optionally N:CLIENTS:no-balance or N:CLIENTS:balance (that row's --balance-batches)",
     )
     parser.add_argument("--client-counts", type=int, nargs="+", default=[1, 8, 32, 64], help="frontends section")
     parser.add_argument("--served-runs", type=int, default=3, help="frontends section: runs per client count")
