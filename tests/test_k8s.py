@@ -168,6 +168,36 @@ def test_deployment_agrees_with_the_server(path):
         assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in bytes (the binary suffixes the manifests use, or plain bytes)."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", FLEETS, ids=ids)
+def test_the_pod_holds_the_front_end_processes(path):
+    """With --frontends the answers cross a memfd ring of --max-inflight-bytes, which the kernel charges to
+    the pod's memory cgroup (docs/operations.md, "Front-end processes"): the limit must hold it beside the model
+    process, or the pod is OOM-killed under load instead of being refused at start."""
+    _, container, settings = server_settings(render(path))
+    resources = container["resources"]
+    limit = quantity_bytes(resources["limits"]["memory"])
+    request = quantity_bytes(resources["requests"]["memory"])
+    assert limit >= request
+    if settings.frontends:
+        ring = settings.max_inflight_bytes
+        # The model process's own host memory: ~5 GiB per bf16 encoder after a fast start (docs/benchmarks.md);
+        # 16 GiB leaves room for two models and the loader's read-ahead.
+        assert limit - ring >= 16 << 30, f"memory limit {resources['limits']['memory']} beside a {ring >> 30} GiB ring"
+        # One core for the model process, and a share for each front-end (at 32 clients on an H200 the whole
+        # server used 1-3.5 cores).
+        assert float(resources["requests"]["cpu"]) >= 2
+
+
 @needs_kubectl
 @pytest.mark.parametrize("path", FLEETS, ids=ids)
 def test_replicas_spread_over_nodes_and_zones_within_a_disruption_budget(path):
