@@ -41,14 +41,14 @@ asyncio.run(serve(settings, lambda _s: FakeEngine(device_ms_per_prompt=50)))
 
 
 def _queue_depth(metrics_url: str) -> float:
-    """The server's `flux2_encoder_queue_depth`: admitted requests waiting for the model."""
+    """The server's `flux2_encoder_queue_depth` (every model's): admitted requests waiting for the model."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    found = re.search(r"^flux2_encoder_queue_depth\{[^}]*\} (\S+)$", text, re.MULTILINE)
-    assert found, text
-    return float(found[1])
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    return sum(sample.value for sample in families["flux2_encoder_queue_depth"].samples)
 
 
 def test_sigterm_mid_load_drains_and_exits(tmp_path):
